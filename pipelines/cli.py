@@ -1,0 +1,74 @@
+"""What every entry point shares: ``--config``, ``--set``, printing/saving the resolved config,
+and turning user errors into one line on stderr with a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from unet.config import Config, dump_config, load_config, save_config
+from unet.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def make_parser(prog: str, description: str, default_config: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser with the options common to every entry point."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(default_config) if default_config else None,
+        help=f"YAML config file (default: {default_config or 'built-in defaults'})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set train.lr=1e-3 (repeatable)",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--save-config", type=Path, metavar="PATH", help="also write the resolved config here")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config | None:
+    """Load the config named by ``args``; print it and return None when ``--print-config`` is set."""
+    config = load_config(args.config, args.overrides)
+    if args.save_config:
+        save_config(config, args.save_config)
+    if args.print_config:
+        sys.stdout.write(dump_config(config))
+        return None
+    return config
+
+
+def run(
+    main: Callable[[Config, argparse.Namespace], None],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``argv``, load the config and call ``main(config, args)``; return an exit status."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        config = resolve_config(args)
+        if config is not None:
+            main(config, args)
+    except UserError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,27 @@
+"""Typed, validated configuration loaded from YAML (see ``schema`` for every key)."""
+
+from unet.config.load import dump_config, flatten_config, load_config, parse_override, save_config
+from unet.config.schema import (
+    Config,
+    DataConfig,
+    InferConfig,
+    LossConfig,
+    ModelConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "InferConfig",
+    "LossConfig",
+    "ModelConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "dump_config",
+    "flatten_config",
+    "load_config",
+    "parse_override",
+    "save_config",
+]

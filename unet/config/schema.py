@@ -1,0 +1,136 @@
+"""The typed configuration shared by every entry point.
+
+One ``Config`` object has a section per concern (model, data, loss, train, infer, tracking).
+Every section forbids unknown keys, so a typo fails loudly instead of being ignored. The
+descriptions are the reference documentation (``docs/config.md`` is generated from them).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(Section):
+    """Architecture of the U-Net; together with the weights it fully defines a model."""
+
+    n_channels: int = Field(3, ge=1, description="Input image channels (3 for RGB H&E).")
+    n_classes: int = Field(2, ge=1, description="Output classes (2: background, foreground).")
+    bilinear: bool = Field(False, description="Bilinear up-sampling instead of transposed convolutions.")
+    base_channels: int = Field(64, ge=1, description="Feature width of the first level (the paper: 64).")
+    depth: int = Field(4, ge=1, le=8, description="Number of 2x down-sampling steps (the paper: 4).")
+    checkpointing: bool = Field(False, description="Activation checkpointing: less memory, ~30% more compute.")
+
+
+class DataConfig(Section):
+    """Where training data comes from and how patches are drawn from it."""
+
+    images: str | None = Field(None, description="Folder (or glob) of training images.")
+    labels: str | None = Field(None, description="Folder (or glob) of instance label images, same stems.")
+    store: str = Field("data/train.zarr", description="Training Zarr store written by pipelines.prepare.")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of images held out for validation.")
+    patch_size: int = Field(256, ge=16, description="Training patch side (a multiple of 2**model.depth).")
+    foreground_bias: float = Field(
+        0.5, ge=0.0, le=1.0, description="Probability that a patch is centred on a foreground pixel."
+    )
+    pixel_size_um: float | None = Field(None, gt=0, description="Pixel size in micrometres, if known.")
+
+
+class LossConfig(Section):
+    """The paper's weighted cross-entropy (eq. 1-2), optionally plus Dice."""
+
+    w0: float = Field(10.0, ge=0.0, description="Weight of the border term between touching objects.")
+    sigma: float = Field(5.0, gt=0.0, description="Width (pixels) of the border term.")
+    class_balance: bool = Field(True, description="Add the class-frequency balancing term w_c.")
+    dice_weight: float = Field(0.0, ge=0.0, description="Weight of an added soft Dice loss (0: off).")
+
+
+class TrainConfig(Section):
+    """Optimisation and the Ray Train run."""
+
+    run_name: str = Field("unet", min_length=1, description="Ray Train run name; re-using it resumes.")
+    storage_path: str = Field(
+        "runs", description="Where Ray keeps checkpoints: local path, shared filesystem or s3://..."
+    )
+    num_workers: int = Field(2, ge=1, description="Data-parallel workers (processes).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; otherwise CPU with gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved for each worker.")
+    epochs: int = Field(10, ge=1, description="Number of epochs.")
+    steps_per_epoch: int = Field(50, ge=1, description="Optimiser steps per epoch (patches are sampled).")
+    batch_size: int = Field(4, ge=1, description="Patches per worker per step.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+    momentum: float = Field(0.99, ge=0, lt=1, description="SGD momentum (the paper: 0.99).")
+    scheduler: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: off).")
+    precision: Precision = Field("bf16", description="Autocast precision; fp16 uses a gradient scaler.")
+    channels_last: bool = Field(True, description="Use the channels_last memory format.")
+    max_failures: int = Field(2, ge=-1, description="Worker failures to recover from (-1: unlimited).")
+    seed: int = Field(0, description="Seed for weights, sampling and augmentation.")
+
+
+class InferConfig(Section):
+    """Overlap-tile inference over a (whole-slide) image."""
+
+    input: str | None = Field(None, description="Input Zarr / OME-Zarr image.")
+    output: str | None = Field(None, description="Output OME-Zarr store.")
+    model: str = Field("models:/unet@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")
+    level: int = Field(0, ge=0, description="Resolution level of a multiscale input.")
+    tile_size: int = Field(512, ge=16, description="Output tile side (a multiple of 2**model.depth).")
+    batch_size: int = Field(4, ge=1, description="Tiles per forward pass.")
+    precision: Precision = Field("bf16", description="Autocast precision.")
+    channels_last: bool = Field(True, description="Use the channels_last memory format.")
+    blend: Literal["none", "gaussian"] = Field("none", description="Blend overlapping tiles.")
+    tta: bool = Field(False, description="Mirroring test-time augmentation.")
+    tissue_mask: bool = Field(False, description="Skip chunks without tissue.")
+    scheduler: str | None = Field(None, description="Dask scheduler address (null: a local cluster).")
+    workers: int = Field(2, ge=1, description="Workers of the local Dask cluster.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Foreground probability threshold.")
+    overwrite: bool = Field(False, description="Replace an existing output.")
+    resume: bool = Field(False, description="Continue an interrupted run into an existing output.")
+
+    @model_validator(mode="after")
+    def _overwrite_xor_resume(self) -> InferConfig:
+        if self.overwrite and self.resume:
+            raise ValueError("infer.overwrite and infer.resume cannot both be true")
+        return self
+
+
+class TrackingConfig(Section):
+    """MLflow tracking and model registry."""
+
+    tracking_uri: str = Field(
+        "sqlite:///mlflow.db", description="MLflow tracking URI (env MLFLOW_TRACKING_URI overrides)."
+    )
+    experiment: str = Field("unet", min_length=1, description="MLflow experiment name.")
+    registered_model: str = Field("unet", min_length=1, description="Registered model name.")
+
+
+class Config(Section):
+    """The whole configuration. Every section is optional in YAML and has working defaults."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _sizes_fit_the_model(self) -> Config:
+        multiple = 2**self.model.depth
+        for name, value in (("data.patch_size", self.data.patch_size), ("infer.tile_size", self.infer.tile_size)):
+            if value % multiple:
+                raise ValueError(f"{name}={value} must be a multiple of 2**model.depth={multiple}")
+        return self

@@ -1,0 +1,91 @@
+"""Reading and writing images: TIFF (and Aperio SVS), PNG/JPEG, NumPy and Zarr arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from unet.errors import UserError
+
+TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"}
+PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+SUPPORTED = sorted(TIFF_SUFFIXES | PIL_SUFFIXES | {".npy", ".zarr"})
+
+
+class ImageReadError(UserError):
+    """An image file is missing, of an unsupported type, or unreadable."""
+
+
+def image_suffix(path: Path) -> str:
+    """Lower-case suffix, keeping the double suffix of ``.ome.tif(f)``."""
+    name = path.name.lower()
+    for double in (".ome.tif", ".ome.tiff"):
+        if name.endswith(double):
+            return double
+    return path.suffix.lower()
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a whole image into memory as it is stored (YX or YXC for 2-D images).
+
+    For slides larger than memory, use ``pipelines.convert`` and read the Zarr lazily instead.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"image not found: {path}")
+    suffix = image_suffix(path)
+    try:
+        if suffix in TIFF_SUFFIXES:
+            return tifffile.imread(path, level=0) if suffix == ".svs" else tifffile.imread(path)
+        if suffix in PIL_SUFFIXES:
+            with Image.open(path) as img:
+                return np.asarray(img)
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".zarr":
+            import zarr
+
+            return np.asarray(zarr.open_array(path, mode="r"))
+    except (OSError, ValueError, tifffile.TiffFileError) as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from None
+    raise ImageReadError(f"unsupported image type {suffix!r} for {path}; supported: {', '.join(SUPPORTED)}")
+
+
+def to_channels_first(image: np.ndarray, n_channels: int, name: str = "image") -> np.ndarray:
+    """Return ``image`` as CYX with ``n_channels`` channels (YX and YXC inputs accepted)."""
+    if image.ndim == 2:
+        image = image[None]
+    elif image.ndim == 3 and image.shape[-1] <= 4 and image.shape[0] > 4:
+        image = np.moveaxis(image, -1, 0)
+    if image.ndim != 3:
+        raise UserError(f"{name}: expected a 2-D image (YX, YXC or CYX), got shape {image.shape}")
+    if image.shape[0] == 4 and n_channels == 3:
+        image = image[:3]  # RGBA: drop alpha
+    if image.shape[0] != n_channels:
+        raise UserError(f"{name}: has {image.shape[0]} channels but the model expects {n_channels}")
+    return image
+
+
+def normalize_intensity(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
+    """Scale to float32 roughly in [0, 1]: 8-bit images by 255, others by per-channel percentiles.
+
+    Percentiles suit fluorescence, whose useful range is a small part of its 16-bit range.
+    """
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    data = image.astype(np.float32)
+    axes = tuple(range(1, data.ndim))
+    lo = np.percentile(data, low, axis=axes, keepdims=True)
+    hi = np.percentile(data, high, axis=axes, keepdims=True)
+    return (data - lo) / np.maximum(hi - lo, 1e-6)
+
+
+def write_png(path: str | Path, rgb: np.ndarray) -> Path:
+    """Write an HxWx3 (or HxW) uint8 array as PNG, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return path

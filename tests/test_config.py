@@ -68,7 +68,7 @@ def test_cross_field_rules(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data.patch_size=200 must be a multiple of 2\*\*model.depth=16"):
         load_config(write(tmp_path, "data:\n  patch_size: 200\n"))
     assert load_config(write(tmp_path, "data:\n  patch_size: 200\nmodel:\n  depth: 3\n")).data.patch_size == 200
-    with pytest.raises(ConfigError, match="overwrite and infer.resume"):
+    with pytest.raises(ConfigError, match=r"overwrite and infer\.resume"):
         load_config(None, ["infer.overwrite=true", "infer.resume=true"])
 
 

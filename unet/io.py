@@ -89,3 +89,47 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path)
     return path
+
+
+def intensity_range_from_histogram(counts: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
+    """Exact (``low``, ``high``) percentiles of an integer channel from its value histogram."""
+    cumulative = np.cumsum(counts)
+    total = cumulative[-1]
+    if total == 0:
+        return 0.0, 1.0
+    lo = int(np.searchsorted(cumulative, total * low / 100.0))
+    hi = int(np.searchsorted(cumulative, total * high / 100.0))
+    return float(lo), float(max(hi, lo + 1))
+
+
+def scale_intensity(image: np.ndarray, ranges: list[tuple[float, float]] | np.ndarray) -> np.ndarray:
+    """CYX image to float32 with channel ``c`` mapped from ``ranges[c]`` = (lo, hi) to (0, 1)."""
+    ranges = np.asarray(ranges, np.float32).reshape(-1, 2)
+    lo = ranges[:, 0].reshape(-1, *([1] * (image.ndim - 1)))
+    hi = ranges[:, 1].reshape(-1, *([1] * (image.ndim - 1)))
+    return (image.astype(np.float32) - lo) / np.maximum(hi - lo, 1e-6)
+
+
+def pixel_size_um(path: str | Path) -> float | None:
+    """Pixel size in micrometres from TIFF metadata (Aperio MPP, OME PhysicalSizeX, resolution tags)."""
+    path = Path(path)
+    if image_suffix(path) not in TIFF_SUFFIXES:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if tif.is_svs:
+                return float(tifffile.tifffile.svs_description_metadata(page.description)["MPP"])
+            if tif.is_ome and tif.ome_metadata and "PhysicalSizeX=" in tif.ome_metadata:
+                value = tif.ome_metadata.split('PhysicalSizeX="', 1)[1].split('"', 1)[0]
+                return float(value)
+            tags = page.tags
+            if "XResolution" in tags and "ResolutionUnit" in tags:
+                numerator, denominator = tags["XResolution"].value
+                per_unit = numerator / denominator if denominator else 0
+                unit = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value))
+                if per_unit > 1 and unit:  # 1 pixel per unit means "unknown" in practice
+                    return unit / per_unit
+    except (OSError, KeyError, ValueError, IndexError, tifffile.TiffFileError):
+        return None
+    return None

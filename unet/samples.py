@@ -297,3 +297,17 @@ def sample_pairs(set_dir: Path) -> list[tuple[Path, Path]]:
     if missing := [str(label) for _, label in pairs if not label.is_file()]:
         raise SampleDataError(f"label files missing in {set_dir}: {', '.join(missing)}")
     return pairs
+
+
+SAMPLES_SCHEME = "samples:"
+
+
+def resolve_location(location: str) -> str:
+    """``samples:SET/SUBPATH`` (e.g. ``samples:he_nuclei/images``) to a path in the fetched cache.
+
+    Any other location is returned unchanged, so configs can name sample data or real folders.
+    """
+    if not location.startswith(SAMPLES_SCHEME):
+        return location
+    name, _, rest = location[len(SAMPLES_SCHEME) :].partition("/")
+    return str(fetch_samples([name])[name] / rest)

@@ -1,0 +1,202 @@
+"""Prepare a training Zarr store from images and instance labels (TIFF, PNG, NumPy, Zarr).
+
+    python -m pipelines.prepare --config configs/prepare.yaml [--set data.images=DIR] [--overwrite]
+
+For every image/label pair (matched by file stem) the store gets the image, the labels, the
+training target (touching objects split) and the paper's weight map, all computed here once
+rather than every epoch. Inputs are read and processed chunk by chunk with Dask, so a pair
+larger than memory is fine. Everything is checked before anything is written; the store only
+appears under its name once it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.diagnostics import ProgressBar
+
+from pipelines.cli import make_parser, run
+from unet.config import Config, flatten_config
+from unet.data.sources import DataError, Pair, check_pair, file_sha256, find_pairs, open_lazy
+from unet.data.store import StoreWriter, TrainingStore
+from unet.io import intensity_range_from_histogram, pixel_size_um
+from unet.samples import resolve_location
+from unet.visualize import save_weight_map_png
+from unet.weights import WeightMapParams, cutoff_radius, separate_touching, target_and_weights
+
+log = logging.getLogger("prepare")
+
+
+class Prepared:
+    """Lazy (Dask) arrays of one example plus what is known about it before computing anything."""
+
+    def __init__(self, pair: Pair, config: Config, chunk: int) -> None:
+        self.pair = pair
+        image, labels = open_lazy(pair.image), open_lazy(pair.labels)
+        check_pair(pair, image, labels)
+        image_d = da.from_array(image, chunks=(chunk, chunk, *image.shape[2:]))
+        self.image = image_d[None] if image_d.ndim == 2 else da.moveaxis(image_d, -1, 0)  # CYX
+        self.labels = da.from_array(labels, chunks=(chunk, chunk))
+        self.channels = int(self.image.shape[0])
+        if self.channels != config.model.n_channels:
+            raise DataError(
+                f"image {pair.image} has {self.channels} channels but model.n_channels is {config.model.n_channels}"
+            )
+
+    def checks(self) -> dict[str, Any]:
+        """Dask scalars whose values must be false for the data to be usable."""
+        checks: dict[str, Any] = {}
+        if np.dtype(self.image.dtype).kind == "f":
+            checks[f"image {self.pair.image} contains NaN or infinite values"] = ~da.isfinite(self.image).all()
+        if np.dtype(self.labels.dtype).kind == "i":
+            checks[f"labels {self.pair.labels} contain negative ids"] = (self.labels < 0).any()
+        return checks
+
+
+def split_names(names: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Assign each example to train or val: a seeded shuffle, at least one of each when possible."""
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    n_val = min(max(round(val_fraction * len(order)), 1 if val_fraction > 0 else 0), len(order) - 1)
+    return {name: ("val" if i < n_val else "train") for i, name in enumerate(order)}
+
+
+def intensity_ranges(image: da.Array) -> list[tuple[float, float]]:
+    """Per-channel display/normalisation range: (1, 99.8) percentiles, exact for integer images."""
+    if image.dtype == np.uint8:
+        return [(0.0, 255.0)] * image.shape[0]
+    ranges = []
+    for channel in image:
+        if np.dtype(image.dtype).kind in "iu":
+            shift = int(channel.min().compute())
+            counts = da.bincount((channel.ravel() - shift).astype(np.int64)).compute()
+            lo, hi = intensity_range_from_histogram(counts)
+            ranges.append((lo + shift, hi + shift))
+        else:
+            lo, hi = da.percentile(channel.ravel().astype(np.float64), [1.0, 99.8]).compute()
+            ranges.append((float(lo), float(max(hi, lo + 1e-6))))
+    return ranges
+
+
+def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Array, da.Array]:
+    """Target and weight map, chunk by chunk with enough overlap to equal the whole-image result."""
+    target = labels.map_overlap(
+        lambda block: (separate_touching(block) > 0).astype(np.uint8), depth=1, boundary="none", dtype=np.uint8
+    )
+    foreground = float(target.mean().compute())
+    frequencies = {0: 1.0 - foreground, 1: foreground}
+    depth = math.ceil(cutoff_radius(params.w0, params.sigma, params.tolerance)) + 2
+    weights = labels.map_overlap(
+        lambda block: target_and_weights(block, params, frequencies)[1],
+        depth=depth,
+        boundary="none",
+        dtype=np.float32,
+    )
+    return target, weights
+
+
+def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews: int = 3) -> Path:
+    """Build the training store named by ``config.data.store``; return its path."""
+    data = config.data
+    if not data.images or not data.labels:
+        raise DataError("set data.images and data.labels (folders or glob patterns), e.g. --set data.images=DIR")
+    pairs = find_pairs(resolve_location(data.images), resolve_location(data.labels))
+    log.info("found %d image/label pairs in %s and %s", len(pairs), data.images, data.labels)
+    examples = [Prepared(pair, config, chunk) for pair in pairs]
+
+    checks = {msg: flag for ex in examples for msg, flag in ex.checks().items()}
+    for message, failed in zip(checks, dask.compute(*checks.values()), strict=True):
+        if failed:
+            raise DataError(message)
+
+    params = WeightMapParams(w0=config.loss.w0, sigma=config.loss.sigma, class_balance=config.loss.class_balance)
+    splits = split_names([ex.pair.name for ex in examples], data.val_fraction, config.train.seed)
+    with StoreWriter(data.store, overwrite=overwrite) as writer:
+        sources, targets = [], []
+        for ex in examples:
+            target, weights = weights_and_target(ex.labels, params)
+            arrays = {"image": ex.image, "labels": ex.labels.astype(np.int32), "target": target, "weights": weights}
+            for kind, array in arrays.items():
+                chunks = (ex.channels, chunk, chunk) if kind == "image" else (chunk, chunk)
+                sources.append(array)
+                targets.append(writer.create(ex.pair.name, kind, array.shape, array.dtype, chunks))
+            writer.set_example_attrs(
+                ex.pair.name,
+                {
+                    "split": splits[ex.pair.name],
+                    "source_image": str(ex.pair.image),
+                    "source_labels": str(ex.pair.labels),
+                    "image_sha256": file_sha256(ex.pair.image),
+                    "labels_sha256": file_sha256(ex.pair.labels),
+                    "shape": list(ex.labels.shape),
+                    "channels": ex.channels,
+                    "dtype": str(ex.image.dtype),
+                    "intensity_range": intensity_ranges(ex.image),
+                    "pixel_size_um": data.pixel_size_um or pixel_size_um(ex.pair.image),
+                },
+            )
+        log.info(
+            "computing targets and weight maps (w0=%g, sigma=%g) and writing %s", params.w0, params.sigma, data.store
+        )
+        with ProgressBar(minimum=1.0):
+            da.store(sources, targets, lock=False)
+        path = writer.commit(
+            {
+                "examples": [ex.pair.name for ex in examples],
+                "channels": examples[0].channels,
+                "weight_map": {"w0": params.w0, "sigma": params.sigma, "class_balance": params.class_balance},
+                "config": flatten_config(config),
+            }
+        )
+    write_previews(path, previews)
+    return path
+
+
+def write_previews(path: Path, count: int) -> list[Path]:
+    """PNG panels (image | target | weights) of the first ``count`` examples, beside the store."""
+    store = TrainingStore(path)
+    out_dir = path.parent / f"{path.name}.previews"
+    written = []
+    for name in store.names[:count]:
+        ex = store.example(name)
+        height, width = ex.labels.shape
+        window = (
+            slice(max(height // 2 - 256, 0), height // 2 + 256),
+            slice(max(width // 2 - 256, 0), width // 2 + 256),
+        )
+        written.append(
+            save_weight_map_png(
+                out_dir / f"{name}.png", ex.image[(slice(None), *window)], ex.target[window], ex.weights[window]
+            )
+        )
+    if written:
+        log.info("weight-map previews (image | target | weights): %s", out_dir)
+    return written
+
+
+def main(config: Config, args: argparse.Namespace) -> None:
+    path = prepare(config, overwrite=args.overwrite, chunk=args.chunk_size, previews=args.previews)
+    store = TrainingStore(path)
+    print(f"wrote {path}: {len(store.names_in('train'))} training and {len(store.names_in('val'))} validation examples")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = make_parser("python -m pipelines.prepare", __doc__.splitlines()[0], default_config="configs/prepare.yaml")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)"
+    )
+    parser.add_argument("--chunk-size", type=int, default=1024, help="pixels per chunk side (default 1024)")
+    parser.add_argument("--previews", type=int, default=3, help="weight-map preview PNGs to write (default 3)")
+    return run(main, parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

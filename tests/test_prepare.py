@@ -1,0 +1,198 @@
+"""pipelines.prepare: the training store round trip, input formats, chunking, and bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+
+from pipelines.prepare import prepare, split_names
+from unet.config import load_config
+from unet.data.sources import DataError
+from unet.data.store import StoreError, TrainingStore
+from unet.samples import fetch_samples
+from unet.weights import target_and_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fluo() -> tuple[np.ndarray, np.ndarray, Path]:
+    folder = fetch_samples(["fluo_nuclei"])["fluo_nuclei"]
+    image = tifffile.imread(folder / "images" / "dsb2018_0.tif")
+    labels = tifffile.imread(folder / "labels" / "dsb2018_0.tif")
+    return image, labels, folder
+
+
+def config_for(tmp_path: Path, images: Path | str, labels: Path | str, channels: int = 1, **extra: str):
+    overrides = [f"data.images={images}", f"data.labels={labels}", f"data.store={tmp_path / 'train.zarr'}"]
+    overrides += [f"model.n_channels={channels}", *(f"{k}={v}" for k, v in extra.items())]
+    return load_config(None, overrides)
+
+
+def test_round_trip_of_real_data(fluo, tmp_path: Path) -> None:
+    image, labels, folder = fluo
+    config = config_for(tmp_path, folder / "images", folder / "labels", **{"data.pixel_size_um": "0.5"})
+    store = TrainingStore(prepare(config, previews=1))
+    assert store.names == ["dsb2018_0"] and store.attrs["channels"] == 1
+    assert store.attrs["weight_map"] == {"w0": 10.0, "sigma": 5.0, "class_balance": True}
+    ex = store.example("dsb2018_0")
+    np.testing.assert_array_equal(ex.image[0], image)
+    np.testing.assert_array_equal(ex.labels[:], labels)
+    target, weights = target_and_weights(labels)
+    np.testing.assert_array_equal(ex.target[:], target)
+    np.testing.assert_allclose(ex.weights[:], weights, atol=1e-5)
+    assert (
+        ex.attrs["image_sha256"]
+        == __import__("hashlib").sha256((folder / "images/dsb2018_0.tif").read_bytes()).hexdigest()
+    )
+    assert ex.attrs["source_labels"].endswith("dsb2018_0.tif") and ex.attrs["pixel_size_um"] == 0.5
+    lo, hi = ex.attrs["intensity_range"][0]
+    assert lo == np.percentile(image, 1, method="inverted_cdf") and hi == np.percentile(
+        image, 99.8, method="inverted_cdf"
+    )
+    assert ex.split == "train"  # a single example is never held out
+    assert (tmp_path / "train.zarr.previews" / "dsb2018_0.png").is_file()
+
+
+def test_chunk_by_chunk_equals_whole_image(fluo, tmp_path: Path) -> None:
+    _, labels, folder = fluo
+    store = TrainingStore(prepare(config_for(tmp_path, folder / "images", folder / "labels"), chunk=96, previews=0))
+    ex = store.example("dsb2018_0")
+    assert ex.weights.chunks == (96, 96)
+    target, weights = target_and_weights(labels)
+    np.testing.assert_array_equal(ex.target[:], target)
+    np.testing.assert_allclose(ex.weights[:], weights, atol=1e-5)
+
+
+def test_every_input_format(fluo, tmp_path: Path) -> None:
+    image, labels, _ = fluo
+    images, label_dir = tmp_path / "in" / "images", tmp_path / "in" / "labels"
+    images.mkdir(parents=True), label_dir.mkdir(parents=True)
+    tifffile.imwrite(images / "a.tif", image)
+    Image.fromarray(image).save(images / "b.png")
+    np.save(images / "c.npy", image)
+    zarr.create_array(images / "d.zarr", data=image, chunks=(128, 128))
+    tifffile.imwrite(label_dir / "a.tiff", labels)
+    Image.fromarray(labels).save(label_dir / "b.png")
+    np.save(label_dir / "c.npy", labels)
+    zarr.create_array(label_dir / "d.zarr", data=labels, chunks=(100, 100))
+    store = TrainingStore(prepare(config_for(tmp_path, images, label_dir), previews=0))
+    assert sorted(store.names) == ["a", "b", "c", "d"]
+    first = store.example("a")
+    for name in "bcd":
+        ex = store.example(name)
+        np.testing.assert_array_equal(ex.image[:], first.image[:])
+        np.testing.assert_array_equal(ex.weights[:], first.weights[:])
+
+
+def test_rgb_sample_and_validation_split(tmp_path: Path) -> None:
+    config = load_config(ROOT / "configs" / "prepare.yaml", [f"data.store={tmp_path / 'he.zarr'}"])
+    store = TrainingStore(prepare(config, previews=0))
+    assert len(store.names_in("val")) == 3 and len(store.names_in("train")) == 12
+    ex = store.example(store.names[0])
+    assert ex.image.shape == (3, 256, 256) and ex.image.dtype == np.uint8
+    assert split_names(store.names, 0.2, 0) == split_names(list(reversed(store.names)), 0.2, 0)
+
+
+def write_pair(folder: Path, name: str, image: np.ndarray, labels: np.ndarray) -> None:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "labels").mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(folder / "images" / f"{name}.tif", image)
+    tifffile.imwrite(folder / "labels" / f"{name}.tif", labels)
+
+
+GOOD_IMAGE = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+GOOD_LABELS = np.zeros((64, 64), np.uint16)
+GOOD_LABELS[10:20, 10:20] = 3
+
+
+@pytest.mark.parametrize(
+    ("image", "labels", "message"),
+    [
+        (GOOD_IMAGE[:60], GOOD_LABELS, r"image .*bad\.tif has shape \(60, 64\) but labels .*bad\.tif have \(64, 64\)"),
+        (GOOD_IMAGE, GOOD_LABELS.astype(np.float32), r"labels .*bad\.tif: instance labels must be integers"),
+        (np.where(GOOD_LABELS > 0, np.nan, GOOD_IMAGE), GOOD_LABELS, r"image .*bad\.tif contains NaN"),
+        (GOOD_IMAGE, GOOD_LABELS.astype(np.int32) - 1, r"labels .*bad\.tif contain negative ids"),
+        (np.stack([GOOD_IMAGE] * 2, -1), GOOD_LABELS, r"image .*bad\.tif has 2 channels but model.n_channels is 1"),
+    ],
+)
+def test_bad_input_names_the_file_and_writes_nothing(tmp_path: Path, image, labels, message: str) -> None:
+    write_pair(tmp_path / "in", "good", GOOD_IMAGE, GOOD_LABELS)
+    write_pair(tmp_path / "in", "bad", image, labels)
+    config = config_for(tmp_path, tmp_path / "in" / "images", tmp_path / "in" / "labels")
+    with pytest.raises(DataError, match=message):
+        prepare(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no store, no partial store
+
+
+def test_empty_folder_and_missing_labels(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    with pytest.raises(DataError, match=r"no images found in .*images"):
+        prepare(config_for(tmp_path, tmp_path / "images", tmp_path / "labels"))
+    tifffile.imwrite(tmp_path / "images" / "lonely.tif", GOOD_IMAGE)
+    with pytest.raises(DataError, match=r"no label file for image .*lonely\.tif"):
+        prepare(config_for(tmp_path, tmp_path / "images", tmp_path / "labels"))
+    with pytest.raises(DataError, match="input folder not found"):
+        prepare(config_for(tmp_path, tmp_path / "nope", tmp_path / "labels"))
+
+
+def test_existing_store_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    write_pair(tmp_path / "in", "a", GOOD_IMAGE, GOOD_LABELS)
+    config = config_for(tmp_path, tmp_path / "in" / "images", tmp_path / "in" / "labels")
+    first = prepare(config, previews=0)
+    before = sorted(p.relative_to(first) for p in first.rglob("*"))
+    with pytest.raises(StoreError, match="already exists; pass --overwrite"):
+        prepare(config)
+    assert sorted(p.relative_to(first) for p in first.rglob("*")) == before
+    write_pair(tmp_path / "in", "b", GOOD_IMAGE, GOOD_LABELS)
+    assert TrainingStore(prepare(config, overwrite=True, previews=0)).names == ["a", "b"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_killed_run_leaves_no_store_that_looks_valid(tmp_path: Path) -> None:
+    big = np.tile(tifffile.imread(fetch_samples(["fluo_nuclei"])["fluo_nuclei"] / "labels" / "dsb2018_0.tif"), (6, 6))
+    write_pair(tmp_path / "in", "big", big.astype(np.float32), big)
+    store = tmp_path / "train.zarr"
+    cmd = [sys.executable, "-m", "pipelines.prepare", "--set", f"data.images={tmp_path / 'in' / 'images'}",
+           "--set", f"data.labels={tmp_path / 'in' / 'labels'}", "--set", f"data.store={store}",
+           "--set", "model.n_channels=1", "--chunk-size", "128"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".train.zarr.partial-*/big/weights")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not store.exists()
+    partial = next(tmp_path.glob(".train.zarr.partial-*"))
+    with pytest.raises(StoreError, match="incomplete"):
+        TrainingStore(partial)
+    shutil.rmtree(partial)
+
+
+def test_missing_or_foreign_store_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="training store not found"):
+        TrainingStore(tmp_path / "nope.zarr")
+    zarr.open_group(tmp_path / "other.zarr", mode="w")
+    with pytest.raises(StoreError, match="is not a training store"):
+        TrainingStore(tmp_path / "other.zarr")
+
+
+def test_cli_exit_code_and_one_line_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.prepare", "--set", f"data.images={tmp_path}", "--set", f"data.labels={tmp_path}"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no images found" in result.stderr

@@ -1,0 +1,114 @@
+"""Finding image/label pairs on disk and opening them lazily, so large inputs are never read whole."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+
+from unet.errors import UserError
+from unet.io import PIL_SUFFIXES, TIFF_SUFFIXES, image_suffix, read_image
+
+INPUT_SUFFIXES = sorted(TIFF_SUFFIXES | PIL_SUFFIXES | {".npy", ".zarr"})
+
+
+class DataError(UserError):
+    """Training inputs that cannot be used as they are (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training example: an image and its instance labels, matched by file stem."""
+
+    name: str
+    image: Path
+    labels: Path
+
+
+def stem(path: Path) -> str:
+    """File name without its (possibly double, ``.ome.tif``) image suffix."""
+    return path.name[: -len(image_suffix(path))] if image_suffix(path) else path.name
+
+
+def list_inputs(location: str) -> list[Path]:
+    """Image files in a folder, or matching a glob pattern, sorted by name."""
+    path = Path(location)
+    candidates = sorted(path.iterdir()) if path.is_dir() and image_suffix(path) != ".zarr" else None
+    if candidates is None:
+        candidates = sorted(Path(p) for p in glob.glob(location))
+        if not candidates and not any(ch in location for ch in "*?["):
+            raise DataError(f"input folder not found: {location}")
+    return [p for p in candidates if image_suffix(p) in INPUT_SUFFIXES and not p.name.startswith(".")]
+
+
+def find_pairs(images: str, labels: str) -> list[Pair]:
+    """Match every image with the label file of the same stem; each must have exactly one."""
+    image_files, label_files = list_inputs(images), list_inputs(labels)
+    if not image_files:
+        raise DataError(f"no images found in {images} (looked for {', '.join(INPUT_SUFFIXES)})")
+    by_stem: dict[str, Path] = {}
+    for path in label_files:
+        if stem(path) in by_stem:
+            raise DataError(f"two label files for {stem(path)!r}: {by_stem[stem(path)]} and {path}")
+        by_stem[stem(path)] = path
+    pairs = []
+    for image in image_files:
+        label = by_stem.get(stem(image))
+        if label is None:
+            raise DataError(f"no label file for image {image} (expected {stem(image)}.* in {labels})")
+        pairs.append(Pair(stem(image), image, label))
+    names = [p.name for p in pairs]
+    if len(set(names)) != len(names):
+        raise DataError(f"two images share a name in {images}: {sorted({n for n in names if names.count(n) > 1})}")
+    return pairs
+
+
+def open_lazy(path: Path) -> zarr.Array | np.ndarray:
+    """An array-like over the file that reads only what is indexed (TIFF, NumPy, Zarr).
+
+    PNG/JPEG cannot be read partially and are decoded whole (they are small by nature).
+    """
+    suffix = image_suffix(path)
+    try:
+        if suffix in TIFF_SUFFIXES:
+            return zarr.open_array(tifffile.imread(path, aszarr=True, level=0), mode="r")
+        if suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        if suffix == ".zarr":
+            return zarr.open_array(path, mode="r")
+    except (OSError, ValueError, TypeError, tifffile.TiffFileError, zarr.errors.BaseZarrError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    return read_image(path)
+
+
+def check_pair(pair: Pair, image: zarr.Array | np.ndarray, labels: zarr.Array | np.ndarray) -> None:
+    """Shape and dtype checks that need no pixel data."""
+    if labels.ndim != 2:
+        raise DataError(f"labels {pair.labels}: expected a 2-D instance label image, got shape {labels.shape}")
+    if np.dtype(labels.dtype).kind not in "iu":
+        raise DataError(f"labels {pair.labels}: instance labels must be integers, got {labels.dtype}")
+    if image.ndim not in (2, 3) or tuple(image.shape[:2]) != tuple(labels.shape):
+        raise DataError(
+            f"image {pair.image} has shape {tuple(image.shape)} but labels {pair.labels} have "
+            f"{tuple(labels.shape)}: the image must be YX or YXC with the labels' YX"
+        )
+    if np.dtype(image.dtype).kind not in "uif":
+        raise DataError(f"image {pair.image}: unsupported pixel type {image.dtype}")
+
+
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """sha256 of a file, or of every file under a folder (a Zarr store) in sorted order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(block):
+                digest.update(chunk)
+    return digest.hexdigest()

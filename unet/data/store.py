@@ -1,0 +1,144 @@
+"""The training Zarr store: one group per example with its image, labels, target and weights.
+
+Layout (Zarr v3)::
+
+    train.zarr/                 attrs["unet_training_store"]: version, complete, weight_map, channels, ...
+      <name>/image              (C, Y, X), the source dtype
+      <name>/labels             (Y, X) int32 instance ids, as given
+      <name>/target             (Y, X) uint8, touching objects split (see unet.weights)
+      <name>/weights            (Y, X) float32, eq. 2 of the paper
+      <name> attrs              source files and sha256, split (train/val), intensity range, counts
+
+A store is written under a hidden temporary name and renamed into place only when complete,
+so an interrupted run never leaves a store that looks valid, and an existing store is replaced
+only on request, after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from unet.errors import UserError
+
+STORE_KEY = "unet_training_store"
+STORE_VERSION = 1
+ARRAYS = ("image", "labels", "target", "weights")
+
+
+class StoreError(UserError):
+    """A training store that is missing, incomplete or of another format."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """Lazy arrays and attributes of one example in a store."""
+
+    name: str
+    image: zarr.Array
+    labels: zarr.Array
+    target: zarr.Array
+    weights: zarr.Array
+    attrs: dict[str, Any]
+
+    @property
+    def split(self) -> str:
+        return self.attrs["split"]
+
+
+class StoreWriter:
+    """Writes a new store under a temporary name; ``commit()`` moves it into place.
+
+    Use as a context manager: leaving the block without ``commit()`` deletes the partial store.
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise StoreError(f"{self.path} already exists; pass --overwrite to replace it")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.root = zarr.open_group(self.partial, mode="w-", zarr_format=3)
+        self.root.attrs[STORE_KEY] = {"version": STORE_VERSION, "complete": False}
+        self.committed = False
+
+    def create(self, name: str, kind: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> zarr.Array:
+        """An empty array ``kind`` (one of ARRAYS) of example ``name``."""
+        if kind not in ARRAYS:
+            raise ValueError(f"unknown array kind {kind!r}")
+        group = self.root.require_group(name)
+        return group.create_array(kind, shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
+
+    def set_example_attrs(self, name: str, attrs: dict[str, Any]) -> None:
+        self.root[name].attrs.update(attrs)
+
+    def commit(self, attrs: dict[str, Any]) -> Path:
+        """Mark the store complete with ``attrs`` and move it into place (replacing an old one)."""
+        self.root.attrs[STORE_KEY] = {
+            "version": STORE_VERSION,
+            "complete": True,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **attrs,
+        }
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.path, old)
+        os.replace(self.partial, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self.committed = True
+        return self.path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.abort()
+
+
+class TrainingStore:
+    """Read access to a complete training store."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"training store not found: {self.path} (create it with `python -m pipelines.prepare`)")
+        try:
+            self.root = zarr.open_group(self.path, mode="r")
+        except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError) as exc:
+            raise StoreError(f"{self.path} is not a Zarr group: {exc}") from None
+        meta = self.root.attrs.get(STORE_KEY)
+        if not isinstance(meta, dict):
+            raise StoreError(f"{self.path} is not a training store (no {STORE_KEY!r} attribute)")
+        if not meta.get("complete"):
+            raise StoreError(f"{self.path} is incomplete (its preparation did not finish); prepare it again")
+        if meta.get("version") != STORE_VERSION:
+            raise StoreError(f"{self.path} has store version {meta.get('version')}, expected {STORE_VERSION}")
+        self.attrs: dict[str, Any] = meta
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.attrs["examples"])
+
+    def names_in(self, split: str) -> list[str]:
+        return [name for name in self.names if self.root[name].attrs["split"] == split]
+
+    def example(self, name: str) -> Example:
+        group = self.root[name]
+        arrays = {kind: group[kind] for kind in ARRAYS}
+        return Example(name=name, attrs=dict(group.attrs), **arrays)
+
+    def __len__(self) -> int:
+        return len(self.names)

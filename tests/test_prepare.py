@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -52,10 +53,7 @@ def test_round_trip_of_real_data(fluo, tmp_path: Path) -> None:
     target, weights = target_and_weights(labels)
     np.testing.assert_array_equal(ex.target[:], target)
     np.testing.assert_allclose(ex.weights[:], weights, atol=1e-5)
-    assert (
-        ex.attrs["image_sha256"]
-        == __import__("hashlib").sha256((folder / "images/dsb2018_0.tif").read_bytes()).hexdigest()
-    )
+    assert ex.attrs["image_sha256"] == hashlib.sha256((folder / "images/dsb2018_0.tif").read_bytes()).hexdigest()
     assert ex.attrs["source_labels"].endswith("dsb2018_0.tif") and ex.attrs["pixel_size_um"] == 0.5
     lo, hi = ex.attrs["intensity_range"][0]
     assert lo == np.percentile(image, 1, method="inverted_cdf") and hi == np.percentile(
@@ -190,9 +188,7 @@ def test_missing_or_foreign_store_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_cli_exit_code_and_one_line_error(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "pipelines.prepare", "--set", f"data.images={tmp_path}", "--set", f"data.labels={tmp_path}"],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "pipelines.prepare", "--set", f"data.images={tmp_path}"]
+    result = subprocess.run([*cmd, "--set", f"data.labels={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no images found" in result.stderr

@@ -1,9 +1,9 @@
 """``make demo``: run the U-Net on real sample data, end to end on one machine.
 
-This first version fetches the real H&E sample images (verified sha256), builds the configured
-U-Net, runs it the way tiled inference will (eval, channels_last, autocast) on every image and
-writes a picture of the result. The weights are untrained until the training pipeline lands, so
-the probabilities are not a segmentation yet; the point is that the whole path runs.
+So far it fetches the real H&E sample images (verified sha256), prepares the training Zarr store
+with the paper's weight maps (and preview pictures of them), builds the configured U-Net and runs
+it the way tiled inference will (eval, channels_last, autocast) on every image. The weights are
+untrained until the training pipeline lands, so the probabilities are not a segmentation yet.
 """
 
 from __future__ import annotations
@@ -17,12 +17,25 @@ import numpy as np
 import torch
 
 from pipelines.cli import make_parser, run
-from unet.config import Config, save_config
+from pipelines.prepare import prepare
+from unet.config import Config, flatten_config, save_config
+from unet.data.store import TrainingStore
+from unet.errors import UserError
 from unet.io import normalize_intensity, read_image, to_channels_first, write_png
 from unet.model import UNet, autocast_context, prepare_for_inference
 from unet.samples import fetch_samples, sample_pairs
 
 log = logging.getLogger("demo")
+
+
+def _store_is_current(path: Path, config: Config) -> bool:
+    """True when ``path`` is a complete store made from the same data and weight-map settings."""
+    try:
+        recorded = TrainingStore(path).attrs["config"]
+    except UserError:
+        return False
+    wanted = flatten_config(config)
+    return all(recorded.get(key) == wanted[key] for key in wanted if key.split(".")[0] in {"data", "loss", "model"})
 
 
 def side_by_side(image: np.ndarray, probability: np.ndarray) -> np.ndarray:
@@ -37,14 +50,22 @@ def main(config: Config, args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")
 
-    log.info("1/3 fetching real sample data (H&E nuclei, sha256-verified)")
+    log.info("1/4 fetching real sample data (H&E nuclei, sha256-verified)")
     he_dir = fetch_samples(["he_nuclei"])["he_nuclei"]
     pairs = sample_pairs(he_dir)
+
+    store_path = Path(config.data.store)
+    if _store_is_current(store_path, config):
+        log.info("2/4 training store %s is up to date; reusing it", store_path)
+    else:
+        log.info("2/4 preparing the training store %s (targets + weight maps)", store_path)
+        prepare(config, overwrite=True)
+    store = TrainingStore(store_path)
 
     torch.manual_seed(config.train.seed)
     model = UNet(**config.model.model_dump(exclude={"checkpointing"}))
     log.info(
-        "2/3 model: %s parameters, size multiple %d, halo %d px (receptive-field reach %d px)",
+        "3/4 model: %s parameters, size multiple %d, halo %d px (receptive-field reach %d px)",
         f"{model.num_parameters():,}",
         model.size_multiple,
         model.halo,
@@ -53,7 +74,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
     forward = prepare_for_inference(model, channels_last=config.infer.channels_last)
 
     log.info(
-        "3/3 running the model on %d images (%s, channels_last=%s)",
+        "4/4 running the model on %d images (%s, channels_last=%s)",
         len(pairs),
         config.infer.precision,
         config.infer.channels_last,
@@ -72,6 +93,8 @@ def main(config: Config, args: argparse.Namespace) -> None:
     print()
     print(f"  sample data     {he_dir}")
     print(f"  images          {len(pairs)} real H&E crops")
+    print(f"  training store  {store.path} ({len(store.names_in('train'))} train / {len(store.names_in('val'))} val)")
+    print(f"  weight maps     {store.path.parent / (store.path.name + '.previews')}/*.png (image | target | weights)")
     print(f"  throughput      {pixels / seconds / 1e6:.2f} Mpx/s ({seconds:.1f} s)")
     print(f"  outputs         {out_dir}/*_forward.png (image | foreground probability)")
     print(f"  resolved config {out_dir / 'config.yaml'}")

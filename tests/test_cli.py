@@ -59,8 +59,11 @@ def test_config_errors_are_one_line_and_exit_2(module: str, tmp_path: Path) -> N
 
 def test_demo_runs_on_real_sample_data(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = run_module("pipelines.demo", "--set", f"infer.output={out}", "--set", "model.base_channels=8")
+    store = tmp_path / "store.zarr"
+    overrides = [f"infer.output={out}", "model.base_channels=8", f"data.store={store}"]
+    result = run_module("pipelines.demo", *(arg for o in overrides for arg in ("--set", o)))
     assert result.returncode == 0, result.stderr
+    assert (store / "zarr.json").is_file() and len(list((tmp_path / "store.zarr.previews").glob("*.png"))) == 3
     pictures = sorted(out.glob("*_forward.png"))
     assert len(pictures) == 15  # one per real H&E image
     assert "Mpx/s" in result.stdout

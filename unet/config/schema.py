@@ -43,6 +43,13 @@ class DataConfig(Section):
         0.5, ge=0.0, le=1.0, description="Probability that a patch is centred on a foreground pixel."
     )
     pixel_size_um: float | None = Field(None, gt=0, description="Pixel size in micrometres, if known.")
+    augment: bool = Field(True, description="Augment training patches (flips, rotations, elastic, intensity).")
+    elastic_prob: float = Field(0.5, ge=0, le=1, description="Probability of the paper's elastic deformation.")
+    elastic_sigma: float = Field(
+        10.0, ge=0, description="Std (pixels) of the random displacements on the coarse grid (the paper: 10)."
+    )
+    elastic_grid: int = Field(3, ge=2, description="Control points per side of the coarse grid (the paper: 3).")
+    intensity_jitter: float = Field(0.1, ge=0, le=1, description="Random intensity scale and shift, +- this fraction.")
 
 
 class LossConfig(Section):

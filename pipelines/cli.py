@@ -61,6 +61,8 @@ def run(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:  # MLflow's database-migration chatter is not the user's business
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         config = resolve_config(args)
         if config is not None:

@@ -51,3 +51,14 @@ def weight_map_panel(image: np.ndarray, target: np.ndarray, weights: np.ndarray)
 def save_weight_map_png(path: str | Path, image: np.ndarray, target: np.ndarray, weights: np.ndarray) -> Path:
     """Write ``weight_map_panel`` as PNG: the borders between touching nuclei should glow."""
     return write_png(path, weight_map_panel(image, target, weights))
+
+
+def prediction_panel(
+    image: np.ndarray, target: np.ndarray, probability: np.ndarray, threshold: float = 0.5
+) -> np.ndarray:
+    """Image | target | prediction (probability, with the thresholded objects outlined in green)."""
+    rgb = to_rgb(image)
+    target_rgb = np.repeat((np.asarray(target) > 0).astype(np.uint8)[..., None] * 255, 3, axis=-1)
+    predicted = outline(colorize(probability, vmax=1.0, cmap="gray"), probability > threshold)
+    gap = np.full((rgb.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([rgb, gap, target_rgb, gap, predicted], axis=1)

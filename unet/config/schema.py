@@ -122,6 +122,10 @@ class TrackingConfig(Section):
     )
     experiment: str = Field("unet", min_length=1, description="MLflow experiment name.")
     registered_model: str = Field("unet", min_length=1, description="Registered model name.")
+    champion_metric: Literal["val/f1", "val/dice", "val/iou", "val/precision", "val/recall"] = Field(
+        "val/f1", description="Validation metric (higher is better) that picks the best epoch and the champion."
+    )
+    promote: bool = Field(True, description="Move the 'champion' alias when a new version beats the champion.")
 
 
 class Config(Section):

@@ -1,0 +1,177 @@
+"""MLflow: tracking-URI resolution, run resumption, model logging/registration/aliases, loading.
+
+Models are logged as MLflow ``python_function`` models whose ``loader_module`` is
+``unet.serving``: weights as safetensors, architecture as JSON, no pickled code. Load them with
+``load_model("models:/NAME@ALIAS")`` (or ``models:/NAME/VERSION``, ``runs:/...``, a local folder)
+or with ``mlflow.pyfunc.load_model``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec
+
+from unet import __version__
+from unet.config import Config
+from unet.errors import UserError
+from unet.model import UNet
+from unet.training import load_weights, save_weights
+
+log = logging.getLogger(__name__)
+RUN_NAME_TAG, STORAGE_TAG = "ray.run_name", "ray.storage_path"
+MODEL_ARTIFACT = "model"
+
+
+def resolve_tracking_uri(configured: str) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the configured URI; relative sqlite/file paths made absolute
+    (Ray workers and jobs run in other directories)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client for ``uri``, checked to answer now: a clear error instead of a hang later."""
+    if urlparse(uri).scheme in {"http", "https"}:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # any failure to talk to the store means we cannot track
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"MLflow tracking server unreachable at {uri}: {first[:200]}") from None
+    return client
+
+
+def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The experiment's id, creating it; local stores keep artifacts next to the database."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = Path(tracking_uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_or_resume_run(
+    client: MlflowClient, config: Config, tracking_uri: str, flat_params: dict[str, str], tags: dict[str, str]
+) -> tuple[str, bool]:
+    """The MLflow run of this Ray run (same name and storage path), created if there is none."""
+    exp_id = experiment_id(client, config.tracking.experiment, tracking_uri)
+    name, storage = config.train.run_name, config.train.storage_path
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}' and tags.`{STORAGE_TAG}` = '{storage}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    run = client.create_run(exp_id, run_name=name, tags={RUN_NAME_TAG: name, STORAGE_TAG: storage, **tags})
+    params = [Param(k, v[:6000]) for k, v in flat_params.items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    return run.info.run_id, False
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = mlflow.utils.time.get_current_time_millis()
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def git_commit() -> str:
+    """The code version: ``UNET_GIT_COMMIT`` if set, else ``git rev-parse HEAD``, else the package version."""
+    if commit := os.environ.get("UNET_GIT_COMMIT"):
+        return commit
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"unknown (unet-wsi {__version__}, no git checkout)"
+
+
+def signature_for(model: UNet) -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.n_channels, -1, -1), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.n_classes, -1, -1), "probabilities")]),
+    )
+
+
+def log_and_register(
+    run_id: str, model: UNet, registered_name: str, version_tags: dict[str, Any], tracking_uri: str
+) -> str:
+    """Log ``model`` into the run as a pyfunc model and register it; returns the new version."""
+    mlflow.set_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        data = save_weights(model, Path(tmp) / "unet")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            loader_module="unet.serving",
+            data_path=str(data),
+            signature=signature_for(model),
+            registered_model_name=registered_name,
+            pip_requirements=[f"unet-wsi=={__version__}", f"torch=={torch.__version__.split('+')[0]}", "safetensors"],
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(registered_name, version, key, str(value))
+    return version
+
+
+def promote(
+    client: MlflowClient, name: str, version: str, metric: str, value: float, higher_is_better: bool = True
+) -> bool:
+    """Alias ``candidate`` -> ``version``; ``champion`` too when ``value`` beats the champion's ``metric``."""
+    client.set_registered_model_alias(name, "candidate", version)
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champion = None
+    best = None if champion is None else champion.tags.get(metric)
+    better = best is None or (float(value) > float(best) if higher_is_better else float(value) < float(best))
+    if better:
+        client.set_registered_model_alias(name, "champion", version)
+    return better
+
+
+def load_model(uri: str, tracking_uri: str | None = None) -> UNet:
+    """The ``UNet`` behind ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a folder."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    local = Path(uri)
+    if not local.exists():
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        except MlflowException as exc:
+            raise UserError(f"cannot load model {uri}: {exc.message.splitlines()[0]}") from None
+    if (local / "MLmodel").is_file():
+        flavor = Model.load(str(local)).flavors.get("python_function", {})
+        if flavor.get("loader_module") != "unet.serving":
+            raise UserError(f"{uri} is not a unet-wsi model (loader {flavor.get('loader_module')!r})")
+        local = local / flavor["data"]
+    return load_weights(local)

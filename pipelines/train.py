@@ -1,0 +1,202 @@
+"""Train the U-Net with Ray Train (DDP), tracked and registered in MLflow.
+
+    python -m pipelines.train --config configs/train.yaml                 # starts a local Ray
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python -m pipelines.train --config configs/train.yaml             # on a Ray cluster
+
+Re-running with the same ``train.run_name`` and ``train.storage_path`` resumes from the last
+checkpoint and continues the same MLflow run. At the end the best epoch's model is logged,
+registered as a new version (alias ``candidate``) and promoted to ``champion`` if it beats it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipelines import registry
+from pipelines.cli import make_parser, run
+from unet.config import Config, dump_config, flatten_config
+from unet.data.sources import file_sha256
+from unet.data.store import TrainingStore
+from unet.errors import UserError
+from unet.training import load_weights
+
+log = logging.getLogger("train")
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (workers and jobs run elsewhere); URIs such as s3://... unchanged."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def check_store(config: Config) -> TrainingStore:
+    store = TrainingStore(config.data.store)
+    if not store.names_in("train") or not store.names_in("val"):
+        raise UserError(
+            f"{store.path} needs training and validation examples (has {len(store.names_in('train'))} and "
+            f"{len(store.names_in('val'))}); prepare it with data.val_fraction > 0"
+        )
+    if store.attrs["channels"] != config.model.n_channels:
+        raise UserError(
+            f"{store.path} has {store.attrs['channels']}-channel images "
+            f"but model.n_channels is {config.model.n_channels}"
+        )
+    return store
+
+
+def check_ray_address(address: str | None) -> None:
+    """Fail fast on an address nothing listens on (ray.init would retry for a long time)."""
+    if not address or address in {"auto", "local"}:
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise UserError(f"RAY_ADDRESS {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"Ray cluster unreachable at {address}: {exc.strerror or exc}") from None
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) or start a local Ray."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        # No num_cpus here: under `ray job submit` the cluster decides resources.
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    except (ConnectionError, RuntimeError) as exc:
+        raise UserError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
+
+
+def check_resources(config: Config) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    if config.train.use_gpu and resources.get("GPU", 0) < 1:
+        raise UserError("train.use_gpu is true but the Ray cluster has no GPU")
+    needed = config.train.num_workers * config.train.cpus_per_worker
+    if needed > resources.get("CPU", 0):
+        log.warning(
+            "the workers need %.1f CPUs but the cluster has %.1f now; training waits for an autoscaler",
+            needed,
+            resources.get("CPU", 0),
+        )
+
+
+def build_trainer(config: Config, loop_config: dict):
+    """The TorchTrainer described by ``config.train`` (gloo on CPU, NCCL on GPU)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train_worker import train_loop_per_worker
+
+    train = config.train
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=train.run_name,
+            storage_path=train.storage_path,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),  # one line per epoch, not per report
+        ),
+    )
+
+
+def main(config: Config, args: argparse.Namespace) -> None:
+    config = config.model_copy(deep=True)
+    config.data.store = absolute(config.data.store)
+    config.train.storage_path = absolute(config.train.storage_path)
+    store = check_store(config)
+    check_ray_address(os.environ.get("RAY_ADDRESS"))
+    tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
+    config.tracking.tracking_uri = tracking_uri
+    client = registry.connect(tracking_uri)
+    init_ray()
+    check_resources(config)
+
+    store_sha = file_sha256(store.path)
+    tags = {"data.store": str(store.path), "data.store_sha256": store_sha, "git_commit": registry.git_commit()}
+    run_id, resumed = registry.start_or_resume_run(client, config, tracking_uri, flatten_config(config), tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "config.yaml"
+        resolved.write_text(dump_config(config))
+        client.log_artifact(run_id, str(resolved))
+    log.info(
+        "%s MLflow run %s (experiment %r, %s); Ray run %r in %s",
+        "resuming" if resumed else "started",
+        run_id,
+        config.tracking.experiment,
+        tracking_uri,
+        config.train.run_name,
+        config.train.storage_path,
+    )
+
+    loop_config = {"config": config.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
+    try:
+        result = build_trainer(config, loop_config).fit()
+    except Exception as exc:
+        client.set_terminated(run_id, status="FAILED")
+        raise RuntimeError(f"training failed: {exc}") from exc
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+
+    metric = config.tracking.champion_metric
+    epoch = int(result.metrics["epoch"])
+    previous = client.get_run(run_id).data.tags
+    if previous.get("registered_epoch") == str(epoch):  # a re-run of a finished run: nothing new
+        client.set_terminated(run_id, status="FINISHED")
+        print(
+            f"run {config.train.run_name!r} already finished; its model is "
+            f"models:/{previous['registered_model']}/{previous['registered_version']}"
+        )
+        return
+    with result.checkpoint.as_directory() as directory:
+        model = load_weights(Path(directory) / "best_model")
+    best = result.metrics[f"best/{metric}"]
+    version_tags = {
+        metric: best,
+        "best_epoch": result.metrics["best/epoch"],
+        "data.store_sha256": store_sha,
+        "git_commit": tags["git_commit"],
+        "ray.run_name": config.train.run_name,
+        "mlflow.run_id": run_id,
+        **{k: v for k, v in result.metrics.items() if k.startswith("val/")},
+    }
+    name = config.tracking.registered_model
+    version = registry.log_and_register(run_id, model, name, version_tags, tracking_uri)
+    champion = config.tracking.promote and registry.promote(client, name, version, metric, best)
+    registry.set_tags(
+        client, run_id, {"registered_model": name, "registered_version": version, "registered_epoch": epoch}
+    )
+    client.set_terminated(run_id, status="FINISHED")
+
+    print()
+    print(f"  epochs          {epoch + 1} (best: epoch {int(result.metrics['best/epoch']) + 1})")
+    print(f"  {metric:<15} {best:.4f} (best epoch)")
+    print(f"  MLflow run      {run_id} in {tracking_uri}")
+    print(f"  model           models:/{name}/{version} (alias candidate{', champion' if champion else ''})")
+    print(f"  checkpoints     {config.train.storage_path}/{config.train.run_name}")
+    print(f"  MLflow UI       mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = make_parser("python -m pipelines.train", __doc__.splitlines()[0], default_config="configs/train.yaml")
+    return run(main, parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -1,0 +1,175 @@
+"""The function every Ray Train worker runs: DDP training with checkpoints, validation on rank 0,
+and MLflow logging from rank 0 only. Started by ``pipelines.train``."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from pipelines.registry import log_metrics
+from unet.config import Config
+from unet.data.augment import build_augmentation
+from unet.data.dataset import PatchDataset
+from unet.data.store import TrainingStore
+from unet.io import write_png
+from unet.loss import WeightedLoss
+from unet.training import (
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    load_state,
+    load_validation,
+    make_grad_scaler,
+    save_state,
+    save_weights,
+    train_step,
+    training_state,
+    unwrap,
+)
+from unet.visualize import prediction_panel
+
+BEST_DIR = "best_model"
+
+
+def _restore(model, optimizer, scheduler, scaler) -> dict[str, Any]:
+    """Load the latest checkpoint Ray Train hands us (after a failure or a re-run), if any."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"epoch": -1, "step": 0, "best": None, "best_epoch": None}
+    with checkpoint.as_directory() as directory:
+        state = load_state(directory)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["progress"]
+
+
+def _mean_across_workers(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    config = Config.model_validate(loop_config["config"])
+    train, data = config.train, config.data
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(train.seed)  # identical initial weights on every rank
+
+    model = build_model(config.model).to(device)
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train)
+    scaler = make_grad_scaler(train.precision, device)
+    progress = _restore(model, optimizer, scheduler, scaler)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)
+    loss_fn = WeightedLoss(config.loss.dice_weight)
+
+    store = TrainingStore(data.store)
+    dataset = PatchDataset(
+        store,
+        "train",
+        patch_size=data.patch_size,
+        length=train.steps_per_epoch * train.batch_size,
+        foreground_bias=data.foreground_bias,
+        augmentation=build_augmentation(data),
+        seed=train.seed,
+        rank=rank,
+    )
+    loader = DataLoader(dataset, batch_size=train.batch_size, num_workers=0)
+    validation = load_validation(store) if rank == 0 else []
+    tracker = None
+    if rank == 0:
+        from mlflow.tracking import MlflowClient
+
+        tracker = MlflowClient(tracking_uri=loop_config["tracking_uri"])
+    run_id = loop_config["mlflow_run_id"]
+    step, best, best_epoch = progress["step"], progress["best"], progress["best_epoch"]
+    metric_name = config.tracking.champion_metric
+
+    for epoch in range(progress["epoch"] + 1, train.epochs):
+        dataset.set_epoch(epoch)
+        model.train()
+        started, losses = time.perf_counter(), []
+        for batch in loader:
+            result = train_step(
+                model,
+                batch,
+                optimizer,
+                loss_fn,
+                scaler,
+                device=device,
+                precision=train.precision,
+                channels_last=train.channels_last,
+                grad_clip=train.grad_clip,
+            )
+            scheduler.step()
+            step += 1
+            losses.append(result.loss)
+            if tracker is not None:
+                step_metrics = {"train/step_loss": result.loss, "train/grad_norm": result.grad_norm}
+                log_metrics(tracker, run_id, {**step_metrics, "train/lr": scheduler.get_last_lr()[0]}, step)
+        seconds = time.perf_counter() - started
+        epoch_loss = _mean_across_workers(float(np.mean(losses)), device)
+        metrics: dict[str, float] = {
+            "epoch": epoch,
+            "train/loss": epoch_loss,
+            "throughput/img_per_s": world * len(dataset) / seconds,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                scores, probabilities = evaluate(unwrap(model), validation, device=device, precision=train.precision)
+                metrics.update({f"val/{k}": v for k, v in scores.items()})
+                value = metrics[metric_name]
+                if best is None or value > best:
+                    best, best_epoch = value, epoch
+                    save_weights(unwrap(model), Path(tmp) / BEST_DIR)
+                elif previous := ray.train.get_checkpoint():  # carry the best model forward
+                    with previous.as_directory() as directory:
+                        shutil.copytree(Path(directory) / BEST_DIR, Path(tmp) / BEST_DIR)
+                metrics.update({"best/epoch": best_epoch, f"best/{metric_name}": best})
+                log_metrics(tracker, run_id, metrics, epoch)
+                if validation:
+                    panel = prediction_panel(validation[0].image, validation[0].target, probabilities[0])
+                    _log_picture(tracker, run_id, panel, f"epoch_{epoch:03d}.png")
+                state = training_state(model, optimizer, scheduler, scaler, epoch=epoch, step=step, best=best,
+                                       best_epoch=best_epoch)  # fmt: skip
+                save_state(state, tmp)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                # Straight to the process's stdout, which Ray forwards to the driver once (print is teed).
+                sys.__stdout__.write(_epoch_line(epoch, train.epochs, metrics, seconds) + "\n")
+                sys.__stdout__.flush()
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _log_picture(tracker, run_id: str, panel: np.ndarray, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_artifact(run_id, str(write_png(Path(tmp) / name, panel)), artifact_path="predictions")
+
+
+def _epoch_line(epoch: int, epochs: int, m: dict[str, float], seconds: float) -> str:
+    return (
+        f"epoch {epoch + 1}/{epochs} | loss {m['train/loss']:.4f} | val dice {m['val/dice']:.3f} "
+        f"iou {m['val/iou']:.3f} f1@0.5 {m['val/f1']:.3f} merged {m['val/merged']:.0f} | "
+        f"{m['throughput/img_per_s']:.1f} img/s | {seconds:.1f} s"
+    )

@@ -1,0 +1,192 @@
+"""pipelines.train on a real local Ray with 2 CPU workers, real MLflow (sqlite) and real sample data:
+learning, whole-job and worker fault tolerance, the registry, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.prepare import prepare
+from pipelines.registry import load_model
+from unet.config import load_config
+from unet.training import load_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "model.base_channels=8",
+    "data.patch_size=128",
+    "train.batch_size=4",
+    "train.steps_per_epoch=10",
+    "train.warmup_steps=0",
+    "train.lr=0.003",
+    "train.num_workers=2",
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a training store of the real H&E sample; runs and mlflow.db go here too."""
+    folder = tmp_path_factory.mktemp("train")
+    config = load_config(ROOT / "configs" / "prepare.yaml", [f"data.store={folder / 'he.zarr'}"])
+    prepare(config, previews=0)
+    return folder
+
+
+def command(workspace: Path, run_name: str, epochs: int, *extra: str) -> list[str]:
+    overrides = [*SMALL, f"data.store={workspace / 'he.zarr'}", f"train.run_name={run_name}",
+                 f"train.epochs={epochs}", "train.storage_path=runs", "tracking.registered_model=unet-test", *extra]  # fmt: skip
+    return [sys.executable, "-m", "pipelines.train", "--config", str(ROOT / "configs" / "train.yaml")] + [
+        arg for o in overrides for arg in ("--set", o)
+    ]
+
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "RAY_ADDRESS"}}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def recorded_checkpoints(run_dir: Path) -> int:
+    """Checkpoints Ray Train has recorded for the run (what a restarted job resumes from)."""
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not recorded_checkpoints(run_dir):
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.2)
+
+
+def stop_ray_leftovers() -> None:
+    """A driver killed with SIGKILL cannot stop the local Ray it started: do it for it."""
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def tracking(workspace: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+
+
+def epoch_history(client: MlflowClient, run_id: str, key: str = "train/loss") -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(workspace: Path) -> dict:
+    """Train 4 epochs, SIGKILL the whole job after its first checkpoint, then run the same command again."""
+    cmd = command(workspace, "resume", 4)
+    first = subprocess.Popen(cmd, cwd=workspace, env=environment(), start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    wait_for_checkpoint(workspace / "runs" / "resume", first)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    stop_ray_leftovers()
+    second = subprocess.run(cmd, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return {"output": second.stdout + second.stderr}
+
+
+def test_job_killed_and_rerun_resumes_into_the_same_mlflow_run(workspace: Path, resumed_run: dict) -> None:
+    output = resumed_run["output"]
+    assert "resuming MLflow run" in output
+    assert "epoch 1/4" not in output  # epoch 1 came from the checkpoint, not trained again
+    assert "epoch 4/4" in output and "epochs          4" in output
+    client = tracking(workspace)
+    runs = client.search_runs([client.get_experiment_by_name("unet").experiment_id], "tags.`ray.run_name` = 'resume'")
+    assert len(runs) == 1  # the same run, continued
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert set(epoch_history(client, run.info.run_id)) == {0, 1, 2, 3}
+    assert run.data.params["train.epochs"] == "4" and run.data.tags["ray.storage_path"].endswith("runs")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "predictions"} <= artifacts
+    assert len(client.list_artifacts(run.info.run_id, "predictions")) >= 3
+
+
+def test_training_reduces_the_loss_on_real_data(workspace: Path, resumed_run: dict) -> None:
+    client = tracking(workspace)
+    run = client.search_runs([client.get_experiment_by_name("unet").experiment_id], "tags.`ray.run_name` = 'resume'")[0]
+    losses = epoch_history(client, run.info.run_id)
+    assert losses[3] < losses[0] * 0.9, losses
+    assert len(client.get_metric_history(run.info.run_id, "train/step_loss")) >= 30  # per-step metrics too
+
+
+def test_registered_version_loads_back_by_alias_and_version(workspace: Path, resumed_run: dict) -> None:
+    client = tracking(workspace)
+    candidate = client.get_model_version_by_alias("unet-test", "candidate")
+    champion = client.get_model_version_by_alias("unet-test", "champion")
+    assert candidate.version == champion.version
+    tags = candidate.tags
+    assert {"val/f1", "data.store_sha256", "git_commit", "best_epoch"} <= set(tags)
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    by_alias = load_model("models:/unet-test@champion", tracking_uri=uri)
+    by_version = load_model(f"models:/unet-test/{candidate.version}", tracking_uri=uri)
+    checkpoints = sorted(p for p in (workspace / "runs" / "resume").glob("checkpoint_*") if p.is_dir())
+    best = load_weights(checkpoints[-1] / "best_model")
+    for model in (by_alias, by_version):
+        assert model.architecture() == best.architecture()
+        for (name, a), b in zip(model.state_dict().items(), best.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    with pytest.raises(Exception, match="alias nope not found"):
+        load_model("models:/unet-test@nope", tracking_uri=uri)
+
+
+def test_killed_worker_resumes_from_checkpoint_and_finishes(workspace: Path) -> None:
+    cmd = command(workspace, "worker-failure", 3, "tracking.promote=false")
+    proc = subprocess.Popen(cmd, cwd=workspace, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        wait_for_checkpoint(workspace / "runs" / "worker-failure", proc)
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        assert workers, "no Ray Train worker process found"
+        workers[-1].send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stop_ray_leftovers()
+    assert proc.returncode == 0, output[-3000:]
+    assert "epochs          3" in output
+    epoch_pids = {m.group(1) for m in re.finditer(r"pid=(\d+)\)\S*\s+epoch \d/3", output)}
+    assert len(epoch_pids) == 2, "rank 0 should have been restarted in a new process"
+    client = tracking(workspace)
+    run = client.search_runs(
+        [client.get_experiment_by_name("unet").experiment_id], "tags.`ray.run_name` = 'worker-failure'"
+    )[0]
+    assert set(epoch_history(client, run.info.run_id)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "message"),
+    [
+        (["data.store=missing.zarr"], {}, "training store not found"),
+        (["tracking.tracking_uri=http://127.0.0.1:9"], {}, "MLflow tracking server unreachable at http://127.0.0.1:9"),
+        ([], {"RAY_ADDRESS": "127.0.0.1:9"}, "Ray cluster unreachable at 127.0.0.1:9"),
+        (["train.lr=-1"], {}, "train.lr: Input should be greater than 0"),
+    ],
+)
+def test_bad_input_fails_before_any_worker_starts(workspace: Path, tmp_path: Path, extra, env, message) -> None:
+    cmd = command(workspace, "bad", 1, *extra)
+    result = subprocess.run(
+        cmd, cwd=tmp_path, env={**environment(), **env}, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "runs").exists()

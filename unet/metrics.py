@@ -1,0 +1,126 @@
+"""Segmentation metrics: pixel IoU/Dice and instance matching at an IoU threshold.
+
+Instances are compared through their overlap table (one ``bincount`` over pixel pairs), so the
+cost is linear in the number of pixels whatever the number of objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+def pixel_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """IoU and Dice of the foreground (non-zero) pixels; 1.0 when both are empty."""
+    p, t = np.asarray(predicted) > 0, np.asarray(truth) > 0
+    intersection = float(np.logical_and(p, t).sum())
+    union = float(np.logical_or(p, t).sum())
+    total = float(p.sum() + t.sum())
+    return {"iou": intersection / union if union else 1.0, "dice": 2 * intersection / total if total else 1.0}
+
+
+def instances_from_foreground(foreground: np.ndarray) -> np.ndarray:
+    """Instance ids from connected components (4-connectivity) of a binary foreground."""
+    labels, _ = ndi.label(np.asarray(foreground) > 0)
+    return labels
+
+
+def _relabel(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Consecutive ids 1..n (0 stays background)."""
+    ids, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(labels.shape)
+    if ids[0] != 0:
+        return inverse + 1, len(ids)
+    return inverse, len(ids) - 1
+
+
+def overlap_table(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(intersections[n_true+1, n_pred+1], true areas, predicted areas), row/column 0 = background."""
+    t, n_t = _relabel(np.asarray(truth))
+    p, n_p = _relabel(np.asarray(predicted))
+    table = np.bincount((t * (n_p + 1) + p).ravel(), minlength=(n_t + 1) * (n_p + 1)).reshape(n_t + 1, n_p + 1)
+    return table, table.sum(axis=1), table.sum(axis=0)
+
+
+@dataclass(frozen=True)
+class InstanceScores:
+    """Instance detection at an IoU threshold, plus merge and split counts."""
+
+    n_true: int
+    n_pred: int
+    true_positives: int
+    precision: float
+    recall: float
+    f1: float
+    merged: int  # predicted objects holding most of two or more true objects
+    split: int  # true objects holding most of two or more predicted objects
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
+
+
+def instance_scores(truth: np.ndarray, predicted: np.ndarray, threshold: float = 0.5) -> InstanceScores:
+    """Match true and predicted instances one to one at IoU > ``threshold`` (>= 0.5 makes it unique)."""
+    table, true_area, pred_area = overlap_table(truth, predicted)
+    inter = table[1:, 1:].astype(np.float64)
+    n_t, n_p = inter.shape
+    union = true_area[1:, None] + pred_area[None, 1:] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    tp = int((iou > threshold).sum())
+    precision = tp / n_p if n_p else float(n_t == 0)
+    recall = tp / n_t if n_t else float(n_p == 0)
+    f1 = 2 * tp / (n_t + n_p) if (n_t + n_p) else 1.0
+    # "most of" = more than half of the object's own area
+    true_mostly_in = inter > 0.5 * true_area[1:, None]  # [t, p]: true object t lies mostly inside p
+    pred_mostly_in = inter > 0.5 * pred_area[None, 1:]  # [t, p]: predicted object p lies mostly inside t
+    merged = int((true_mostly_in.sum(axis=0) >= 2).sum())
+    split = int((pred_mostly_in.sum(axis=1) >= 2).sum())
+    return InstanceScores(n_t, n_p, tp, precision, recall, f1, merged, split)
+
+
+def segmentation_scores(truth_instances: np.ndarray, predicted_foreground: np.ndarray) -> dict[str, float]:
+    """Pixel IoU/Dice and instance scores (instances = connected components of the prediction)."""
+    scores = pixel_scores(predicted_foreground, truth_instances)
+    predicted = instances_from_foreground(predicted_foreground)
+    scores.update(instance_scores(truth_instances, predicted).as_dict())
+    return scores
+
+
+class SegmentationTally:
+    """Accumulates counts over several images; ``scores()`` gives pooled (micro-averaged) metrics."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+        self.counts = dict.fromkeys(
+            ("intersection", "union", "pixels_sum", "n_true", "n_pred", "true_positives", "merged", "split"), 0
+        )
+        self.images = 0
+
+    def add(self, truth_instances: np.ndarray, predicted_foreground: np.ndarray) -> InstanceScores:
+        """Count one image; returns its own instance scores."""
+        p, t = np.asarray(predicted_foreground) > 0, np.asarray(truth_instances) > 0
+        self.counts["intersection"] += int(np.logical_and(p, t).sum())
+        self.counts["union"] += int(np.logical_or(p, t).sum())
+        self.counts["pixels_sum"] += int(p.sum() + t.sum())
+        scores = instance_scores(truth_instances, instances_from_foreground(p), self.threshold)
+        for key in ("n_true", "n_pred", "true_positives", "merged", "split"):
+            self.counts[key] += getattr(scores, key)
+        self.images += 1
+        return scores
+
+    def scores(self) -> dict[str, float]:
+        c = self.counts
+        n_t, n_p, tp = c["n_true"], c["n_pred"], c["true_positives"]
+        return {
+            "iou": c["intersection"] / c["union"] if c["union"] else 1.0,
+            "dice": 2 * c["intersection"] / c["pixels_sum"] if c["pixels_sum"] else 1.0,
+            "precision": tp / n_p if n_p else float(n_t == 0),
+            "recall": tp / n_t if n_t else float(n_p == 0),
+            "f1": 2 * tp / (n_t + n_p) if (n_t + n_p) else 1.0,
+            "merged": float(c["merged"]),
+            "split": float(c["split"]),
+            "n_true": float(n_t),
+            "n_pred": float(n_p),
+        }

@@ -1,0 +1,213 @@
+"""The framework-free parts of training: model/optimiser construction, one optimisation step,
+full-image prediction, validation, and checkpoint state. ``pipelines.train`` runs these under
+Ray Train; ``benchmarks`` runs the same step in a plain loop."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from unet.config import ModelConfig, TrainConfig
+from unet.data.store import TrainingStore
+from unet.io import scale_intensity
+from unet.metrics import SegmentationTally
+from unet.model import UNet, autocast_context
+
+WEIGHTS_FILE = "weights.safetensors"
+ARCHITECTURE_FILE = "model.json"
+
+
+def build_model(config: ModelConfig) -> UNet:
+    """A fresh U-Net as configured (activation checkpointing applied if asked for)."""
+    model = UNet(
+        config.n_channels,
+        config.n_classes,
+        config.bilinear,
+        base_channels=config.base_channels,
+        depth=config.depth,
+    )
+    return model.use_checkpointing(config.checkpointing)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine decay to 0 over all steps of the run."""
+    total = config.epochs * config.steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.scheduler == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(total - config.warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled only for fp16 on GPU (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    scaler: torch.amp.GradScaler,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    grad_clip: float | None = None,
+) -> StepResult:
+    """One optimisation step on ``batch`` (keys image, target, weights)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    target = batch["target"].to(device, non_blocking=True)
+    weights = batch["weights"].to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_context(device.type, precision):
+        logits = model(image)
+    loss = loss_fn(logits, target, weights)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    return StepResult(loss=float(loss.detach()), grad_norm=float(norm))
+
+
+@torch.no_grad()
+def predict_foreground(
+    model: UNet, image: np.ndarray, *, device: torch.device, precision: str = "fp32", channels_last: bool = False
+) -> np.ndarray:
+    """Foreground probability (H, W) of a normalised CYX image, mirror-padded to the size multiple."""
+    was_training = model.training
+    model.eval()
+    multiple = model.size_multiple
+    height, width = image.shape[-2:]
+    pad_y, pad_x = (-height) % multiple, (-width) % multiple
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    if pad_y or pad_x:
+        x = F.pad(x, (0, pad_x, 0, pad_y), mode="reflect")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast_context(device.type, precision):
+        logits = model(x)
+    probability = logits.float().softmax(dim=1)[0, 1:].sum(0)[:height, :width]
+    model.train(was_training)
+    return probability.cpu().numpy()
+
+
+@dataclass
+class ValidationExample:
+    name: str
+    image: np.ndarray  # CYX float32, normalised
+    labels: np.ndarray  # YX instance ids
+    target: np.ndarray  # YX 0/1
+
+
+def load_validation(store: TrainingStore, split: str = "val") -> list[ValidationExample]:
+    """Whole validation images of a store, normalised as for training."""
+    examples = []
+    for name in store.names_in(split):
+        ex = store.example(name)
+        image = scale_intensity(np.asarray(ex.image[:]), ex.attrs["intensity_range"])
+        examples.append(ValidationExample(name, image, np.asarray(ex.labels[:]), np.asarray(ex.target[:])))
+    return examples
+
+
+def evaluate(
+    model: UNet,
+    examples: Iterable[ValidationExample],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    threshold: float = 0.5,
+) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Scores over all ``examples`` (pixel IoU/Dice, instance F1 at IoU 0.5, merges, splits) and
+    the foreground probability of each."""
+    tally = SegmentationTally()
+    probabilities = []
+    for ex in examples:
+        probability = predict_foreground(model, ex.image, device=device, precision=precision)
+        tally.add(ex.labels, probability > threshold)
+        probabilities.append(probability)
+    return tally.scores(), probabilities
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def save_weights(model: UNet, directory: str | Path) -> Path:
+    """Weights as safetensors plus the architecture as JSON: loadable without unpickling anything."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE)
+    (directory / ARCHITECTURE_FILE).write_text(json.dumps(model.architecture(), indent=2))
+    return directory
+
+
+def load_weights(directory: str | Path, map_location: str = "cpu") -> UNet:
+    """Rebuild the ``UNet`` saved by ``save_weights``."""
+    directory = Path(directory)
+    architecture = json.loads((directory / ARCHITECTURE_FILE).read_text())
+    model = UNet(**architecture)
+    model.load_state_dict(load_file(directory / WEIGHTS_FILE, device=map_location))
+    return model.eval()
+
+
+def unwrap(model: nn.Module) -> UNet:
+    """The UNet inside a DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+
+
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    **progress: Any,
+) -> dict[str, Any]:
+    """Everything needed to continue training exactly: weights, optimiser, schedule, scaler, RNG."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "progress": progress,
+    }
+
+
+def save_state(state: dict[str, Any], directory: str | Path) -> None:
+    torch.save(state, Path(directory) / "state.pt")
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    """Load ``state.pt`` with ``weights_only=True``: tensors and plain containers, no code."""
+    return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)

@@ -46,8 +46,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def command(workspace: Path, run_name: str, epochs: int, *extra: str) -> list[str]:
-    overrides = [*SMALL, f"data.store={workspace / 'he.zarr'}", f"train.run_name={run_name}",
-                 f"train.epochs={epochs}", "train.storage_path=runs", "tracking.registered_model=unet-test", *extra]  # fmt: skip
+    overrides = [*SMALL, f"data.store={workspace / 'he.zarr'}", f"train.run_name={run_name}", f"train.epochs={epochs}"]
+    overrides += ["train.storage_path=runs", "tracking.registered_model=unet-test", *extra]
     return [sys.executable, "-m", "pipelines.train", "--config", str(ROOT / "configs" / "train.yaml")] + [
         arg for o in overrides for arg in ("--set", o)
     ]

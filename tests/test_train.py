@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -19,21 +20,11 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.prepare import prepare
 from pipelines.registry import load_model
+from tests.helpers import ROOT, environment, free_port, get_json, train_command
 from unet.config import load_config
 from unet.training import load_weights
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-SMALL = [
-    "model.base_channels=8",
-    "data.patch_size=128",
-    "train.batch_size=4",
-    "train.steps_per_epoch=10",
-    "train.warmup_steps=0",
-    "train.lr=0.003",
-    "train.num_workers=2",
-]
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +34,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = load_config(ROOT / "configs" / "prepare.yaml", [f"data.store={folder / 'he.zarr'}"])
     prepare(config, previews=0)
     return folder
-
-
-def command(workspace: Path, run_name: str, epochs: int, *extra: str) -> list[str]:
-    overrides = [*SMALL, f"data.store={workspace / 'he.zarr'}", f"train.run_name={run_name}", f"train.epochs={epochs}"]
-    overrides += ["train.storage_path=runs", "tracking.registered_model=unet-test", *extra]
-    return [sys.executable, "-m", "pipelines.train", "--config", str(ROOT / "configs" / "train.yaml")] + [
-        arg for o in overrides for arg in ("--set", o)
-    ]
-
-
-def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "RAY_ADDRESS"}}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 def recorded_checkpoints(run_dir: Path) -> int:
@@ -91,7 +68,7 @@ def epoch_history(client: MlflowClient, run_id: str, key: str = "train/loss") ->
 @pytest.fixture(scope="module")
 def resumed_run(workspace: Path) -> dict:
     """Train 4 epochs, SIGKILL the whole job after its first checkpoint, then run the same command again."""
-    cmd = command(workspace, "resume", 4)
+    cmd = train_command(workspace, "resume", 4)
     first = subprocess.Popen(cmd, cwd=workspace, env=environment(), start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     wait_for_checkpoint(workspace / "runs" / "resume", first)
@@ -149,7 +126,7 @@ def test_registered_version_loads_back_by_alias_and_version(workspace: Path, res
 
 
 def test_killed_worker_resumes_from_checkpoint_and_finishes(workspace: Path) -> None:
-    cmd = command(workspace, "worker-failure", 3, "tracking.promote=false")
+    cmd = train_command(workspace, "worker-failure", 3, "tracking.promote=false")
     proc = subprocess.Popen(cmd, cwd=workspace, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
     try:
@@ -183,10 +160,46 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(workspace: Path) -> 
     ],
 )
 def test_bad_input_fails_before_any_worker_starts(workspace: Path, tmp_path: Path, extra, env, message) -> None:
-    cmd = command(workspace, "bad", 1, *extra)
+    cmd = train_command(workspace, "bad", 1, *extra)
     result = subprocess.run(
         cmd, cwd=tmp_path, env={**environment(), **env}, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and result.stderr.strip().count("\n") == 0
     assert not (tmp_path / "runs").exists()
+
+
+def test_mlflow_server_shows_the_run_and_the_model_version(workspace: Path, resumed_run: dict, tmp_path: Path) -> None:
+    """What the MLflow UI shows, read through a real `mlflow server`'s REST API on loopback."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{workspace / 'mlflow.db'}", "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        experiment = get_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=unet")["experiment"]
+        runs = get_json(
+            f"{base}/api/2.0/mlflow/runs/search",
+            {"experiment_ids": [experiment["experiment_id"]], "filter": "tags.`ray.run_name` = 'resume'"},
+        )["runs"]
+        assert len(runs) == 1
+        run_id = runs[0]["info"]["run_id"]
+        history = get_json(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=val/f1")
+        assert {m["step"] for m in history["metrics"]} == {0, 1, 2, 3}
+        alias = get_json(f"{base}/api/2.0/mlflow/registered-models/alias?name=unet-test&alias=champion")
+        version = alias["model_version"]
+        assert version["run_id"] == run_id and version["status"] == "READY"
+        assert any(tag["key"] == "git_commit" for tag in version["tags"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,50 @@
+"""Shared by the tests that run the pipelines as users do (subprocesses, servers, ports)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+SMALL = [
+    "model.base_channels=8",
+    "data.patch_size=128",
+    "train.batch_size=4",
+    "train.steps_per_epoch=10",
+    "train.warmup_steps=0",
+    "train.lr=0.003",
+    "train.num_workers=2",
+]
+
+
+def train_command(workspace: Path, run_name: str, epochs: int, *extra: str) -> list[str]:
+    overrides = [*SMALL, f"data.store={workspace / 'he.zarr'}", f"train.run_name={run_name}", f"train.epochs={epochs}"]
+    overrides += ["train.storage_path=runs", "tracking.registered_model=unet-test", *extra]
+    return [sys.executable, "-m", "pipelines.train", "--config", str(ROOT / "configs" / "train.yaml")] + [
+        arg for o in overrides for arg in ("--set", o)
+    ]
+
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "RAY_ADDRESS"}}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, payload: dict | None = None) -> dict:
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())

@@ -133,6 +133,7 @@ def log_and_register(
             loader_module="unet.serving",
             data_path=str(data),
             signature=signature_for(model),
+            input_example=np.zeros((1, model.n_channels, model.size_multiple, model.size_multiple), np.float32),
             registered_model_name=registered_name,
             pip_requirements=[f"unet-wsi=={__version__}", f"torch=={torch.__version__.split('+')[0]}", "safetensors"],
         )

@@ -32,7 +32,11 @@ log = logging.getLogger("train")
 
 def absolute(path: str) -> str:
     """Local paths made absolute (workers and jobs run elsewhere); URIs such as s3://... unchanged."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    if "://" in path or Path(path).is_absolute():
+        return path
+    resolved = str(Path(path).expanduser().resolve())
+    log.debug("relative path %s taken as %s", path, resolved)
+    return resolved
 
 
 def check_store(config: Config) -> TrainingStore:

@@ -11,7 +11,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = sorted(
-    f"pipelines.{p.stem}" for p in (ROOT / "pipelines").glob("*.py") if p.stem not in {"__init__", "cli"}
+    f"pipelines.{p.stem}" for p in (ROOT / "pipelines").glob("*.py") if 'if __name__ == "__main__":' in p.read_text()
 )
 
 
@@ -20,7 +20,7 @@ def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.Complete
 
 
 def test_entry_points_are_found() -> None:
-    assert "pipelines.demo" in ENTRY_POINTS
+    assert {"pipelines.demo", "pipelines.prepare", "pipelines.train", "pipelines.fetch_samples"} <= set(ENTRY_POINTS)
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

@@ -19,7 +19,7 @@ Conventions (they matter for reproducing the numbers):
 
 Speed: one distance transform per object, but only over the object's bounding box grown by the
 radius beyond which the border term is below ``tolerance``: a 2048x2048 tile with ~2000 nuclei
-takes well under a second instead of minutes (see ``docs/benchmarks.md``).
+takes under half a second instead of about six minutes (see ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations

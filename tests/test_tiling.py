@@ -1,0 +1,157 @@
+"""Overlap-tile inference equals whole-image inference; chunk-wise labels equal global labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from unet.inference import ChunkPredictor, InferenceSettings, InputDataError
+from unet.instances import ChunkEdges, label_chunk, merge_ids, offsets, relabel, seam_pairs
+from unet.model import UNet
+from unet.tiling import Region, grid, padded_reference_shape, read_mirrored, reflect_indices, tiles_of
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 16])
+@pytest.mark.parametrize(("start", "stop"), [(-40, 60), (-3, 7), (0, 5), (10, 30)])
+def test_reflect_indices_match_numpy_pad(size: int, start: int, stop: int) -> None:
+    data = np.arange(size)
+    padded = np.pad(data, (max(-start, 0), max(stop - size, 0)), mode="reflect")
+    expected = padded[start + max(-start, 0) : stop + max(-start, 0)]
+    np.testing.assert_array_equal(data[reflect_indices(start, stop, size)], expected)
+
+
+def test_read_mirrored_reads_only_the_needed_window() -> None:
+    image = np.random.default_rng(0).random((2, 30, 20))
+    seen = []
+
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        seen.append((y0, y1, x0, x1))
+        return image[:, y0:y1, x0:x1]
+
+    window = read_mirrored(read, 30, 20, Region(-5, 10, 15, 27))
+    expected = np.pad(image, ((0, 0), (5, 0), (0, 7)), mode="reflect")[:, 0:15, 15:27]
+    np.testing.assert_array_equal(window, expected)
+    assert seen == [(0, 10, 12, 20)]  # columns 20..26 mirror to 18..12
+
+
+def test_grid_and_tiles_cover_the_slide_exactly() -> None:
+    covered = np.zeros((70, 45), int)
+    for _, chunk in grid(70, 45, 32):
+        for tile in tiles_of(chunk, 16, 70, 45):
+            covered[tile.slices] += 1
+    assert (covered == 1).all()
+
+
+def whole_image_probability(model: UNet, image: np.ndarray) -> np.ndarray:
+    """Reference: the whole mirror-padded slide through the model at once, centre kept."""
+    (top, bottom), (left, right) = padded_reference_shape(*image.shape[1:], model.halo, model.size_multiple)
+    padded = np.pad(image, ((0, 0), (top, bottom), (left, right)), mode="reflect")
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(padded)[None].float())
+    probability = logits.softmax(1)[0, 1:].sum(0).numpy()
+    return probability[top : top + image.shape[1], left : left + image.shape[2]]
+
+
+def tiled_probability(model: UNet, image: np.ndarray, chunk: int, settings: InferenceSettings) -> np.ndarray:
+    predictor = ChunkPredictor(model, settings)
+    height, width = image.shape[1:]
+    out = np.zeros((height, width), np.float32)
+    for _, region in grid(height, width, chunk):
+        out[region.slices] = predictor.predict_chunk(
+            lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], height, width, region, lambda w: w.astype(np.float32)
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def model() -> UNet:
+    torch.manual_seed(0)
+    net = UNet(3, 2, base_channels=8).eval()
+    for module in net.modules():  # non-trivial BatchNorm statistics, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "tile", "chunk"),
+    [(100, 77, 64, 64), (300, 200, 64, 128), (33, 250, 32, 96), (200, 200, 64, 192), (17, 9, 16, 16)],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tiled_inference_equals_whole_image_inference(model, height, width, tile, chunk, channels_last) -> None:
+    image = np.random.default_rng(height * width).random((3, height, width)).astype(np.float32)
+    settings = InferenceSettings(tile=tile, batch_size=3, precision="fp32", channels_last=channels_last)
+    tiled = tiled_probability(model, image, chunk, settings)
+    np.testing.assert_allclose(tiled, whole_image_probability(model, image), rtol=0, atol=2e-5)
+
+
+def test_tta_averages_the_mirrored_predictions(model) -> None:
+    batch = np.random.default_rng(1).random((2, 3, 64, 64)).astype(np.float32)
+    plain = ChunkPredictor(model, InferenceSettings(tile=32, precision="fp32", channels_last=False))
+    tta = ChunkPredictor(model, InferenceSettings(tile=32, precision="fp32", channels_last=False, tta=True))
+    expected = np.mean(
+        [np.flip(plain.probabilities(np.flip(batch, axes).copy()), tuple(a - 1 for a in axes)) for axes in
+         [(), (3,), (2,), (2, 3)]], axis=0,
+    )  # fmt: skip
+    np.testing.assert_allclose(tta.probabilities(batch), expected, atol=1e-5)
+
+
+def test_gaussian_blending_stays_close_to_exact_tiles(model) -> None:
+    image = np.random.default_rng(2).random((3, 150, 130)).astype(np.float32)
+    exact = whole_image_probability(model, image)
+    settings = InferenceSettings(tile=64, precision="fp32", channels_last=False, blend="gaussian")
+    blended = tiled_probability(model, image, 64, settings)
+    assert blended.shape == exact.shape and np.abs(blended - exact).mean() < 0.02
+
+
+def test_nan_pixels_are_reported_with_their_place(model) -> None:
+    image = np.zeros((3, 64, 64), np.float32)
+    image[1, 40, 10] = np.nan
+    with pytest.raises(InputDataError, match=r"NaN or infinite pixels in the input around rows"):
+        tiled_probability(model, image, 64, InferenceSettings(tile=64, precision="fp32"))
+
+
+def chunked_labels(foreground: np.ndarray, chunk: int) -> np.ndarray:
+    height, width = foreground.shape
+    local, edges = {}, {}
+    for key, region in grid(height, width, chunk):
+        labels, count = label_chunk(foreground[region.slices])
+        local[key] = (region, labels)
+        edges[key] = ChunkEdges.of(labels, count)
+    starts = offsets({k: e.count for k, e in edges.items()})
+    mapping = merge_ids(sum(e.count for e in edges.values()), seam_pairs(edges, starts))
+    out = np.zeros((height, width), np.int32)
+    for key, (region, labels) in local.items():
+        out[region.slices] = relabel(labels, starts[key], mapping)
+    return out
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when a and b label the same objects (ids may differ)."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]], axis=1), axis=0)
+    return len(pairs) == len(np.unique(pairs[:, 0])) == len(np.unique(pairs[:, 1]))
+
+
+@pytest.mark.parametrize("chunk", [16, 37, 64])
+def test_chunked_labels_equal_global_connected_components(chunk: int) -> None:
+    rng = np.random.default_rng(chunk)
+    foreground = ndi.binary_opening(rng.random((150, 170)) > 0.55, iterations=1)
+    merged = chunked_labels(foreground, chunk)
+    expected, count = ndi.label(foreground)
+    assert same_partition(merged, expected)
+    assert merged.max() == count and set(np.unique(merged)) == set(range(count + 1))  # unique, consecutive
+
+
+def test_objects_on_seams_get_one_id() -> None:
+    yy, xx = np.mgrid[:128, :128]
+    foreground = ((yy - 64) ** 2 + (xx - 64) ** 2 < 20**2) | ((yy - 10) ** 2 + (xx - 64) ** 2 < 6**2)
+    foreground |= (yy > 100) & (yy < 104)  # a thin bar across two seams
+    labels = chunked_labels(foreground, 64)
+    assert len(np.unique(labels[(yy - 64) ** 2 + (xx - 64) ** 2 < 20**2])) == 1  # disk over 4 chunks
+    assert len(np.unique(labels[(yy > 100) & (yy < 104)])) == 1
+    assert labels.max() == 3

@@ -33,16 +33,17 @@ class InferenceSettings:
     tta: bool = False
     blend: str = "none"
     overlap: float = 0.25  # Gaussian blending only
+    device: str = "cpu"
 
 
 class ChunkPredictor:
     """Foreground probability of slide chunks with one model (prepared once, reused per chunk)."""
 
-    def __init__(self, model: UNet, settings: InferenceSettings, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: UNet, settings: InferenceSettings) -> None:
         if settings.tile % model.size_multiple:
             raise ValueError(f"tile {settings.tile} is not a multiple of {model.size_multiple}")
-        self.model = model.eval().to(device)
-        self.device = torch.device(device)
+        self.device = torch.device(settings.device)
+        self.model = model.eval().to(self.device)
         self.settings = settings
         if settings.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -94,15 +94,20 @@ class InferConfig(Section):
     output: str | None = Field(None, description="Output OME-Zarr store.")
     model: str = Field("models:/unet@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")
     level: int = Field(0, ge=0, description="Resolution level of a multiscale input.")
-    tile_size: int = Field(512, ge=16, description="Output tile side (a multiple of 2**model.depth).")
+    tile_size: int = Field(256, ge=16, description="Output tile side (a multiple of 2**model.depth).")
+    chunk_size: int = Field(
+        1024, ge=16, description="Output chunk side: one Zarr chunk, one Dask task (tile multiple)."
+    )
     batch_size: int = Field(4, ge=1, description="Tiles per forward pass.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: tasks need the Dask worker resource GPU=1.")
+    probability_dtype: Literal["uint8", "float16"] = Field("uint8", description="How probabilities are stored.")
     precision: Precision = Field("bf16", description="Autocast precision.")
     channels_last: bool = Field(True, description="Use the channels_last memory format.")
     blend: Literal["none", "gaussian"] = Field("none", description="Blend overlapping tiles.")
     tta: bool = Field(False, description="Mirroring test-time augmentation.")
     tissue_mask: bool = Field(False, description="Skip chunks without tissue.")
     scheduler: str | None = Field(None, description="Dask scheduler address (null: a local cluster).")
-    workers: int = Field(2, ge=1, description="Workers of the local Dask cluster.")
+    workers: int = Field(2, ge=1, description="Worker processes of the local Dask cluster.")
     threshold: float = Field(0.5, gt=0, lt=1, description="Foreground probability threshold.")
     overwrite: bool = Field(False, description="Replace an existing output.")
     resume: bool = Field(False, description="Continue an interrupted run into an existing output.")
@@ -111,6 +116,10 @@ class InferConfig(Section):
     def _overwrite_xor_resume(self) -> InferConfig:
         if self.overwrite and self.resume:
             raise ValueError("infer.overwrite and infer.resume cannot both be true")
+        if self.chunk_size % self.tile_size:
+            raise ValueError(
+                f"infer.chunk_size={self.chunk_size} must be a multiple of infer.tile_size={self.tile_size}"
+            )
         return self
 
 

@@ -1,0 +1,198 @@
+"""Convert a TIFF / OME-TIFF / Aperio SVS slide into an OME-Zarr multiscale image, chunk by chunk.
+
+    python -m pipelines.convert INPUT OUTPUT [--chunk 512] [--ngff 0.4|0.5] [--overwrite]
+
+Level 0 is read lazily and written as CYX with chunks (C, chunk, chunk); each further level halves the
+previous one (2x2 mean) until the longest side fits in one chunk. NGFF 0.4 is written as Zarr v2, NGFF 0.5
+as Zarr v3. The output appears under its name only once it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from dask.diagnostics import ProgressBar
+from ome_zarr.format import Format, FormatV04, FormatV05
+from ome_zarr.writer import write_multiscales_metadata
+
+from pipelines.cli import make_parser, run
+from unet.config import Config
+from unet.data.sources import file_sha256
+from unet.samples import resolve_location
+from unet.slide import Slide, SlideError, open_slide
+
+log = logging.getLogger("convert")
+
+NGFF_FORMATS: dict[str, type[Format]] = {"0.4": FormatV04, "0.5": FormatV05}
+MIN_CHUNK = 16
+RGB = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
+OTHER_COLORS = ("FFFFFF", "00FFFF", "FF00FF", "FFFF00")
+
+
+def convert(
+    input: str | Path, output: str | Path, chunk: int = 512, ngff: str = "0.5", overwrite: bool = False
+) -> Path:
+    """Write ``input`` (TIFF/SVS, or anything ``open_slide`` reads) as an OME-Zarr image at ``output``."""
+    source, output = Path(resolve_location(str(input))), Path(output)
+    if ngff not in NGFF_FORMATS:
+        raise SlideError(f"unknown NGFF version {ngff!r}; choose one of {', '.join(NGFF_FORMATS)}")
+    if chunk < MIN_CHUNK:
+        raise SlideError(f"chunk size {chunk} is too small; use at least {MIN_CHUNK} (512 is typical)")
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise SlideError(f"{output} already exists; pass --overwrite to replace it")
+    fmt = NGFF_FORMATS[ngff]()
+    with open_slide(source) as slide:
+        log.info("converting %s (%d x %d x %d %s) to OME-NGFF %s", source, *slide.shape, slide.dtype, ngff)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            root = zarr.open_group(partial, mode="w-", zarr_format=fmt.zarr_format)
+            shapes = write_pyramid(root, slide.to_dask(chunk), chunk, fmt)
+            write_metadata(root, slide, shapes, fmt, name=source.name)
+            root.attrs["unet_source"] = {
+                "path": str(source.resolve()),
+                "sha256": file_sha256(source),
+                "shape": list(slide.shape),
+                "pixel_size_um": slide.pixel_size_um,
+            }
+            replace(partial, output)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return output
+
+
+def write_pyramid(root: zarr.Group, image: da.Array, chunk: int, fmt: Format) -> list[tuple[int, ...]]:
+    """Write ``image`` (CYX) as arrays "0", "1", ... each half the size of the last; return their shapes."""
+    channels, dtype = image.shape[0], image.dtype
+    extra: dict[str, Any] = {"dimension_names": ["c", "y", "x"]}
+    if fmt.zarr_format == 2:  # NGFF 0.4 asks for "/"-separated chunk keys; v2 has no dimension names
+        extra = {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+    shapes: list[tuple[int, ...]] = []
+    level = image
+    while True:
+        name = str(len(shapes))
+        target = root.create_array(
+            name, shape=level.shape, dtype=dtype, chunks=(channels, chunk, chunk), fill_value=0, **extra
+        )
+        log.info("writing level %s: %s", name, " x ".join(map(str, level.shape)))
+        with ProgressBar(minimum=1.0):
+            da.store(level.rechunk((channels, chunk, chunk)), target, lock=False)
+        shapes.append(tuple(level.shape))
+        if max(level.shape[1:]) <= chunk or min(level.shape[1:]) < 2:
+            return shapes
+        # read the level just written back: each level costs one pass over the one above, not over level 0
+        level = downsample(da.from_zarr(target, chunks=(channels, 2 * chunk, 2 * chunk)))
+
+
+def downsample(image: da.Array) -> da.Array:
+    """2x2 mean of a CYX array (an odd last row/column is dropped), in the input's dtype."""
+    mean = da.coarsen(np.mean, image, {1: 2, 2: 2}, trim_excess=True)
+    if np.issubdtype(image.dtype, np.integer):
+        mean = da.round(mean)  # plain casting truncates: every level would get darker by half a grey level
+    return mean.astype(image.dtype)
+
+
+def write_metadata(root: zarr.Group, slide: Slide, shapes: list[tuple[int, ...]], fmt: Format, name: str) -> None:
+    """NGFF multiscales (axes, per-level scale and translation) and an omero rendering block."""
+    pixel = slide.pixel_size_um or 1.0  # without a known size, scales are in level-0 pixels
+    datasets = []
+    for index in range(len(shapes)):
+        factor = 2.0**index
+        # a 2x2 mean's pixel centre sits half a source pixel in from the source's first pixel centre
+        size, offset = round(pixel * factor, 9), round(pixel * (factor - 1) / 2, 9)  # no 0.74849999999
+        datasets.append(
+            {
+                "path": str(index),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0, size, size]},
+                    {"type": "translation", "translation": [0.0, offset, offset]},
+                ],
+            }
+        )
+    units = {"y": "micrometer", "x": "micrometer"} if slide.pixel_size_um else None
+    write_multiscales_metadata(
+        root,
+        datasets,
+        fmt=fmt,
+        axes=["c", "y", "x"],
+        axes_units=units,
+        name=name,
+        metadata={"omero": omero_metadata(slide.channels, slide.dtype, name)},
+    )
+
+
+def omero_metadata(channels: int, dtype: np.dtype, name: str) -> dict[str, Any]:
+    """Display hints for viewers: red/green/blue for 8-bit RGB, otherwise white then cyan/magenta/yellow."""
+    rgb = channels == 3 and dtype == np.uint8
+    window = None
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        window = {"min": int(info.min), "max": int(info.max), "start": int(info.min), "end": int(info.max)}
+    entries = []
+    for index in range(channels):
+        label, color = RGB[index] if rgb else (f"channel {index}", OTHER_COLORS[index % len(OTHER_COLORS)])
+        entry: dict[str, Any] = {"label": label, "color": color, "active": True}
+        if window is not None:
+            entry["window"] = window
+        entries.append(entry)
+    return {"name": name, "channels": entries, "rdefs": {"model": "color" if channels > 1 else "greyscale"}}
+
+
+def replace(partial: Path, output: Path) -> None:
+    """Move the finished ``partial`` into place, removing what was at ``output`` only afterwards."""
+    old = None
+    if output.exists() or output.is_symlink():
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(output, old)
+    os.replace(partial, output)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def describe(path: Path) -> list[str]:
+    """One line per level of a written OME-Zarr image."""
+    lines = []
+    with open_slide(path) as first:
+        levels = first.levels
+    for level in range(levels):
+        with open_slide(path, level) as slide:
+            size = f", {slide.pixel_size_um:.4g} um/px" if slide.pixel_size_um else ""
+            lines.append(f"  level {level}: {' x '.join(map(str, slide.shape))} (CYX) {slide.dtype}{size}")
+    return lines
+
+
+def main(config: Config, args: argparse.Namespace) -> None:
+    if args.input is None or args.output is None:
+        raise SlideError("give INPUT and OUTPUT, e.g. python -m pipelines.convert slide.svs slide.ome.zarr")
+    path = convert(args.input, args.output, chunk=args.chunk, ngff=args.ngff, overwrite=args.overwrite)
+    lines = describe(path)
+    print(f"wrote {path} (OME-NGFF {args.ngff}, Zarr v{NGFF_FORMATS[args.ngff]().zarr_format}): {len(lines)} levels")
+    print("\n".join(lines))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = make_parser("python -m pipelines.convert", __doc__.splitlines()[0])
+    # optional for argparse so that --print-config works alone; main() insists on both
+    parser.add_argument("input", nargs="?", help="TIFF, OME-TIFF or SVS slide (or samples:SET/FILE)")
+    parser.add_argument("output", nargs="?", type=Path, help="OME-Zarr folder to write, e.g. slide.ome.zarr")
+    parser.add_argument("--chunk", type=int, default=512, help="pixels per chunk side (default 512)")
+    parser.add_argument("--ngff", choices=sorted(NGFF_FORMATS), default="0.5", help="OME-NGFF version (default 0.5)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT once the new one is done")
+    return run(main, parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -1,0 +1,242 @@
+"""Segment a (whole-slide) image far larger than memory: overlap-tile U-Net inference on Dask.
+
+    python -m pipelines.infer --config configs/infer.yaml \\
+        [--set infer.input=slide.ome.zarr --set infer.output=out.ome.zarr \\
+         --set infer.model=models:/unet@champion --set infer.scheduler=tcp://host:8786] [--resume | --overwrite]
+
+One Dask task per output chunk; the model is loaded once per worker process. The output is an
+OME-Zarr image (foreground probability) with an NGFF ``labels/nuclei`` group of instance ids that
+are unique across the slide, objects crossing chunk seams merged. A killed job continues with
+``--resume``; an existing output is replaced only with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from dask.distributed import Client, LocalCluster, as_completed
+from tqdm import tqdm
+
+from pipelines import registry
+from pipelines.cli import make_parser, run
+from pipelines.infer_output import OutputPaths, create_output, finalize_output, lineage_matches
+from pipelines.infer_tasks import JobSpec, label_chunk_globally, predict_chunk
+from unet import __version__
+from unet.config import Config, flatten_config
+from unet.errors import UserError
+from unet.inference import InferenceSettings
+from unet.instances import merge_ids, offsets, seam_pairs
+from unet.io import intensity_range_from_histogram
+from unet.slide import Slide, open_slide
+from unet.tiling import grid
+from unet.tissue import chunks_with_tissue
+
+log = logging.getLogger("infer")
+
+
+def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str | None]:
+    """(URI pinned to a version or an absolute folder, version or None); clear errors if missing."""
+    if uri.startswith("models:/") and "@" in uri:
+        name, alias = uri.removeprefix("models:/").split("@", 1)
+        client = registry.connect(tracking_uri)
+        try:
+            version = client.get_model_version_by_alias(name, alias).version
+        except Exception as exc:
+            raise UserError(f"cannot resolve model {uri}: {str(exc).splitlines()[0]}") from None
+        return f"models:/{name}/{version}", str(version)
+    if uri.startswith(("models:/", "runs:/")):
+        return uri, uri.rstrip("/").rsplit("/", 1)[-1] if uri.startswith("models:/") else None
+    path = Path(uri).expanduser().resolve()
+    if (path / "best_model").is_dir():  # a Ray Train checkpoint folder
+        path = path / "best_model"
+    if not (path / "model.json").is_file():
+        raise UserError(f"model not found: {uri} (expected models:/NAME@ALIAS, models:/NAME/VERSION or a folder)")
+    return str(path), None
+
+
+def intensity_range(slide: Slide, input_path: str) -> tuple[tuple[float, float], ...]:
+    """Per-channel normalisation range, as in training: 8-bit by 255, others by (1, 99.8) percentiles
+    of the lowest-resolution level (one small read, identical for every chunk)."""
+    if slide.dtype == np.uint8:
+        return ((0.0, 255.0),) * slide.channels
+    small = open_slide(input_path, slide.levels - 1)
+    pixels = small.read(0, small.height, 0, small.width)
+    ranges = []
+    for channel in pixels:
+        if channel.dtype.kind in "iu":
+            shift = int(channel.min())
+            lo, hi = intensity_range_from_histogram(np.bincount((channel.astype(np.int64) - shift).ravel()))
+            ranges.append((lo + shift, hi + shift))
+        else:
+            lo, hi = np.nanpercentile(channel, [1.0, 99.8])
+            ranges.append((float(lo), float(max(hi, lo + 1e-6))))
+    return tuple(ranges)
+
+
+def start_dask(config: Config) -> tuple[Client, LocalCluster | None]:
+    """Connect to ``infer.scheduler`` or start a local cluster bound to loopback."""
+    if config.infer.scheduler:
+        try:
+            return Client(config.infer.scheduler, timeout="10s"), None
+        except (OSError, TimeoutError) as exc:
+            raise UserError(f"Dask scheduler unreachable at {config.infer.scheduler}: {exc}") from None
+    cluster = LocalCluster(
+        n_workers=config.infer.workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+    )
+    return Client(cluster), cluster
+
+
+def run_chunks(client: Client, function, arguments: list[tuple], description: str, resources=None) -> list:
+    """Submit one task per argument tuple, show a progress bar, return results in submission order."""
+    futures = [client.submit(function, *args, pure=False, resources=resources) for args in arguments]
+    index = {future.key: i for i, future in enumerate(futures)}
+    results: list = [None] * len(futures)
+    with tqdm(total=len(futures), desc=description, unit="chunk") as bar:
+        for future in as_completed(futures):
+            results[index[future.key]] = future.result()  # re-raises a task's error here
+            bar.update()
+    return results
+
+
+def main(config: Config, args: argparse.Namespace) -> None:
+    infer = config.infer
+    overwrite, resume = infer.overwrite or args.overwrite, infer.resume or args.resume
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume exclude each other")
+    if not infer.input or not infer.output:
+        raise UserError("set infer.input and infer.output, e.g. --set infer.input=slide.ome.zarr")
+    slide = open_slide(infer.input, infer.level)
+    tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
+    model_uri, model_version = resolve_model(infer.model, tracking_uri)
+    model = registry.load_model(model_uri, tracking_uri=tracking_uri)
+    if slide.channels != model.n_channels:
+        raise UserError(f"{infer.input} has {slide.channels} channels but the model expects {model.n_channels}")
+    if infer.tile_size % model.size_multiple or infer.chunk_size % infer.tile_size:
+        raise UserError(f"infer.chunk_size must be a multiple of infer.tile_size, itself of {model.size_multiple}")
+
+    paths = OutputPaths.for_output(infer.output)
+    lineage = {
+        "model": infer.model,
+        "model_uri": model_uri,
+        "model_version": model_version,
+        "input": str(Path(infer.input).resolve()) if "://" not in infer.input else infer.input,
+        "level": infer.level,
+        "code_version": registry.git_commit(),
+        "unet_wsi": __version__,
+        "config": flatten_config(config),
+    }
+    spec = JobSpec(
+        input=lineage["input"],
+        level=infer.level,
+        output=str(paths.partial),
+        model_uri=model_uri,
+        tracking_uri=tracking_uri,
+        settings=InferenceSettings(
+            tile=infer.tile_size,
+            batch_size=infer.batch_size,
+            precision=infer.precision,
+            channels_last=infer.channels_last,
+            tta=infer.tta,
+            blend=infer.blend,
+            device=infer.device,
+        ),
+        chunk=infer.chunk_size,
+        threshold=infer.threshold,
+        intensity_range=intensity_range(slide, infer.input),
+        probability_dtype=infer.probability_dtype,
+        threads=max(1, (os.cpu_count() or 1) // infer.workers) if not infer.scheduler else 0,
+    )
+    keys = [key for key, _ in grid(slide.height, slide.width, infer.chunk_size)]
+    _prepare_output(paths, slide, spec, lineage, overwrite=overwrite, resume=resume)
+    tissue = chunks_with_tissue(infer.input, slide, infer.chunk_size) if infer.tissue_mask else set(keys)
+
+    client, cluster = start_dask(config)
+    started = time.perf_counter()
+    try:
+        log.info("Dask dashboard: %s (%d workers)", client.dashboard_link, len(client.scheduler_info()["workers"]))
+        resources = {"GPU": 1} if infer.device == "cuda" else None
+        edges = run_chunks(client, predict_chunk, [(spec, k, k in tissue) for k in keys], "predict", resources)
+        counts = {key: edge.count for key, edge in zip(keys, edges, strict=True)}
+        starts = offsets(counts)
+        mapping = merge_ids(sum(counts.values()), seam_pairs(dict(zip(keys, edges, strict=True)), starts))
+        shared = client.scatter(mapping, broadcast=True)
+        run_chunks(client, label_chunk_globally, [(spec, k, starts[k], shared) for k in keys], "label")
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    seconds = time.perf_counter() - started
+    objects = int(mapping.max())
+    stats = {
+        "chunks": len(keys),
+        "chunks_skipped": len(keys) - len(tissue),
+        "objects": objects,
+        "megapixels": slide.height * slide.width / 1e6,
+        "seconds": seconds,
+        "mpx_per_s": slide.height * slide.width / 1e6 / seconds,
+    }
+    run_id = _track(config, tracking_uri, lineage, stats, infer.output)
+    finalize_output(paths, slide, {**lineage, "stats": stats, "mlflow_run_id": run_id}, overwrite=overwrite)
+
+    print()
+    print(f"  input           {infer.input} (level {infer.level}, {slide.width} x {slide.height} px)")
+    print(f"  model           {model_uri}")
+    print(f"  output          {infer.output}  (probability: /0, instance labels: /labels/nuclei/0)")
+    print(f"  chunks          {len(keys)} ({stats['chunks_skipped']} without tissue), {objects} objects")
+    print(f"  throughput      {stats['mpx_per_s']:.2f} Mpx/s ({seconds:.1f} s)")
+    print(f"  MLflow run      {run_id}")
+    print(f"  view            napari --plugin napari-ome-zarr {infer.output}")
+
+
+def _prepare_output(paths: OutputPaths, slide: Slide, spec: JobSpec, lineage: dict, overwrite: bool, resume: bool):
+    if paths.final.exists() and not (overwrite or resume):
+        raise UserError(f"{paths.final} already exists; pass --overwrite to replace it or --resume to continue")
+    if paths.partial.exists():
+        if resume:
+            if not lineage_matches(paths.partial, lineage):
+                raise UserError(f"{paths.partial} was started with another model, input or config; use --overwrite")
+            log.info("resuming into %s", paths.partial)
+            return
+        if not overwrite:
+            raise UserError(f"an interrupted run left {paths.partial}; pass --resume to continue or --overwrite")
+        shutil.rmtree(paths.partial)
+    elif resume and paths.final.exists():
+        raise UserError(f"{paths.final} is already complete; nothing to resume")
+    create_output(paths.partial, slide, spec, lineage)
+
+
+def _track(config: Config, tracking_uri: str, lineage: dict, stats: dict, output: str) -> str:
+    """An MLflow run recording the inference job: what went in, what came out, how fast."""
+    client = registry.connect(tracking_uri)
+    experiment = registry.experiment_id(client, config.tracking.experiment, tracking_uri)
+    run = client.create_run(experiment, run_name=f"infer {Path(output).name}", tags={"job": "inference"})
+    params = {k: str(lineage[k]) for k in ("model_uri", "model_version", "input", "level", "code_version")}
+    params.update({"output": str(Path(output).resolve()), "tile_size": str(config.infer.tile_size)})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    registry.log_metrics(client, run.info.run_id, stats, step=0)
+    registry.set_tags(client, run.info.run_id, {"finished": datetime.now(UTC).isoformat(timespec="seconds")})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = make_parser("python -m pipelines.infer", __doc__.splitlines()[0], default_config="configs/infer.yaml")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    return run(main, parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -1,0 +1,113 @@
+"""The Dask tasks of ``pipelines.infer``: one call per output chunk, run in worker processes.
+
+The model and the slide are opened once per worker process (cached by job) and reused by every
+chunk that process runs, so the model is never shipped with a task. Each chunk records its
+completion in a small Zarr array *after* its data is written, so a killed job can be resumed and
+redoes only chunks whose record is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zarr
+
+from unet.inference import ChunkPredictor, InferenceSettings
+from unet.instances import ChunkEdges, label_chunk, relabel
+from unet.io import scale_intensity
+from unet.slide import Slide, open_slide
+from unet.tiling import Region
+
+PROBABILITY, LABELS = "0", "labels/nuclei/0"
+LOCAL, DONE_PREDICT, DONE_LABELS = "_work/local", "_work/done_predict", "_work/done_labels"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to process chunks of one job (small and picklable)."""
+
+    input: str
+    level: int
+    output: str  # the Zarr group being written
+    model_uri: str  # resolved: models:/NAME/VERSION or a local folder
+    tracking_uri: str | None
+    settings: InferenceSettings
+    chunk: int
+    threshold: float
+    intensity_range: tuple[tuple[float, float], ...]
+    probability_dtype: str
+    threads: int
+
+    def region(self, key: tuple[int, int], height: int, width: int) -> Region:
+        row, col = key
+        y0, x0 = row * self.chunk, col * self.chunk
+        return Region(y0, min(y0 + self.chunk, height), x0, min(x0 + self.chunk, width))
+
+
+@functools.lru_cache(maxsize=2)
+def _predictor(spec: JobSpec) -> ChunkPredictor:
+    from pipelines.registry import load_model  # MLflow only where a model is actually loaded
+
+    torch.set_num_threads(spec.threads)
+    return ChunkPredictor(load_model(spec.model_uri, tracking_uri=spec.tracking_uri), spec.settings)
+
+
+@functools.lru_cache(maxsize=2)
+def _slide(spec: JobSpec) -> Slide:
+    return open_slide(spec.input, spec.level)
+
+
+def _arrays(spec: JobSpec, *names: str) -> list[zarr.Array]:
+    root = zarr.open_group(spec.output, mode="r+")
+    return [root[name] for name in names]
+
+
+def to_stored(probability: np.ndarray, dtype: str) -> np.ndarray:
+    """Probability in [0, 1] as stored: uint8 (x255, rounded) or float16."""
+    if dtype == "uint8":
+        return np.round(np.clip(probability, 0, 1) * 255).astype(np.uint8)
+    return probability.astype(np.float16)
+
+
+def predict_chunk(spec: JobSpec, key: tuple[int, int], has_tissue: bool = True) -> ChunkEdges:
+    """Pass 1: probability and chunk-local labels of one chunk; returns its border labels."""
+    probability_array, local_array, done = _arrays(spec, PROBABILITY, LOCAL, DONE_PREDICT)
+    height, width = local_array.shape
+    region = spec.region(key, height, width)
+    if done[key]:  # finished before an interruption: reuse what was written
+        local = np.asarray(local_array[region.slices])
+        return ChunkEdges.of(local, int(local.max()))
+    if has_tissue:
+        slide = _slide(spec)
+        probability = _predictor(spec).predict_chunk(
+            slide.read, height, width, region, lambda w: scale_intensity(w, spec.intensity_range)
+        )
+    else:
+        probability = np.zeros((region.height, region.width), np.float32)
+    stored = to_stored(probability, spec.probability_dtype)
+    probability_array[(0, *region.slices)] = stored
+    local, count = label_chunk(_foreground(stored, spec))
+    local_array[region.slices] = local
+    done[key] = 1  # only now: the chunk is complete
+    return ChunkEdges.of(local, count)
+
+
+def _foreground(stored: np.ndarray, spec: JobSpec) -> np.ndarray:
+    """Threshold the *stored* probability, so labels agree with what a reader of the output sees."""
+    if spec.probability_dtype == "uint8":
+        return stored > round(spec.threshold * 255)
+    return stored.astype(np.float32) > spec.threshold
+
+
+def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray) -> int:
+    """Pass 2: write the chunk's final, slide-wide instance ids; returns the number of its objects."""
+    local_array, labels_array, done = _arrays(spec, LOCAL, LABELS, DONE_LABELS)
+    region = spec.region(key, *local_array.shape)
+    final = relabel(np.asarray(local_array[region.slices]), start, mapping)
+    if not done[key]:
+        labels_array[(0, *region.slices)] = final
+        done[key] = 1
+    return len(np.unique(final)) - 1

@@ -1,0 +1,203 @@
+"""pipelines.infer end to end on a local Dask cluster: real slide in, OME-Zarr out, seamless tiles,
+seam-merged labels, resume after SIGKILL, no silent overwrite, lineage, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from mlflow.tracking import MlflowClient
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Label, Reader
+from scipy import ndimage as ndi
+
+from pipelines.infer import cli
+from pipelines.registry import connect, log_and_register, promote
+from tests.helpers import ROOT, environment
+from tests.test_tiling import same_partition, whole_image_probability
+from unet.slide import open_slide
+from unet.training import load_weights
+
+pytestmark = pytest.mark.slow
+
+
+def infer(tmp_path: Path, model: str | Path, image: Path, output: Path, *extra: str) -> int:
+    args = ["--config", str(ROOT / "configs" / "infer.yaml"), "--set", f"infer.model={model}"]
+    args += ["--set", f"infer.input={image}", "--set", f"infer.output={output}"]
+    args += ["--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    for item in extra:
+        args += [item] if item.startswith("--") and "=" not in item else ["--set", item]
+    return cli(args)
+
+
+def stored(output: Path) -> tuple[np.ndarray, np.ndarray]:
+    root = zarr.open_group(output, mode="r")
+    return np.asarray(root["0"])[0], np.asarray(root["labels/nuclei/0"])[0]
+
+
+def test_real_slide_in_ome_zarr_out(trained_model_dir, cmu_ome_zarr, tmp_path) -> None:
+    output = tmp_path / "cmu-seg.ome.zarr"
+    assert infer(tmp_path, trained_model_dir, cmu_ome_zarr, output, "infer.chunk_size=512") == 0
+    probability, labels = stored(output)
+    slide = open_slide(cmu_ome_zarr)
+    assert probability.shape == labels.shape == (slide.height, slide.width) and probability.dtype == np.uint8
+    # NGFF readers see an image with a label image
+    nodes = list(Reader(parse_url(str(output)))())
+    assert any(isinstance(spec, Label) for node in nodes for spec in node.specs)
+    attrs = zarr.open_group(output, mode="r").attrs
+    assert attrs["ome"]["version"] == "0.5" and attrs["ome"]["multiscales"][0]["axes"][0]["name"] == "c"
+    # instance ids: unique slide-wide, consecutive, one per connected object even across chunk seams
+    expected, count = ndi.label(probability > round(0.5 * 255))
+    assert count > 100 and labels.max() == count and same_partition(labels, expected)
+    spans = ndi.find_objects(labels)
+    crossing = sum(
+        1 for s in spans if s[0].start // 512 != (s[0].stop - 1) // 512 or s[1].start // 512 != (s[1].stop - 1) // 512
+    )
+    assert crossing > 5  # there were objects on seams, and each kept one id
+    # lineage in the output and in MLflow
+    lineage = attrs["unet_inference"]
+    assert (
+        lineage["complete"] and lineage["input"] == str(cmu_ome_zarr) and lineage["model_uri"] == str(trained_model_dir)
+    )
+    assert lineage["config"]["infer.chunk_size"] == "512" and lineage["code_version"]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(lineage["mlflow_run_id"])
+    assert run.data.params["input"] == str(cmu_ome_zarr) and run.data.metrics["mpx_per_s"] > 0
+    assert run.data.metrics["chunks"] == 30  # 6 x 5 chunks of 512
+
+
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_pipeline_output_equals_whole_image_inference(trained_model_dir, cmu_slide, tmp_path, chunk) -> None:
+    rgb = open_slide(cmu_slide).read(1000, 1210, 700, 893)  # 210 x 193: not multiples of 16
+    zarr.create_array(tmp_path / "crop.zarr", data=np.moveaxis(rgb, 0, -1), chunks=(64, 64, 3), zarr_format=2)
+    output = tmp_path / "crop-seg.zarr"
+    code = infer(tmp_path, trained_model_dir, tmp_path / "crop.zarr", output, f"infer.chunk_size={chunk}",
+                 "infer.tile_size=64", "infer.precision=fp32", "infer.probability_dtype=float16")  # fmt: skip
+    assert code == 0
+    probability, _ = stored(output)
+    expected = whole_image_probability(load_weights(trained_model_dir), rgb.astype(np.float32) / 255)
+    np.testing.assert_allclose(probability.astype(np.float32), expected, atol=2e-3)
+
+
+def run_infer_process(tmp_path, model, image, output, *extra) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipelines.infer", "--config", str(ROOT / "configs" / "infer.yaml")]
+    for item in (f"infer.model={model}", f"infer.input={image}", f"infer.output={output}", "infer.chunk_size=256",
+                 "infer.tile_size=128", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"):  # fmt: skip
+        cmd += ["--set", item]
+    return subprocess.Popen(cmd + list(extra), cwd=tmp_path, env=environment(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def chunk_files(output: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(output)): p.read_bytes()
+        for array in ("0", "labels/nuclei/0")
+        for p in (output / array).rglob("*")
+        if p.is_file()
+    }
+
+
+def test_killed_job_resumes_and_matches_an_uninterrupted_run(trained_model_dir, cmu_ome_zarr, tmp_path) -> None:
+    output = tmp_path / "resumed.ome.zarr"
+    partial = tmp_path / ".resumed.ome.zarr.partial"
+    proc = run_infer_process(tmp_path, trained_model_dir, cmu_ome_zarr, output)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = partial / "_work" / "done_predict"
+        if done.exists() and int(np.asarray(zarr.open_array(done, mode="r")).sum()) >= 8:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = int(np.asarray(zarr.open_array(partial / "_work" / "done_predict", mode="r")).sum())
+    assert 8 <= finished_before < 108 and not output.exists()
+
+    again = run_infer_process(tmp_path, trained_model_dir, cmu_ome_zarr, output)
+    message, _ = again.communicate(timeout=300)
+    assert again.returncode == 2 and "pass --resume to continue" in message
+
+    resumed = run_infer_process(tmp_path, trained_model_dir, cmu_ome_zarr, output, "--resume")
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, log[-3000:]
+    reference = tmp_path / "uninterrupted.ome.zarr"
+    fresh = run_infer_process(tmp_path, trained_model_dir, cmu_ome_zarr, reference)
+    assert fresh.wait(timeout=600) == 0
+    assert chunk_files(output) == chunk_files(reference)  # byte for byte
+    assert not partial.exists()
+
+
+def test_existing_output_is_not_overwritten_silently(trained_model_dir, cmu_slide, tmp_path) -> None:
+    image = tmp_path / "small.zarr"
+    zarr.create_array(image, data=open_slide(cmu_slide).read(0, 96, 0, 128), chunks=(3, 64, 64))
+    output = tmp_path / "out.zarr"
+    output.mkdir()
+    (output / "precious.txt").write_text("keep me")
+    assert infer(tmp_path, trained_model_dir, image, output, "infer.chunk_size=64", "infer.tile_size=64") == 2
+    assert (output / "precious.txt").read_text() == "keep me"
+    assert infer(tmp_path, trained_model_dir, image, output, "infer.chunk_size=64", "infer.tile_size=64",
+                 "--overwrite") == 0  # fmt: skip
+    assert not (output / "precious.txt").exists() and stored(output)[0].shape == (96, 128)
+
+
+def test_level_choice_options_and_tissue_mask(trained_model_dir, cmu_ome_zarr, tmp_path) -> None:
+    output = tmp_path / "level1.ome.zarr"
+    code = infer(tmp_path, trained_model_dir, cmu_ome_zarr, output, "infer.level=1", "infer.chunk_size=256",
+                 "infer.tile_size=128", "infer.tta=true", "infer.blend=gaussian", "infer.tissue_mask=true")  # fmt: skip
+    assert code == 0
+    level1 = open_slide(cmu_ome_zarr, level=1)
+    probability, labels = stored(output)
+    assert probability.shape == (level1.height, level1.width)
+    stats = zarr.open_group(output, mode="r").attrs["unet_inference"]["stats"]
+    assert stats["chunks"] == 30 and stats["chunks_skipped"] >= 1  # white background skipped
+    assert labels.max() > 0
+
+
+def registered(tmp_path: Path, trained_model_dir: Path) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = connect(uri)
+    run = client.create_run(client.create_experiment("reg")).info.run_id
+    version = log_and_register(run, load_weights(trained_model_dir), "unet-infer", {"val/f1": 0.5}, uri)
+    promote(client, "unet-infer", version, "val/f1", 0.5)
+    return version
+
+
+def test_registered_model_by_alias_and_bad_inputs(trained_model_dir, cmu_slide, tmp_path, capsys) -> None:
+    version = registered(tmp_path, trained_model_dir)
+    rgb = open_slide(cmu_slide).read(0, 64, 0, 64)
+    zarr.create_array(tmp_path / "rgb.zarr", data=rgb, chunks=(3, 64, 64))
+    small = ["infer.chunk_size=64", "infer.tile_size=64"]
+    assert infer(tmp_path, "models:/unet-infer@champion", tmp_path / "rgb.zarr", tmp_path / "a.zarr", *small) == 0
+    lineage = zarr.open_group(tmp_path / "a.zarr", mode="r").attrs["unet_inference"]
+    assert lineage["model_uri"] == f"models:/unet-infer/{version}" and lineage["model"] == "models:/unet-infer@champion"
+
+    gray = tmp_path / "gray.zarr"
+    zarr.create_array(gray, data=rgb[0], chunks=(64, 64))
+    nan = tmp_path / "nan.zarr"
+    values = rgb.astype(np.float32) / 255
+    values[1, 30, 30] = np.nan
+    zarr.create_array(nan, data=values, chunks=(3, 64, 64))
+    cases = [
+        ("models:/unet-infer@champion", tmp_path / "missing.zarr", "missing.zarr"),
+        ("models:/unet-infer@champion", gray, "has 1 channels but the model expects 3"),
+        ("models:/unet-infer@nope", tmp_path / "rgb.zarr", "cannot resolve model models:/unet-infer@nope"),
+        ("models:/unet-infer@champion", nan, "NaN or infinite pixels"),
+    ]
+    capsys.readouterr()
+    for model, image, message in cases:
+        assert infer(tmp_path, model, image, tmp_path / "bad.zarr", *small) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1], err
+    assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_unreachable_scheduler_is_a_clear_error(trained_model_dir, cmu_slide, tmp_path, capsys) -> None:
+    zarr.create_array(tmp_path / "rgb.zarr", data=open_slide(cmu_slide).read(0, 64, 0, 64), chunks=(3, 64, 64))
+    code = infer(tmp_path, trained_model_dir, tmp_path / "rgb.zarr", tmp_path / "o.zarr", "infer.chunk_size=64",
+                 "infer.tile_size=64", "infer.scheduler=tcp://127.0.0.1:9")  # fmt: skip
+    assert code == 2 and "Dask scheduler unreachable at tcp://127.0.0.1:9" in capsys.readouterr().err

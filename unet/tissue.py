@@ -1,0 +1,51 @@
+"""Which chunks of a brightfield slide hold tissue: Otsu's threshold on a low-resolution level."""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.filters import threshold_otsu
+
+from unet.slide import Slide, open_slide
+from unet.tiling import grid
+
+
+def tissue_mask(rgb_or_gray: np.ndarray) -> np.ndarray:
+    """Tissue pixels of a (C, H, W) brightfield image: darker than Otsu's threshold of its grey level."""
+    gray = rgb_or_gray.astype(np.float32).mean(axis=0)
+    if gray.max() == gray.min():
+        return np.zeros(gray.shape, bool)
+    return gray < threshold_otsu(gray)
+
+
+def thumbnail(slide: Slide, factor: int, window: int) -> np.ndarray:
+    """Every ``factor``-th pixel of a single-level slide, read one window at a time."""
+    window -= window % factor
+    rows = []
+    for y0 in range(0, slide.height, window):
+        row = [
+            slide.read(y0, min(y0 + window, slide.height), x0, min(x0 + window, slide.width))[:, ::factor, ::factor]
+            for x0 in range(0, slide.width, window)
+        ]
+        rows.append(np.concatenate(row, axis=2))
+    return np.concatenate(rows, axis=1)
+
+
+def chunks_with_tissue(path: str, slide: Slide, chunk: int) -> set[tuple[int, int]]:
+    """Keys (row, col) of the ``chunk``-sized chunks of ``slide`` that contain any tissue.
+
+    The mask comes from the slide's lowest-resolution level, mapped back to full-resolution chunks
+    with a one-pixel margin so that no tissue at a chunk border is missed.
+    """
+    if slide.levels > 1:
+        small = open_slide(path, slide.levels - 1)
+        mask = tissue_mask(small.read(0, small.height, 0, small.width))
+    else:
+        mask = tissue_mask(thumbnail(slide, factor=16, window=chunk))
+    scale_y, scale_x = slide.height / mask.shape[0], slide.width / mask.shape[1]
+    keys = set()
+    for key, region in grid(slide.height, slide.width, chunk):
+        y0, y1 = int(region.y0 / scale_y), int(np.ceil(region.y1 / scale_y))
+        x0, x1 = int(region.x0 / scale_x), int(np.ceil(region.x1 / scale_x))
+        if mask[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1].any():
+            keys.add(key)
+    return keys

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import train_step, weight_map
+from benchmarks import inference, train_step, weight_map
 
-BENCHMARKS = {"weight_map": weight_map, "train_step": train_step}
+BENCHMARKS = {"weight_map": weight_map, "train_step": train_step, "inference": inference}
 PACKAGES = ("torch", "numpy", "scipy", "zarr", "dask", "ray", "mlflow", "monai")
 
 

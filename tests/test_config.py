@@ -119,7 +119,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     saved = save_config(config, tmp_path / "out" / "resolved.yaml")
     assert load_config(saved) == config
     resolved = yaml.safe_load(dump_config(config))
-    assert set(resolved) == {"model", "data", "loss", "train", "infer", "tracking"}
+    assert set(resolved) == {"model", "data", "loss", "train", "infer", "evaluate", "tracking"}
     assert resolved["train"]["epochs"] == 10  # defaults are written out too
     flat = flatten_config(config)
     assert flat["train.lr"] == "0.02" and flat["infer.scheduler"] == "null"

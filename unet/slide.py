@@ -9,14 +9,16 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 import tifffile
 import zarr
 
 from unet.errors import UserError
+
+if TYPE_CHECKING:
+    import dask.array as da
 from unet.io import pixel_size_um as tiff_pixel_size_um
 
 SPATIAL = "yx"
@@ -67,6 +69,8 @@ class Slide:
         """The whole level as a lazy CYX Dask array with chunks (C, chunk, chunk)."""
         sizes = {"y": chunk, "x": chunk, "c": -1}
         chunks = tuple(sizes.get(axis, 1) for axis in self.axes)
+        import dask.array as da
+
         whole = da.from_zarr(self.array, chunks=chunks)
         return self._to_cyx(whole[self._selection(slice(None), slice(None))])
 

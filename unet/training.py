@@ -149,10 +149,11 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     threshold: float = 0.5,
+    iou_threshold: float = 0.5,
 ) -> tuple[dict[str, float], list[np.ndarray]]:
-    """Scores over all ``examples`` (pixel IoU/Dice, instance F1 at IoU 0.5, merges, splits) and
-    the foreground probability of each."""
-    tally = SegmentationTally()
+    """Scores over all ``examples`` (pixel IoU/Dice, instance F1 at ``iou_threshold``, merges,
+    splits) and the foreground probability of each."""
+    tally = SegmentationTally(iou_threshold)
     probabilities = []
     for ex in examples:
         probability = predict_foreground(model, ex.image, device=device, precision=precision)

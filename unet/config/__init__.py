@@ -4,6 +4,7 @@ from unet.config.load import dump_config, flatten_config, load_config, parse_ove
 from unet.config.schema import (
     Config,
     DataConfig,
+    EvaluateConfig,
     InferConfig,
     LossConfig,
     ModelConfig,
@@ -14,6 +15,7 @@ from unet.config.schema import (
 __all__ = [
     "Config",
     "DataConfig",
+    "EvaluateConfig",
     "InferConfig",
     "LossConfig",
     "ModelConfig",

@@ -123,6 +123,17 @@ class InferConfig(Section):
         return self
 
 
+class EvaluateConfig(Section):
+    """Evaluation of a model on held-out labelled images of a training store."""
+
+    model: str = Field("models:/unet@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or a folder.")
+    store: str | None = Field(None, description="Training store to evaluate on (null: data.store).")
+    split: Literal["val", "train"] = Field("val", description="Which examples of the store.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Foreground probability threshold.")
+    iou_threshold: float = Field(0.5, ge=0.5, lt=1, description="IoU above which a prediction matches an object.")
+    output: str = Field("outputs/evaluate", description="Folder for the per-image table and pictures.")
+
+
 class TrackingConfig(Section):
     """MLflow tracking and model registry."""
 
@@ -145,6 +156,7 @@ class Config(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

@@ -1,0 +1,91 @@
+"""Evaluate a model on held-out labelled images: pixel IoU/Dice, instance precision/recall/F1 at
+IoU 0.5, merged and split objects; per-image table, pictures, and an MLflow run.
+
+    python -m pipelines.evaluate --config configs/train.yaml --set evaluate.model=models:/unet-he@champion
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from pathlib import Path
+
+import torch
+
+from pipelines import registry
+from pipelines.cli import make_parser, run
+from pipelines.infer import resolve_model
+from unet.config import Config
+from unet.data.sources import file_sha256
+from unet.data.store import TrainingStore
+from unet.errors import UserError
+from unet.io import write_png
+from unet.metrics import SegmentationTally, pixel_scores
+from unet.training import load_validation, predict_foreground
+from unet.visualize import prediction_panel
+
+log = logging.getLogger("evaluate")
+SUMMARY_KEYS = ("iou", "dice", "precision", "recall", "f1", "merged", "split", "n_true", "n_pred")
+
+
+def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[dict[str, float], list[dict]]:
+    """Pooled scores and one row per image of ``evaluate.split`` of the store."""
+    settings = config.evaluate
+    store = TrainingStore(settings.store or config.data.store)
+    examples = load_validation(store, settings.split)
+    if not examples:
+        raise UserError(f"{store.path} has no {settings.split!r} examples to evaluate on")
+    model = registry.load_model(model_uri, tracking_uri=tracking_uri)
+    if store.attrs["channels"] != model.n_channels:
+        raise UserError(
+            f"{store.path} has {store.attrs['channels']}-channel images; the model expects {model.n_channels}"
+        )
+    tally, rows = SegmentationTally(settings.iou_threshold), []
+    out_dir = Path(settings.output)
+    for ex in examples:
+        probability = predict_foreground(model, ex.image, device=torch.device("cpu"))
+        foreground = probability > settings.threshold
+        scores = tally.add(ex.labels, foreground)
+        rows.append({"image": ex.name, **pixel_scores(foreground, ex.labels), **scores.as_dict()})
+        write_png(out_dir / f"{ex.name}.png", prediction_panel(ex.image, ex.target, probability, settings.threshold))
+    return tally.scores(), rows
+
+
+def main(config: Config, args: argparse.Namespace) -> None:
+    tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
+    model_uri, version = resolve_model(config.evaluate.model, tracking_uri)
+    summary, rows = evaluate_model(config, model_uri, tracking_uri)
+    out_dir = Path(config.evaluate.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "per_image.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    client = registry.connect(tracking_uri)
+    experiment = registry.experiment_id(client, config.tracking.experiment, tracking_uri)
+    store = Path(config.evaluate.store or config.data.store)
+    run_ = client.create_run(experiment, run_name=f"evaluate {Path(model_uri).name}", tags={"job": "evaluation"})
+    for key, value in {"model_uri": model_uri, "model_version": version, "store": str(store.resolve()),
+                       "store_sha256": file_sha256(store), "split": config.evaluate.split}.items():  # fmt: skip
+        client.log_param(run_.info.run_id, key, str(value))
+    registry.log_metrics(client, run_.info.run_id, {f"eval/{k}": v for k, v in summary.items()}, step=0)
+    client.log_artifact(run_.info.run_id, str(out_dir / "per_image.csv"))
+    client.set_terminated(run_.info.run_id)
+
+    print()
+    print(f"  model      {model_uri}   images: {len(rows)} ({config.evaluate.split} split of {store})")
+    print("  " + "  ".join(f"{k:>9}" for k in SUMMARY_KEYS))
+    print("  " + "  ".join(f"{summary[k]:>9.3f}" if k in {"iou", "dice", "precision", "recall", "f1"}
+                           else f"{summary[k]:>9.0f}" for k in SUMMARY_KEYS))  # fmt: skip
+    print(f"  per image  {out_dir / 'per_image.csv'}; pictures {out_dir}/*.png; MLflow run {run_.info.run_id}")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = make_parser("python -m pipelines.evaluate", __doc__.splitlines()[0], default_config="configs/train.yaml")
+    return run(main, parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -68,7 +68,7 @@ def train_fold(folder: Path, images, labels, w0: float, steps: int, seed: int) -
     config = load_config(None, overrides)
     store = prepare(config, previews=0)
     torch.manual_seed(seed)
-    model = build_model(config.model)
+    model = build_model(config.model).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.train)
     scheduler = build_scheduler(optimizer, config.train)
     augmentation = build_augmentation(DataConfig(), 128)
@@ -76,7 +76,8 @@ def train_fold(folder: Path, images, labels, w0: float, steps: int, seed: int) -
                            seed=seed)  # fmt: skip
     scaler, loss_fn, cpu = make_grad_scaler("fp32", torch.device("cpu")), WeightedLoss(), torch.device("cpu")
     for batch in DataLoader(dataset, batch_size=4):
-        train_step(model, batch, optimizer, loss_fn, scaler, device=cpu, precision="bf16", grad_clip=1.0)
+        train_step(model, batch, optimizer, loss_fn, scaler, device=cpu, precision="bf16", channels_last=True,
+                   grad_clip=1.0)  # fmt: skip
         scheduler.step()
     return model.eval()
 
@@ -133,7 +134,7 @@ def to_markdown(result: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.border_ablation", description="border-term ablation")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("docs/ablation.md"))
     args = parser.parse_args(argv)

@@ -50,7 +50,7 @@ def resolve_config(args: argparse.Namespace) -> Config | None:
 
 
 def run(
-    main: Callable[[Config, argparse.Namespace], None],
+    main: Callable[[Config, argparse.Namespace], object],
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None = None,
 ) -> int:

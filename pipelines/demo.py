@@ -1,9 +1,12 @@
-"""``make demo``: run the U-Net on real sample data, end to end on one machine.
+"""``make demo``: the whole product on real data, on one machine, with the embedded defaults.
 
-So far it fetches the real H&E sample images (verified sha256), prepares the training Zarr store
-with the paper's weight maps (and preview pictures of them), builds the configured U-Net and runs
-it the way tiled inference will (eval, channels_last, autocast) on every image. The weights are
-untrained until the training pipeline lands, so the probabilities are not a segmentation yet.
+1. fetch the real sample data (sha256-verified);  2. prepare the training store (weight maps);
+3. train with Ray Train (local Ray, 2 CPU workers) logging to MLflow and registering a model;
+4. convert the real Aperio slide to OME-Zarr;  5. segment it with Dask using ``models:/...@champion``;
+6. evaluate on the held-out images;  7. draw the predicted outlines on a region of the slide.
+
+A second run reuses what it can: the store, a finished training run, the converted slide and an
+inference output made by the current champion.
 """
 
 from __future__ import annotations
@@ -14,91 +17,144 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+import zarr
 
+from pipelines import evaluate, infer, registry, train
 from pipelines.cli import make_parser, run
+from pipelines.convert import convert
 from pipelines.prepare import prepare
-from unet.config import Config, flatten_config, save_config
+from unet.config import Config, flatten_config
+from unet.data.sources import file_sha256
 from unet.data.store import TrainingStore
 from unet.errors import UserError
-from unet.io import normalize_intensity, read_image, to_channels_first, write_png
-from unet.model import UNet, autocast_context, prepare_for_inference
-from unet.samples import fetch_samples, sample_pairs
+from unet.io import write_png
+from unet.samples import fetch_samples
+from unet.slide import open_slide
+from unet.visualize import outline
 
 log = logging.getLogger("demo")
+STEPS = 7
 
 
-def _store_is_current(path: Path, config: Config) -> bool:
-    """True when ``path`` is a complete store made from the same data and weight-map settings."""
+class Steps:
+    """Numbered progress lines and a summary table of what each step did and how long it took."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, float]] = []
+        self.started = time.perf_counter()
+
+    def begin(self, title: str) -> None:
+        self.title, self.t0 = title, time.perf_counter()
+        log.info("[%d/%d] %s", len(self.rows) + 1, STEPS, title)
+
+    def done(self, result: str) -> None:
+        self.rows.append((self.title, result, time.perf_counter() - self.t0))
+
+    def table(self) -> str:
+        width = max(len(title) for title, _, _ in self.rows)
+        lines = [f"  {'step':<{width}}  {'seconds':>7}  result"]
+        lines += [f"  {title:<{width}}  {seconds:>7.1f}  {result}" for title, result, seconds in self.rows]
+        lines.append(f"  {'total':<{width}}  {time.perf_counter() - self.started:>7.1f}")
+        return "\n".join(lines)
+
+
+def store_is_current(path: Path, config: Config) -> bool:
+    """A complete store made from the same data and weight-map settings."""
     try:
         recorded = TrainingStore(path).attrs["config"]
     except UserError:
         return False
     wanted = flatten_config(config)
-    return all(recorded.get(key) == wanted[key] for key in wanted if key.split(".")[0] in {"data", "loss", "model"})
+    return all(recorded.get(k) == wanted[k] for k in wanted if k.split(".")[0] in {"data", "loss", "model"})
 
 
-def side_by_side(image: np.ndarray, probability: np.ndarray) -> np.ndarray:
-    """An RGB uint8 panel: the image on the left, the foreground probability on the right."""
-    rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
-    heat = (np.clip(probability, 0, 1) * 255).astype(np.uint8)
-    return np.concatenate([rgb.astype(np.uint8), np.repeat(heat[..., None], 3, axis=-1)], axis=1)
+def finished_model(config: Config, store_sha: str) -> str | None:
+    """The model registered by a finished training run of this config and store, if there is one."""
+    tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
+    client = registry.connect(tracking_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        return None
+    storage = train.absolute(config.train.storage_path)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{registry.RUN_NAME_TAG}` = '{config.train.run_name}' and tags.`{registry.STORAGE_TAG}` = '{storage}'",
+    )
+    for found in runs:
+        tags = found.data.tags
+        if tags.get("registered_version") and tags.get("data.store_sha256") == store_sha:
+            return f"models:/{tags['registered_model']}/{tags['registered_version']}"
+    return None
+
+
+def slide_overlay(slide_path: str, output: str, picture: Path, size: int = 768) -> Path:
+    """A region from the middle of the slide with the predicted nuclei outlined."""
+    slide = open_slide(slide_path)
+    y0, x0 = max(slide.height // 2 - size // 2, 0), max(slide.width // 2 - size // 2, 0)
+    y1, x1 = min(y0 + size, slide.height), min(x0 + size, slide.width)
+    rgb = np.moveaxis(slide.read(y0, y1, x0, x1), 0, -1)
+    labels = np.asarray(zarr.open_group(output, mode="r")["labels/nuclei/0"][0, y0:y1, x0:x1])
+    return write_png(picture, outline(np.ascontiguousarray(rgb), labels, color=(0, 255, 0)))
 
 
 def main(config: Config, args: argparse.Namespace) -> None:
-    out_dir = Path(config.infer.output or "outputs/demo")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
+    steps = Steps()
+    steps.begin("fetch real sample data")
+    samples = fetch_samples(["he_nuclei", "cmu_slide"])
+    steps.done(f"H&E nuclei + Aperio slide in {samples['he_nuclei'].parent}")
 
-    log.info("1/4 fetching real sample data (H&E nuclei, sha256-verified)")
-    he_dir = fetch_samples(["he_nuclei"])["he_nuclei"]
-    pairs = sample_pairs(he_dir)
-
+    steps.begin("prepare the training store")
     store_path = Path(config.data.store)
-    if _store_is_current(store_path, config):
-        log.info("2/4 training store %s is up to date; reusing it", store_path)
-    else:
-        log.info("2/4 preparing the training store %s (targets + weight maps)", store_path)
+    if not store_is_current(store_path, config):
         prepare(config, overwrite=True)
     store = TrainingStore(store_path)
+    steps.done(f"{store.path}: {len(store.names_in('train'))} train / {len(store.names_in('val'))} val images")
 
-    torch.manual_seed(config.train.seed)
-    model = UNet(**config.model.model_dump(exclude={"checkpointing"}))
-    log.info(
-        "3/4 model: %s parameters, size multiple %d, halo %d px (receptive-field reach %d px)",
-        f"{model.num_parameters():,}",
-        model.size_multiple,
-        model.halo,
-        model.receptive_field_reach,
+    steps.begin("train with Ray Train (2 workers)")
+    model_uri = finished_model(config, file_sha256(store.path))
+    if model_uri is None:
+        trained = train.main(config, args)
+        model_uri = trained["model_uri"]
+        steps.done(f"{model_uri}, {trained['epochs']} epochs")
+    else:
+        steps.done(f"{model_uri} (finished earlier; reused)")
+
+    steps.begin("convert the slide to OME-Zarr")
+    slide_zarr = Path(config.infer.input)
+    if not (slide_zarr / "zarr.json").is_file():
+        convert(samples["cmu_slide"] / "cmu_small_region.svs", slide_zarr, chunk=512, overwrite=slide_zarr.exists())
+    steps.done(f"{slide_zarr} ({open_slide(slide_zarr).levels} levels)")
+
+    steps.begin("segment the slide with Dask")
+    tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
+    champion, _ = infer.resolve_model(config.infer.model, tracking_uri)
+    output = Path(config.infer.output)
+    lineage = zarr.open_group(output, mode="r").attrs.get("unet_inference", {}) if output.exists() else {}
+    if lineage.get("complete") and lineage.get("model_uri") == champion:
+        stats = lineage["stats"]
+        steps.done(f"{output} by {champion} (reused): {stats['objects']} nuclei")
+    else:
+        stats = infer.main(
+            config.model_copy(update={"infer": config.infer.model_copy(update={"overwrite": True})}), args
+        )
+        steps.done(f"{output}: {stats['objects']} nuclei, {stats['mpx_per_s']:.2f} Mpx/s")
+
+    steps.begin("evaluate on held-out images")
+    scores = evaluate.main(config, args)
+    steps.done(
+        f"F1@0.5 {scores['f1']:.3f}, Dice {scores['dice']:.3f}, IoU {scores['iou']:.3f}, "
+        f"merged {scores['merged']:.0f}, split {scores['split']:.0f} ({scores['images']} images)"
     )
-    forward = prepare_for_inference(model, channels_last=config.infer.channels_last)
 
-    log.info(
-        "4/4 running the model on %d images (%s, channels_last=%s)",
-        len(pairs),
-        config.infer.precision,
-        config.infer.channels_last,
-    )
-    pixels, started = 0, time.perf_counter()
-    for image_path, _ in pairs:
-        image = read_image(image_path)
-        x = torch.from_numpy(normalize_intensity(to_channels_first(image, model.n_channels, str(image_path))))
-        with autocast_context("cpu", config.infer.precision):
-            logits = forward(x[None])
-        probability = torch.softmax(logits.float(), dim=1)[0, -1].numpy()
-        write_png(out_dir / f"{image_path.stem}_forward.png", side_by_side(image, probability))
-        pixels += probability.size
-    seconds = time.perf_counter() - started
+    steps.begin("draw predicted outlines on the slide")
+    picture = slide_overlay(str(slide_zarr), str(output), Path(config.evaluate.output).parent / "slide_overlay.png")
+    steps.done(str(picture))
 
-    print()
-    print(f"  sample data     {he_dir}")
-    print(f"  images          {len(pairs)} real H&E crops")
-    print(f"  training store  {store.path} ({len(store.names_in('train'))} train / {len(store.names_in('val'))} val)")
-    print(f"  weight maps     {store.path.parent / (store.path.name + '.previews')}/*.png (image | target | weights)")
-    print(f"  throughput      {pixels / seconds / 1e6:.2f} Mpx/s ({seconds:.1f} s)")
-    print(f"  outputs         {out_dir}/*_forward.png (image | foreground probability)")
-    print(f"  resolved config {out_dir / 'config.yaml'}")
-    print("  note            weights are untrained: the probability map shows the path runs, not a segmentation")
+    print("\nSummary (real data; the model is small and briefly trained, see configs/demo.yaml)\n")
+    print(steps.table())
+    print(f"\n  MLflow UI   mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+    print(f"  napari      napari --plugin napari-ome-zarr {output}")
+    print(f"  champion    {champion}  (load: pipelines.registry.load_model('{config.infer.model}'))")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[d
     return tally.scores(), rows
 
 
-def main(config: Config, args: argparse.Namespace) -> None:
+def main(config: Config, args: argparse.Namespace) -> dict:
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     model_uri, version = resolve_model(config.evaluate.model, tracking_uri)
     summary, rows = evaluate_model(config, model_uri, tracking_uri)
@@ -80,6 +80,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
     print("  " + "  ".join(f"{summary[k]:>9.3f}" if k in {"iou", "dice", "precision", "recall", "f1"}
                            else f"{summary[k]:>9.0f}" for k in SUMMARY_KEYS))  # fmt: skip
     print(f"  per image  {out_dir / 'per_image.csv'}; pictures {out_dir}/*.png; MLflow run {run_.info.run_id}")
+    return {**summary, "images": len(rows), "mlflow_run_id": run_.info.run_id}
 
 
 def cli(argv: list[str] | None = None) -> int:

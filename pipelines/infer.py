@@ -109,9 +109,10 @@ def run_chunks(client: Client, function, arguments: list[tuple], description: st
     return results
 
 
-def main(config: Config, args: argparse.Namespace) -> None:
+def main(config: Config, args: argparse.Namespace) -> dict:
     infer = config.infer
-    overwrite, resume = infer.overwrite or args.overwrite, infer.resume or args.resume
+    overwrite = infer.overwrite or getattr(args, "overwrite", False)
+    resume = infer.resume or getattr(args, "resume", False)
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other")
     if not infer.input or not infer.output:
@@ -197,6 +198,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
     print(f"  throughput      {stats['mpx_per_s']:.2f} Mpx/s ({seconds:.1f} s)")
     print(f"  MLflow run      {run_id}")
     print(f"  view            napari --plugin napari-ome-zarr {infer.output}")
+    return {**stats, "output": str(paths.final), "model_uri": model_uri, "mlflow_run_id": run_id}
 
 
 def _prepare_output(paths: OutputPaths, slide: Slide, spec: JobSpec, lineage: dict, overwrite: bool, resume: bool):

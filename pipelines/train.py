@@ -120,7 +120,7 @@ def build_trainer(config: Config, loop_config: dict):
     )
 
 
-def main(config: Config, args: argparse.Namespace) -> None:
+def main(config: Config, args: argparse.Namespace) -> dict:
     config = config.model_copy(deep=True)
     config.data.store = absolute(config.data.store)
     config.train.storage_path = absolute(config.train.storage_path)
@@ -163,11 +163,9 @@ def main(config: Config, args: argparse.Namespace) -> None:
     previous = client.get_run(run_id).data.tags
     if previous.get("registered_epoch") == str(epoch):  # a re-run of a finished run: nothing new
         client.set_terminated(run_id, status="FINISHED")
-        print(
-            f"run {config.train.run_name!r} already finished; its model is "
-            f"models:/{previous['registered_model']}/{previous['registered_version']}"
-        )
-        return
+        model_uri = f"models:/{previous['registered_model']}/{previous['registered_version']}"
+        print(f"run {config.train.run_name!r} already finished; its model is {model_uri}")
+        return {"run_id": run_id, "model_uri": model_uri, "epochs": epoch + 1, "resumed": True}
     with result.checkpoint.as_directory() as directory:
         model = load_weights(Path(directory) / "best_model")
     best = result.metrics[f"best/{metric}"]
@@ -195,6 +193,8 @@ def main(config: Config, args: argparse.Namespace) -> None:
     print(f"  model           models:/{name}/{version} (alias candidate{', champion' if champion else ''})")
     print(f"  checkpoints     {config.train.storage_path}/{config.train.run_name}")
     print(f"  MLflow UI       mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+    summary = {"run_id": run_id, "model_uri": f"models:/{name}/{version}", "epochs": epoch + 1, "resumed": resumed}
+    return {**summary, metric: best, "champion": champion}
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -55,16 +55,3 @@ def test_config_errors_are_one_line_and_exit_2(module: str, tmp_path: Path) -> N
 
     result = run_module(module, "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "config file not found" in result.stderr
-
-
-def test_demo_runs_on_real_sample_data(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    store = tmp_path / "store.zarr"
-    overrides = [f"infer.output={out}", "model.base_channels=8", f"data.store={store}"]
-    result = run_module("pipelines.demo", *(arg for o in overrides for arg in ("--set", o)))
-    assert result.returncode == 0, result.stderr
-    assert (store / "zarr.json").is_file() and len(list((tmp_path / "store.zarr.previews").glob("*.png"))) == 3
-    pictures = sorted(out.glob("*_forward.png"))
-    assert len(pictures) == 15  # one per real H&E image
-    assert "Mpx/s" in result.stdout
-    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["base_channels"] == 8

@@ -1,0 +1,44 @@
+"""A shortened `make demo`, end to end on real data, twice: the second run reuses what it can."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zarr
+
+from tests.helpers import ROOT, environment
+
+pytestmark = pytest.mark.slow
+
+
+def test_shortened_demo_runs_end_to_end_and_reuses_its_results(tmp_path: Path) -> None:
+    overrides = [
+        f"data.store={tmp_path / 'he.zarr'}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        "train.epochs=2",
+        "train.steps_per_epoch=5",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"infer.input={tmp_path / 'slide.ome.zarr'}",
+        f"infer.output={tmp_path / 'nuclei.ome.zarr'}",
+        f"evaluate.output={tmp_path / 'outputs' / 'evaluate'}",
+    ]
+    cmd = [sys.executable, "-m", "pipelines.demo", "--config", str(ROOT / "configs" / "demo.yaml")]
+    cmd += [arg for o in overrides for arg in ("--set", o)]
+    first = subprocess.run(cmd, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    output = first.stdout
+    for step in ("fetch real sample data", "prepare the training store", "train with Ray Train", "convert the slide",
+                 "segment the slide with Dask", "evaluate on held-out images", "draw predicted outlines"):  # fmt: skip
+        assert step in output
+    assert "models:/unet-demo/1, 2 epochs" in output and "F1@0.5" in output and "mlflow ui" in output
+    labels = zarr.open_group(tmp_path / "nuclei.ome.zarr", mode="r")["labels/nuclei/0"]
+    assert labels.shape[1:] == (2967, 2220)
+    assert (tmp_path / "outputs" / "slide_overlay.png").stat().st_size > 10_000
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "models:/unet-demo/1 (finished earlier; reused)" in second.stdout
+    assert "by models:/unet-demo/1 (reused)" in second.stdout

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PIP_ARGS ?=
 
-.PHONY: install demo test test-fast lint format lock clean
+.PHONY: install demo test lint format lock benchmarks clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest
+
+benchmarks: $(STAMP)
+	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.border_ablation
 
 lock: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/' > constraints.body

@@ -39,7 +39,7 @@ class JobSpec:
     threshold: float
     intensity_range: tuple[tuple[float, float], ...]
     probability_dtype: str
-    threads: int
+    threads: int  # torch threads per worker process; 0 leaves them as they are
 
     def region(self, key: tuple[int, int], height: int, width: int) -> Region:
         row, col = key
@@ -51,7 +51,8 @@ class JobSpec:
 def _predictor(spec: JobSpec) -> ChunkPredictor:
     from pipelines.registry import load_model  # MLflow only where a model is actually loaded
 
-    torch.set_num_threads(spec.threads)
+    if spec.threads > 0:  # 0: a remote cluster's workers keep their own setting
+        torch.set_num_threads(spec.threads)
     return ChunkPredictor(load_model(spec.model_uri, tracking_uri=spec.tracking_uri), spec.settings)
 
 

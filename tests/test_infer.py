@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 
 from pipelines.infer import cli
 from pipelines.registry import connect, log_and_register, promote
-from tests.helpers import ROOT, environment
+from tests.helpers import ROOT, environment, free_port
 from tests.test_tiling import same_partition, whole_image_probability
 from unet.slide import open_slide
 from unet.training import load_weights
@@ -201,3 +201,29 @@ def test_unreachable_scheduler_is_a_clear_error(trained_model_dir, cmu_slide, tm
     code = infer(tmp_path, trained_model_dir, tmp_path / "rgb.zarr", tmp_path / "o.zarr", "infer.chunk_size=64",
                  "infer.tile_size=64", "infer.scheduler=tcp://127.0.0.1:9")  # fmt: skip
     assert code == 2 and "Dask scheduler unreachable at tcp://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_existing_dask_cluster_by_scheduler_address(trained_model_dir, cmu_slide, tmp_path) -> None:
+    """`--set infer.scheduler=tcp://...` sends the chunks to a cluster started apart from the job."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--dashboard-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=environment())  # fmt: skip
+    worker = subprocess.Popen([str(bin_dir / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1",
+                               "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=environment())  # fmt: skip
+    try:
+        image = tmp_path / "rgb.zarr"
+        zarr.create_array(image, data=open_slide(cmu_slide).read(0, 200, 0, 300), chunks=(3, 64, 64))
+        code = infer(tmp_path, trained_model_dir, image, tmp_path / "remote.zarr", "infer.chunk_size=128",
+                     "infer.tile_size=64", f"infer.scheduler=tcp://127.0.0.1:{port}")  # fmt: skip
+        assert code == 0
+        local = tmp_path / "local.zarr"
+        assert infer(tmp_path, trained_model_dir, image, local, "infer.chunk_size=128", "infer.tile_size=64") == 0
+        for a, b in zip(stored(tmp_path / "remote.zarr"), stored(local), strict=True):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        for proc in (worker, scheduler):
+            proc.terminate()
+            proc.wait(timeout=30)

@@ -10,7 +10,7 @@ PIP_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (pinned by constraints.txt)"
-	$(PY) -m pip install --quiet $(PIP_ARGS) -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet $(PIP_ARGS) -c constraints.txt -e '.[dev,server]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -108,7 +108,10 @@ def build_trainer(config: Config, loop_config: dict):
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=train.placement_strategy,
         ),
         run_config=RunConfig(
             name=train.run_name,

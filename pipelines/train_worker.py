@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -104,6 +105,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker = MlflowClient(tracking_uri=loop_config["tracking_uri"])
     run_id = loop_config["mlflow_run_id"]
     step, best, best_epoch = progress["step"], progress["best"], progress["best_epoch"]
+    nodes = _worker_nodes(world)
+    if tracker is not None:  # where this attempt's workers run (a restart after a node loss may differ)
+        log_metrics(tracker, run_id, {"ray/worker_nodes": len(nodes)}, step)
+        tracker.set_tag(run_id, "ray.worker_nodes", ",".join(nodes))
     metric_name = config.tracking.champion_metric
 
     for epoch in range(progress["epoch"] + 1, train.epochs):
@@ -160,6 +165,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 sys.__stdout__.write(_epoch_line(epoch, train.epochs, metrics, seconds) + "\n")
                 sys.__stdout__.flush()
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """Sorted distinct Ray node ids of all workers (gathered over the process group)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized() or world == 1:
+        return [node]
+    nodes: list[str | None] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return sorted({n for n in nodes if n})
 
 
 def _log_picture(tracker, run_id: str, panel: np.ndarray, name: str) -> None:

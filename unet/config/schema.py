@@ -71,6 +71,9 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1, description="Data-parallel workers (processes).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; otherwise CPU with gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved for each worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places workers on nodes (SPREAD: across nodes, e.g. to survive losing one)."
+    )
     epochs: int = Field(10, ge=1, description="Number of epochs.")
     steps_per_epoch: int = Field(50, ge=1, description="Optimiser steps per epoch (patches are sampled).")
     batch_size: int = Field(4, ge=1, description="Patches per worker per step.")

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PIP_ARGS ?=
 
-.PHONY: install demo test lint format lock benchmarks clean
+.PHONY: install demo test test-cluster lint format lock benchmarks clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not cluster"
+
+# Tests that need more than Python and pip (the PostgreSQL server binaries); .ci/run installs them.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -m cluster
 
 benchmarks: $(STAMP)
 	$(PY) -m benchmarks.run

@@ -8,10 +8,12 @@ or with ``mlflow.pyfunc.load_model``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -33,13 +35,33 @@ from unet.training import load_weights, save_weights
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG, STORAGE_TAG = "ray.run_name", "ray.storage_path"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
 MODEL_ARTIFACT = "model"
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for the block only.
+
+    ``mlflow.set_tracking_uri`` also sets the MLFLOW_TRACKING_URI environment variable, which would
+    then override every later config in this process; this restores both.
+    """
+    previous_env, previous = os.environ.get(TRACKING_ENV), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop(TRACKING_ENV, None)
+        else:
+            os.environ[TRACKING_ENV] = previous_env
 
 
 def resolve_tracking_uri(configured: str) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else the configured URI; relative sqlite/file paths made absolute
     (Ray workers and jobs run in other directories)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    uri = os.environ.get(TRACKING_ENV) or configured
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     if "://" not in uri:
@@ -125,8 +147,7 @@ def log_and_register(
     run_id: str, model: UNet, registered_name: str, version_tags: dict[str, Any], tracking_uri: str
 ) -> str:
     """Log ``model`` into the run as a pyfunc model and register it; returns the new version."""
-    mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with using_tracking_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         data = save_weights(model, Path(tmp) / "unet")
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
@@ -162,12 +183,11 @@ def promote(
 
 def load_model(uri: str, tracking_uri: str | None = None) -> UNet:
     """The ``UNet`` behind ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a folder."""
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
     local = Path(uri)
     if not local.exists():
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+            with using_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         except MlflowException as exc:
             raise UserError(f"cannot load model {uri}: {exc.message.splitlines()[0]}") from None
     if (local / "MLmodel").is_file():

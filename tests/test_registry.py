@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.registry import connect, load_model, log_and_register, promote, resolve_tracking_uri
+from pipelines.registry import (
+    connect,
+    load_model,
+    log_and_register,
+    promote,
+    resolve_tracking_uri,
+    using_tracking_uri,
+)
 from unet.errors import UserError
 from unet.model import UNet
 from unet.training import save_weights
@@ -59,7 +66,8 @@ def test_versions_load_back_identically_without_unpickling(tracking_uri: str, tm
         assert all(
             torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
         )
-    predictor = mlflow.pyfunc.load_model("models:/unet-load@champion")
+    with using_tracking_uri(tracking_uri):
+        predictor = mlflow.pyfunc.load_model("models:/unet-load@champion")
     probabilities = predictor.predict(np.random.rand(2, 1, 32, 32).astype(np.float32))
     assert probabilities.shape == (2, 3, 32, 32) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
     # a plain folder written by save_weights loads too
@@ -71,3 +79,12 @@ def test_unknown_models_are_clear_errors(tracking_uri: str) -> None:
         load_model("models:/nothing@champion", tracking_uri=tracking_uri)
     with pytest.raises(UserError, match=r"MLflow tracking server unreachable at http://127\.0\.0\.1:9"):
         connect("http://127.0.0.1:9")
+
+
+def test_registry_calls_leave_no_global_tracking_uri_behind(tracking_uri: str) -> None:
+    """Loading or registering with one tracking URI must not redirect later jobs of the process."""
+    import os
+
+    log_and_register(new_run(tracking_uri), UNet(3, 2, base_channels=4, depth=2), "unet-env", {}, tracking_uri)
+    load_model("models:/unet-env/1", tracking_uri=tracking_uri)
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -8,17 +8,15 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipelines.registry import connect, load_model, log_and_register, promote
-from tests.helpers import free_port, get_json
+from tests.helpers import free_port, get_json, mlflow_server
 from unet.model import UNet
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -70,23 +68,7 @@ def postgres():
 
 
 def test_mlflow_server_on_postgres_registers_and_loads_a_model(postgres: str, tmp_path: Path) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", postgres,
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+    with mlflow_server(postgres, tmp_path, "--artifacts-destination", str(tmp_path / "artifacts")) as uri:
         client = connect(uri)
         run_id = client.create_run(client.create_experiment("pg")).info.run_id
         torch.manual_seed(0)
@@ -98,6 +80,3 @@ def test_mlflow_server_on_postgres_registers_and_loads_a_model(postgres: str, tm
             assert torch.equal(a, b)
         alias = get_json(f"{uri}/api/2.0/mlflow/registered-models/alias?name=unet-pg&alias=champion")
         assert alias["model_version"]["version"] == version
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -20,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.prepare import prepare
 from pipelines.registry import load_model
-from tests.helpers import ROOT, environment, free_port, get_json, train_command
+from tests.helpers import ROOT, environment, get_json, mlflow_server, train_command
 from unet.config import load_config
 from unet.training import load_weights
 
@@ -171,22 +170,7 @@ def test_bad_input_fails_before_any_worker_starts(workspace: Path, tmp_path: Pat
 
 def test_mlflow_server_shows_the_run_and_the_model_version(workspace: Path, resumed_run: dict, tmp_path: Path) -> None:
     """What the MLflow UI shows, read through a real `mlflow server`'s REST API on loopback."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{workspace / 'mlflow.db'}", "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+    with mlflow_server(f"sqlite:///{workspace / 'mlflow.db'}", tmp_path) as base:
         experiment = get_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=unet")["experiment"]
         runs = get_json(
             f"{base}/api/2.0/mlflow/runs/search",
@@ -200,6 +184,3 @@ def test_mlflow_server_shows_the_run_and_the_model_version(workspace: Path, resu
         version = alias["model_version"]
         assert version["run_id"] == run_id and version["status"] == "READY"
         assert any(tag["key"] == "git_commit" for tag in version["tags"])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

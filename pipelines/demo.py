@@ -76,11 +76,7 @@ def finished_model(config: Config, store_sha: str) -> str | None:
     if experiment is None:
         return None
     storage = train.absolute(config.train.storage_path)
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.`{registry.RUN_NAME_TAG}` = '{config.train.run_name}' and tags.`{registry.STORAGE_TAG}` = '{storage}'",
-    )
-    for found in runs:
+    for found in registry.ray_run_runs(client, experiment.experiment_id, config.train.run_name, storage):
         tags = found.data.tags
         if tags.get("registered_version") and tags.get("data.store_sha256") == store_sha:
             return f"models:/{tags['registered_model']}/{tags['registered_version']}"

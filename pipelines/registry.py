@@ -94,17 +94,22 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def ray_run_runs(client: MlflowClient, experiment: str, run_name: str, storage_path: str, max_results: int = 100):
+    """MLflow runs recorded for the Ray run ``run_name`` in ``storage_path`` (tags set by start_or_resume_run)."""
+    return client.search_runs(
+        [experiment],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage_path}'",
+        max_results=max_results,
+    )
+
+
 def start_or_resume_run(
     client: MlflowClient, config: Config, tracking_uri: str, flat_params: dict[str, str], tags: dict[str, str]
 ) -> tuple[str, bool]:
     """The MLflow run of this Ray run (same name and storage path), created if there is none."""
     exp_id = experiment_id(client, config.tracking.experiment, tracking_uri)
     name, storage = config.train.run_name, config.train.storage_path
-    found = client.search_runs(
-        [exp_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}' and tags.`{STORAGE_TAG}` = '{storage}'",
-        max_results=1,
-    )
+    found = ray_run_runs(client, exp_id, name, storage, max_results=1)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")

@@ -75,3 +75,19 @@ def mlflow_server(backend_store_uri: str, cwd: Path, *extra: str) -> Iterator[st
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def recorded_checkpoints(run_dir: Path) -> int:
+    """Checkpoints Ray Train has recorded for the run (what a restarted job resumes from)."""
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not recorded_checkpoints(run_dir):
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.2)

@@ -4,9 +4,7 @@ node mid-training still finishes the run with the right number of epochs."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,17 +12,10 @@ from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
 from pipelines.prepare import prepare
-from tests.helpers import ROOT, environment, train_command
+from tests.helpers import ROOT, environment, train_command, wait_for_checkpoint
 from unet.config import load_config
 
 pytestmark = pytest.mark.slow
-
-
-def recorded_checkpoints(run_dir: Path) -> int:
-    try:
-        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 def test_two_node_training_survives_losing_a_node(tmp_path: Path) -> None:
@@ -36,10 +27,7 @@ def test_two_node_training_survives_losing_a_node(tmp_path: Path) -> None:
         cmd = train_command(tmp_path, "two-nodes", 4, "train.placement_strategy=SPREAD", "train.max_failures=3")
         env = {**environment(), "RAY_ADDRESS": cluster.address}
         job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 300
-        while recorded_checkpoints(tmp_path / "runs" / "two-nodes") < 1:
-            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.2)
+        wait_for_checkpoint(tmp_path / "runs" / "two-nodes", job)
         cluster.remove_node(second, allow_graceful=False)  # the second machine dies
         output, _ = job.communicate(timeout=900)
     finally:

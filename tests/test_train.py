@@ -3,13 +3,11 @@ learning, whole-job and worker fault tolerance, the registry, and bad input."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -19,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.prepare import prepare
 from pipelines.registry import load_model
-from tests.helpers import ROOT, environment, get_json, mlflow_server, train_command
+from tests.helpers import ROOT, environment, get_json, mlflow_server, train_command, wait_for_checkpoint
 from unet.config import load_config
 from unet.training import load_weights
 
@@ -33,22 +31,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = load_config(ROOT / "configs" / "prepare.yaml", [f"data.store={folder / 'he.zarr'}"])
     prepare(config, previews=0)
     return folder
-
-
-def recorded_checkpoints(run_dir: Path) -> int:
-    """Checkpoints Ray Train has recorded for the run (what a restarted job resumes from)."""
-    try:
-        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not recorded_checkpoints(run_dir):
-        assert proc.poll() is None, "training ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.2)
 
 
 def stop_ray_leftovers() -> None:

@@ -4,16 +4,15 @@
 
 Level 0 is read lazily and written as CYX with chunks (C, chunk, chunk); each further level halves the
 previous one (2x2 mean) until the longest side fits in one chunk. NGFF 0.4 is written as Zarr v2, NGFF 0.5
-as Zarr v3. The output appears under its name only once it is complete.
+as Zarr v3. OUTPUT may be a local folder or an object-store URL (s3://bucket/slide.ome.zarr, see
+unet.storage). A local output appears under its name only once it is complete; on object storage it is
+written in place and its NGFF metadata, written last, is what makes it readable as an image.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ from ome_zarr.format import Format, FormatV04, FormatV05
 from ome_zarr.writer import write_multiscales_metadata
 
 from pipelines.cli import make_parser, run
+from unet import storage
 from unet.config import Config
-from unet.data.sources import file_sha256
 from unet.samples import resolve_location
 from unet.slide import Slide, SlideError, open_slide
 
@@ -38,37 +37,35 @@ RGB = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
 OTHER_COLORS = ("FFFFFF", "00FFFF", "FF00FF", "FFFF00")
 
 
-def convert(
-    input: str | Path, output: str | Path, chunk: int = 512, ngff: str = "0.5", overwrite: bool = False
-) -> Path:
+def convert(input: str | Path, output: str | Path, chunk: int = 512, ngff: str = "0.5", overwrite: bool = False) -> str:
     """Write ``input`` (TIFF/SVS, or anything ``open_slide`` reads) as an OME-Zarr image at ``output``."""
-    source, output = Path(resolve_location(str(input))), Path(output)
+    source, staged = storage.resolve(resolve_location(str(input))), storage.staging(output)
     if ngff not in NGFF_FORMATS:
         raise SlideError(f"unknown NGFF version {ngff!r}; choose one of {', '.join(NGFF_FORMATS)}")
     if chunk < MIN_CHUNK:
         raise SlideError(f"chunk size {chunk} is too small; use at least {MIN_CHUNK} (512 is typical)")
-    if (output.exists() or output.is_symlink()) and not overwrite:
-        raise SlideError(f"{output} already exists; pass --overwrite to replace it")
+    if storage.exists(staged.final) and not overwrite:
+        raise SlideError(f"{staged.final} already exists; pass --overwrite to replace it")
     fmt = NGFF_FORMATS[ngff]()
     with open_slide(source) as slide:
         log.info("converting %s (%d x %d x %d %s) to OME-NGFF %s", source, *slide.shape, slide.dtype, ngff)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+        if staged.in_place:  # no rename on object stores: the old output goes first
+            storage.remove(staged.final)
         try:
-            root = zarr.open_group(partial, mode="w-", zarr_format=fmt.zarr_format)
+            root = zarr.open_group(staged.partial, mode="w-", zarr_format=fmt.zarr_format)
             shapes = write_pyramid(root, slide.to_dask(chunk), chunk, fmt)
-            write_metadata(root, slide, shapes, fmt, name=source.name)
             root.attrs["unet_source"] = {
-                "path": str(source.resolve()),
-                "sha256": file_sha256(source),
+                "path": source,
+                "sha256": storage.sha256(source),
                 "shape": list(slide.shape),
                 "pixel_size_um": slide.pixel_size_um,
             }
-            replace(partial, output)
+            write_metadata(root, slide, shapes, fmt, name=storage.basename(source))  # last: makes it an image
+            storage.publish(staged)
         except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+            storage.remove(staged.partial)
             raise
-    return output
+    return staged.final
 
 
 def write_pyramid(root: zarr.Group, image: da.Array, chunk: int, fmt: Format) -> list[tuple[int, ...]]:
@@ -148,21 +145,7 @@ def omero_metadata(channels: int, dtype: np.dtype, name: str) -> dict[str, Any]:
     return {"name": name, "channels": entries, "rdefs": {"model": "color" if channels > 1 else "greyscale"}}
 
 
-def replace(partial: Path, output: Path) -> None:
-    """Move the finished ``partial`` into place, removing what was at ``output`` only afterwards."""
-    old = None
-    if output.exists() or output.is_symlink():
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(output, old)
-    os.replace(partial, output)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-
-
-def describe(path: Path) -> list[str]:
+def describe(path: str) -> list[str]:
     """One line per level of a written OME-Zarr image."""
     lines = []
     with open_slide(path) as first:
@@ -187,7 +170,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser = make_parser("python -m pipelines.convert", __doc__.splitlines()[0])
     # optional for argparse so that --print-config works alone; main() insists on both
     parser.add_argument("input", nargs="?", help="TIFF, OME-TIFF or SVS slide (or samples:SET/FILE)")
-    parser.add_argument("output", nargs="?", type=Path, help="OME-Zarr folder to write, e.g. slide.ome.zarr")
+    parser.add_argument("output", nargs="?", help="OME-Zarr to write: a folder (slide.ome.zarr) or s3://... URL")
     parser.add_argument("--chunk", type=int, default=512, help="pixels per chunk side (default 512)")
     parser.add_argument("--ngff", choices=sorted(NGFF_FORMATS), default="0.5", help="OME-NGFF version (default 0.5)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT once the new one is done")

@@ -23,8 +23,8 @@ from pipelines import evaluate, infer, registry, train
 from pipelines.cli import make_parser, run
 from pipelines.convert import convert
 from pipelines.prepare import prepare
+from unet import storage
 from unet.config import Config, flatten_config
-from unet.data.sources import file_sha256
 from unet.data.store import TrainingStore
 from unet.errors import UserError
 from unet.io import write_png
@@ -75,15 +75,15 @@ def finished_model(config: Config, store_sha: str) -> str | None:
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
         return None
-    storage = train.absolute(config.train.storage_path)
-    for found in registry.ray_run_runs(client, experiment.experiment_id, config.train.run_name, storage):
+    storage_path = storage.resolve(config.train.storage_path)
+    for found in registry.ray_run_runs(client, experiment.experiment_id, config.train.run_name, storage_path):
         tags = found.data.tags
         if tags.get("registered_version") and tags.get("data.store_sha256") == store_sha:
             return f"models:/{tags['registered_model']}/{tags['registered_version']}"
     return None
 
 
-def slide_overlay(slide_path: str, output: str, picture: Path, size: int = 768) -> Path:
+def slide_overlay(slide_path: str, output: str, picture: Path, size: int = 768) -> str:
     """A region from the middle of the slide with the predicted nuclei outlined."""
     slide = open_slide(slide_path)
     y0, x0 = max(slide.height // 2 - size // 2, 0), max(slide.width // 2 - size // 2, 0)
@@ -104,10 +104,10 @@ def main(config: Config, args: argparse.Namespace) -> None:
     if not store_is_current(store_path, config):
         prepare(config, overwrite=True)
     store = TrainingStore(store_path)
-    steps.done(f"{store.path}: {len(store.names_in('train'))} train / {len(store.names_in('val'))} val images")
+    steps.done(f"{store.location}: {len(store.names_in('train'))} train / {len(store.names_in('val'))} val images")
 
     steps.begin("train with Ray Train (2 workers)")
-    model_uri = finished_model(config, file_sha256(store.path))
+    model_uri = finished_model(config, storage.sha256(store.location))
     if model_uri is None:
         trained = train.main(config, args)
         model_uri = trained["model_uri"]

@@ -16,8 +16,8 @@ import torch
 from pipelines import registry
 from pipelines.cli import make_parser, run
 from pipelines.infer import resolve_model
+from unet import storage
 from unet.config import Config
-from unet.data.sources import file_sha256
 from unet.data.store import TrainingStore
 from unet.errors import UserError
 from unet.io import write_png
@@ -35,11 +35,11 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[d
     store = TrainingStore(settings.store or config.data.store)
     examples = load_validation(store, settings.split)
     if not examples:
-        raise UserError(f"{store.path} has no {settings.split!r} examples to evaluate on")
+        raise UserError(f"{store.location} has no {settings.split!r} examples to evaluate on")
     model = registry.load_model(model_uri, tracking_uri=tracking_uri)
     if store.attrs["channels"] != model.n_channels:
         raise UserError(
-            f"{store.path} has {store.attrs['channels']}-channel images; the model expects {model.n_channels}"
+            f"{store.location} has {store.attrs['channels']}-channel images; the model expects {model.n_channels}"
         )
     tally, rows = SegmentationTally(settings.iou_threshold), []
     out_dir = Path(settings.output)
@@ -65,10 +65,10 @@ def main(config: Config, args: argparse.Namespace) -> dict:
 
     client = registry.connect(tracking_uri)
     experiment = registry.experiment_id(client, config.tracking.experiment, tracking_uri)
-    store = Path(config.evaluate.store or config.data.store)
+    store = storage.resolve(config.evaluate.store or config.data.store)
     run_ = client.create_run(experiment, run_name=f"evaluate {Path(model_uri).name}", tags={"job": "evaluation"})
-    for key, value in {"model_uri": model_uri, "model_version": version, "store": str(store.resolve()),
-                       "store_sha256": file_sha256(store), "split": config.evaluate.split}.items():  # fmt: skip
+    for key, value in {"model_uri": model_uri, "model_version": version, "store": store,
+                       "store_sha256": storage.sha256(store), "split": config.evaluate.split}.items():  # fmt: skip
         client.log_param(run_.info.run_id, key, str(value))
     registry.log_metrics(client, run_.info.run_id, {f"eval/{k}": v for k, v in summary.items()}, step=0)
     client.log_artifact(run_.info.run_id, str(out_dir / "per_image.csv"))

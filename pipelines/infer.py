@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,9 +25,9 @@ from tqdm import tqdm
 
 from pipelines import registry
 from pipelines.cli import make_parser, run
-from pipelines.infer_output import OutputPaths, create_output, finalize_output, lineage_matches
+from pipelines.infer_output import create_output, finalize_output, lineage_matches, output_staging, recorded_lineage
 from pipelines.infer_tasks import JobSpec, label_chunk_globally, predict_chunk
-from unet import __version__
+from unet import __version__, storage
 from unet.config import Config, flatten_config
 from unet.errors import UserError
 from unet.inference import InferenceSettings
@@ -126,12 +125,12 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     if infer.tile_size % model.size_multiple or infer.chunk_size % infer.tile_size:
         raise UserError(f"infer.chunk_size must be a multiple of infer.tile_size, itself of {model.size_multiple}")
 
-    paths = OutputPaths.for_output(infer.output)
+    staged = output_staging(infer.output)
     lineage = {
         "model": infer.model,
         "model_uri": model_uri,
         "model_version": model_version,
-        "input": str(Path(infer.input).resolve()) if "://" not in infer.input else infer.input,
+        "input": storage.resolve(infer.input),
         "level": infer.level,
         "code_version": registry.git_commit(),
         "unet_wsi": __version__,
@@ -140,7 +139,7 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     spec = JobSpec(
         input=lineage["input"],
         level=infer.level,
-        output=str(paths.partial),
+        output=staged.partial,
         model_uri=model_uri,
         tracking_uri=tracking_uri,
         settings=InferenceSettings(
@@ -159,7 +158,7 @@ def main(config: Config, args: argparse.Namespace) -> dict:
         threads=max(1, (os.cpu_count() or 1) // infer.workers) if not infer.scheduler else 0,
     )
     keys = [key for key, _ in grid(slide.height, slide.width, infer.chunk_size)]
-    _prepare_output(paths, slide, spec, lineage, overwrite=overwrite, resume=resume)
+    _prepare_output(staged, slide, spec, lineage, overwrite=overwrite, resume=resume)
     tissue = chunks_with_tissue(infer.input, slide, infer.chunk_size) if infer.tissue_mask else set(keys)
 
     client, cluster = start_dask(config)
@@ -188,7 +187,7 @@ def main(config: Config, args: argparse.Namespace) -> dict:
         "mpx_per_s": slide.height * slide.width / 1e6 / seconds,
     }
     run_id = _track(config, tracking_uri, lineage, stats, infer.output)
-    finalize_output(paths, slide, {**lineage, "stats": stats, "mlflow_run_id": run_id}, overwrite=overwrite)
+    finalize_output(staged, slide, {**lineage, "stats": stats, "mlflow_run_id": run_id}, overwrite=overwrite)
 
     print()
     print(f"  input           {infer.input} (level {infer.level}, {slide.width} x {slide.height} px)")
@@ -198,33 +197,46 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     print(f"  throughput      {stats['mpx_per_s']:.2f} Mpx/s ({seconds:.1f} s)")
     print(f"  MLflow run      {run_id}")
     print(f"  view            napari --plugin napari-ome-zarr {infer.output}")
-    return {**stats, "output": str(paths.final), "model_uri": model_uri, "mlflow_run_id": run_id}
+    return {**stats, "output": staged.final, "model_uri": model_uri, "mlflow_run_id": run_id}
 
 
-def _prepare_output(paths: OutputPaths, slide: Slide, spec: JobSpec, lineage: dict, overwrite: bool, resume: bool):
-    if paths.final.exists() and not (overwrite or resume):
-        raise UserError(f"{paths.final} already exists; pass --overwrite to replace it or --resume to continue")
-    if paths.partial.exists():
+def _prepare_output(
+    staged: storage.Staging, slide: Slide, spec: JobSpec, lineage: dict, overwrite: bool, resume: bool
+) -> None:
+    """Create the partial output, continue an interrupted one (--resume) or replace one (--overwrite)."""
+    final_exists = storage.exists(staged.final)
+    if staged.in_place:  # object store: an interrupted output sits at the final location, marked incomplete
+        recorded = recorded_lineage(staged.final) if final_exists else None
+        partial = recorded is not None and not recorded.get("complete")
+        final_exists = final_exists and not partial
+    else:
+        partial = storage.exists(staged.partial)
+        recorded = recorded_lineage(staged.partial) if partial else None
+    if final_exists and not (overwrite or resume):
+        raise UserError(f"{staged.final} already exists; pass --overwrite to replace it or --resume to continue")
+    if partial:
         if resume:
-            if not lineage_matches(paths.partial, lineage):
-                raise UserError(f"{paths.partial} was started with another model, input or config; use --overwrite")
-            log.info("resuming into %s", paths.partial)
+            if recorded is None or not lineage_matches(recorded, lineage):
+                raise UserError(f"{staged.partial} was started with another model, input or config; use --overwrite")
+            log.info("resuming into %s", staged.partial)
             return
         if not overwrite:
-            raise UserError(f"an interrupted run left {paths.partial}; pass --resume to continue or --overwrite")
-        shutil.rmtree(paths.partial)
-    elif resume and paths.final.exists():
-        raise UserError(f"{paths.final} is already complete; nothing to resume")
-    create_output(paths.partial, slide, spec, lineage)
+            raise UserError(f"an interrupted run left {staged.partial}; pass --resume to continue or --overwrite")
+        storage.remove(staged.partial)
+    elif resume and final_exists:
+        raise UserError(f"{staged.final} is already complete; nothing to resume")
+    elif final_exists and staged.in_place:  # --overwrite without a rename: the old output goes first
+        storage.remove(staged.final)
+    create_output(staged.partial, slide, spec, lineage)
 
 
 def _track(config: Config, tracking_uri: str, lineage: dict, stats: dict, output: str) -> str:
     """An MLflow run recording the inference job: what went in, what came out, how fast."""
     client = registry.connect(tracking_uri)
     experiment = registry.experiment_id(client, config.tracking.experiment, tracking_uri)
-    run = client.create_run(experiment, run_name=f"infer {Path(output).name}", tags={"job": "inference"})
+    run = client.create_run(experiment, run_name=f"infer {storage.basename(output)}", tags={"job": "inference"})
     params = {k: str(lineage[k]) for k in ("model_uri", "model_version", "input", "level", "code_version")}
-    params.update({"output": str(Path(output).resolve()), "tile_size": str(config.infer.tile_size)})
+    params.update({"output": storage.resolve(output), "tile_size": str(config.infer.tile_size)})
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
     registry.log_metrics(client, run.info.run_id, stats, step=0)

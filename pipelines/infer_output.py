@@ -1,36 +1,23 @@
 """The inference output store: an OME-Zarr (NGFF 0.5) image of foreground probability with an
-NGFF ``labels/nuclei`` label image, written under a hidden name and renamed when complete."""
+NGFF ``labels/nuclei`` label image. Locally it is written under a hidden name and renamed when
+complete; on object stores it is written in place (see ``unet.storage``). Either way its NGFF
+metadata, and ``complete: true`` in its lineage, are written only at the end."""
 
 from __future__ import annotations
-
-import os
-import shutil
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
 import zarr
 from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
-from pipelines.infer_tasks import DONE_LABELS, DONE_PREDICT, LABELS, LOCAL, PROBABILITY, JobSpec
+from pipelines.infer_tasks import DONE_LABELS, DONE_PREDICT, LABELS, LOCAL, PROBABILITY, WORK, JobSpec
+from unet import storage
+from unet.errors import UserError
 from unet.slide import Slide
 
 LINEAGE_KEY = "unet_inference"
 # what must not change between an interrupted run and its --resume
 RESUME_KEYS = ("model_uri", "input", "level")
 IGNORED_CONFIG = ("infer.overwrite", "infer.resume", "infer.scheduler", "infer.workers")
-
-
-@dataclass(frozen=True)
-class OutputPaths:
-    final: Path
-    partial: Path
-
-    @classmethod
-    def for_output(cls, output: str) -> OutputPaths:
-        final = Path(output).expanduser().resolve()
-        return cls(final, final.parent / f".{final.name}.partial")
 
 
 def _axes(slide: Slide, channel: bool = True) -> list[dict]:
@@ -44,10 +31,14 @@ def _datasets(slide: Slide) -> list[dict]:
     return [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, size, size]}]}]
 
 
-def create_output(path: Path, slide: Slide, spec: JobSpec, lineage: dict) -> None:
+def output_staging(output: str) -> storage.Staging:
+    """Where the job writes: ``.NAME.partial`` beside a local output (a fixed name, so ``--resume`` finds it)."""
+    return storage.staging(output, unique=False)
+
+
+def create_output(location: str, slide: Slide, spec: JobSpec, lineage: dict) -> None:
     """Create the (partial) output group with empty arrays and completion records."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(path, mode="w-", zarr_format=3)
+    root = zarr.open_group(location, mode="w-", zarr_format=3)
     shape, chunks = (1, slide.height, slide.width), (1, spec.chunk, spec.chunk)
     root.create_array(PROBABILITY, shape=shape, chunks=chunks, dtype=spec.probability_dtype, fill_value=0)
     root.create_array(LABELS, shape=shape, chunks=chunks, dtype="int32", fill_value=0)
@@ -58,9 +49,17 @@ def create_output(path: Path, slide: Slide, spec: JobSpec, lineage: dict) -> Non
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": False}
 
 
-def lineage_matches(path: Path, lineage: dict) -> bool:
+def recorded_lineage(location: str) -> dict | None:
+    """The lineage an output (complete or not) records, or None if ``location`` is not one of ours."""
+    try:
+        recorded = zarr.open_group(location, mode="r").attrs.get(LINEAGE_KEY)
+    except (FileNotFoundError, ValueError, zarr.errors.BaseZarrError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def lineage_matches(recorded: dict, lineage: dict) -> bool:
     """Whether an interrupted output was started with the same model, input and config."""
-    recorded = zarr.open_group(path, mode="r").attrs.get(LINEAGE_KEY, {})
     if any(recorded.get(key) != lineage[key] for key in RESUME_KEYS):
         return False
     before, now = recorded.get("config", {}), lineage["config"]
@@ -68,23 +67,16 @@ def lineage_matches(path: Path, lineage: dict) -> bool:
     return all(before.get(k) == now.get(k) for k in keys)
 
 
-def finalize_output(paths: OutputPaths, slide: Slide, lineage: dict, overwrite: bool) -> Path:
+def finalize_output(staged: storage.Staging, slide: Slide, lineage: dict, overwrite: bool) -> str:
     """Write the NGFF metadata and lineage, drop the work arrays, move the output into place."""
+    if not (staged.in_place or overwrite) and storage.exists(staged.final):  # appeared while the job ran
+        raise UserError(f"{staged.final} was created while this job ran; its result stays in {staged.partial}")
     fmt = FormatV05()
-    root = zarr.open_group(paths.partial, mode="r+")
+    root = zarr.open_group(staged.partial, mode="r+")
     write_multiscales_metadata(root, _datasets(slide), fmt=fmt, axes=_axes(slide), name="foreground probability")
     labels_root = root["labels"]
     write_multiscales_metadata(labels_root["nuclei"], _datasets(slide), fmt=fmt, axes=_axes(slide), name="nuclei")
     write_label_metadata(labels_root, "nuclei", fmt=fmt, source={"image": "../../"})
+    del root[WORK]
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": True}
-    shutil.rmtree(paths.partial / "_work", ignore_errors=True)
-    old = None
-    if paths.final.exists():
-        if not overwrite:
-            raise FileExistsError(paths.final)
-        old = paths.final.parent / f".{paths.final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(paths.final, old)
-    os.replace(paths.partial, paths.final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return paths.final
+    return storage.publish(staged)

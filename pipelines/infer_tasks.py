@@ -22,7 +22,8 @@ from unet.slide import Slide, open_slide
 from unet.tiling import Region
 
 PROBABILITY, LABELS = "0", "labels/nuclei/0"
-LOCAL, DONE_PREDICT, DONE_LABELS = "_work/local", "_work/done_predict", "_work/done_labels"
+WORK = "_work"  # deleted when the job completes
+LOCAL, DONE_PREDICT, DONE_LABELS = f"{WORK}/local", f"{WORK}/done_predict", f"{WORK}/done_labels"
 
 
 @dataclass(frozen=True)

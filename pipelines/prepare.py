@@ -15,7 +15,6 @@ import argparse
 import logging
 import math
 import random
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -24,8 +23,9 @@ import numpy as np
 from dask.diagnostics import ProgressBar
 
 from pipelines.cli import make_parser, run
+from unet import storage
 from unet.config import Config, flatten_config
-from unet.data.sources import DataError, Pair, check_pair, file_sha256, find_pairs, open_lazy
+from unet.data.sources import DataError, Pair, check_pair, find_pairs, open_lazy
 from unet.data.store import StoreWriter, TrainingStore
 from unet.io import intensity_range_from_histogram, pixel_size_um
 from unet.samples import resolve_location
@@ -103,8 +103,8 @@ def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Ar
     return target, weights
 
 
-def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews: int = 3) -> Path:
-    """Build the training store named by ``config.data.store``; return its path."""
+def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews: int = 3) -> str:
+    """Build the training store named by ``config.data.store`` (a path or URL); return its location."""
     data = config.data
     if not data.images or not data.labels:
         raise DataError("set data.images and data.labels (folders or glob patterns), e.g. --set data.images=DIR")
@@ -134,8 +134,8 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
                     "split": splits[ex.pair.name],
                     "source_image": str(ex.pair.image),
                     "source_labels": str(ex.pair.labels),
-                    "image_sha256": file_sha256(ex.pair.image),
-                    "labels_sha256": file_sha256(ex.pair.labels),
+                    "image_sha256": storage.sha256(ex.pair.image),
+                    "labels_sha256": storage.sha256(ex.pair.labels),
                     "shape": list(ex.labels.shape),
                     "channels": ex.channels,
                     "dtype": str(ex.image.dtype),
@@ -160,10 +160,10 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
     return path
 
 
-def write_previews(path: Path, count: int) -> list[Path]:
+def write_previews(location: str, count: int) -> list[str]:
     """PNG panels (image | target | weights) of the first ``count`` examples, beside the store."""
-    store = TrainingStore(path)
-    out_dir = path.parent / f"{path.name}.previews"
+    store = TrainingStore(location)
+    out_dir = f"{store.location}.previews"
     written = []
     for name in store.names[:count]:
         ex = store.example(name)
@@ -174,7 +174,7 @@ def write_previews(path: Path, count: int) -> list[Path]:
         )
         written.append(
             save_weight_map_png(
-                out_dir / f"{name}.png", ex.image[(slice(None), *window)], ex.target[window], ex.weights[window]
+                f"{out_dir}/{name}.png", ex.image[(slice(None), *window)], ex.target[window], ex.weights[window]
             )
         )
     if written:

@@ -21,8 +21,8 @@ from urllib.parse import urlparse
 
 from pipelines import registry
 from pipelines.cli import make_parser, run
+from unet import storage
 from unet.config import Config, dump_config, flatten_config
-from unet.data.sources import file_sha256
 from unet.data.store import TrainingStore
 from unet.errors import UserError
 from unet.training import load_weights
@@ -30,25 +30,16 @@ from unet.training import load_weights
 log = logging.getLogger("train")
 
 
-def absolute(path: str) -> str:
-    """Local paths made absolute (workers and jobs run elsewhere); URIs such as s3://... unchanged."""
-    if "://" in path or Path(path).is_absolute():
-        return path
-    resolved = str(Path(path).expanduser().resolve())
-    log.debug("relative path %s taken as %s", path, resolved)
-    return resolved
-
-
 def check_store(config: Config) -> TrainingStore:
     store = TrainingStore(config.data.store)
     if not store.names_in("train") or not store.names_in("val"):
         raise UserError(
-            f"{store.path} needs training and validation examples (has {len(store.names_in('train'))} and "
+            f"{store.location} needs training and validation examples (has {len(store.names_in('train'))} and "
             f"{len(store.names_in('val'))}); prepare it with data.val_fraction > 0"
         )
     if store.attrs["channels"] != config.model.n_channels:
         raise UserError(
-            f"{store.path} has {store.attrs['channels']}-channel images "
+            f"{store.location} has {store.attrs['channels']}-channel images "
             f"but model.n_channels is {config.model.n_channels}"
         )
     return store
@@ -125,8 +116,8 @@ def build_trainer(config: Config, loop_config: dict):
 
 def main(config: Config, args: argparse.Namespace) -> dict:
     config = config.model_copy(deep=True)
-    config.data.store = absolute(config.data.store)
-    config.train.storage_path = absolute(config.train.storage_path)
+    config.data.store = storage.resolve(config.data.store)
+    config.train.storage_path = storage.resolve(config.train.storage_path)
     store = check_store(config)
     check_ray_address(os.environ.get("RAY_ADDRESS"))
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
@@ -135,8 +126,8 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     init_ray()
     check_resources(config)
 
-    store_sha = file_sha256(store.path)
-    tags = {"data.store": str(store.path), "data.store_sha256": store_sha, "git_commit": registry.git_commit()}
+    store_sha = storage.sha256(store.location)
+    tags = {"data.store": store.location, "data.store_sha256": store_sha, "git_commit": registry.git_commit()}
     run_id, resumed = registry.start_or_resume_run(client, config, tracking_uri, flatten_config(config), tags)
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "config.yaml"

@@ -44,4 +44,4 @@ def cmu_slide() -> Path:
 @pytest.fixture(scope="session")
 def cmu_ome_zarr(cmu_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real Aperio slide converted to OME-Zarr (NGFF 0.5, 512-pixel chunks, a pyramid)."""
-    return convert(cmu_slide, tmp_path_factory.mktemp("slide") / "cmu.ome.zarr", chunk=512)
+    return Path(convert(cmu_slide, tmp_path_factory.mktemp("slide") / "cmu.ome.zarr", chunk=512))

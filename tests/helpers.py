@@ -77,6 +77,42 @@ def mlflow_server(backend_store_uri: str, cwd: Path, *extra: str) -> Iterator[st
         server.wait(timeout=30)
 
 
+S3_BUCKET = "unet-test"
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (moto in server mode) on a free loopback port with the bucket S3_BUCKET.
+
+    Yields the environment a client needs, the same variables users set for MinIO or Ceph (the credentials
+    are moto's dummies). Zarr (s3fs), Ray (pyarrow) and MLflow (boto3) all read them.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        request = urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/{S3_BUCKET}", method="PUT")  # create bucket
+        urllib.request.urlopen(request, timeout=10)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def recorded_checkpoints(run_dir: Path) -> int:
     """Checkpoints Ray Train has recorded for the run (what a restarted job resumes from)."""
     try:

@@ -149,7 +149,7 @@ def test_empty_folder_and_missing_labels(tmp_path: Path) -> None:
 def test_existing_store_is_kept_unless_overwrite(tmp_path: Path) -> None:
     write_pair(tmp_path / "in", "a", GOOD_IMAGE, GOOD_LABELS)
     config = config_for(tmp_path, tmp_path / "in" / "images", tmp_path / "in" / "labels")
-    first = prepare(config, previews=0)
+    first = Path(prepare(config, previews=0))
     before = sorted(p.relative_to(first) for p in first.rglob("*"))
     with pytest.raises(StoreError, match="already exists; pass --overwrite"):
         prepare(config)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image
 
+from unet import storage
 from unet.errors import UserError
 
 TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"}
@@ -83,12 +85,11 @@ def normalize_intensity(image: np.ndarray, low: float = 1.0, high: float = 99.8)
     return (data - lo) / np.maximum(hi - lo, 1e-6)
 
 
-def write_png(path: str | Path, rgb: np.ndarray) -> Path:
-    """Write an HxWx3 (or HxW) uint8 array as PNG, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
-    return path
+def write_png(location: str | Path, rgb: np.ndarray) -> str:
+    """Write an HxWx3 (or HxW) uint8 array as PNG to a path (parent folders created) or URL."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return storage.write_bytes(location, buffer.getvalue())
 
 
 def intensity_range_from_histogram(counts: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:

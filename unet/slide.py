@@ -1,5 +1,8 @@
 """Lazy access to (whole-slide) images: OME-Zarr (NGFF 0.4/0.5), plain Zarr arrays and TIFF/SVS files.
 
+Zarr may be local or on an object store (``s3://bucket/slide.ome.zarr``, see ``unet.storage``); TIFF/SVS
+files must be local (``pipelines.convert`` turns them into OME-Zarr, which it can write to object storage).
+
 ``open_slide(path, level)`` reads only metadata; ``Slide.read(y0, y1, x0, x1)`` reads one window as CYX and
 ``Slide.to_dask(chunk)`` gives the whole level as a lazy CYX Dask array.
 """
@@ -15,6 +18,7 @@ import numpy as np
 import tifffile
 import zarr
 
+from unet import storage
 from unet.errors import UserError
 
 if TYPE_CHECKING:
@@ -39,7 +43,7 @@ class Slide:
     ``array`` is the stored array in its own axis order (``axes``); ``read`` and ``to_dask`` return CYX.
     """
 
-    path: Path
+    path: str  # a local path or URL
     level: int
     levels: int
     axes: str
@@ -99,12 +103,17 @@ class Slide:
 
 def open_slide(path: str | Path, level: int = 0) -> Slide:
     """Open resolution ``level`` of a slide: an OME-Zarr image, a plain Zarr array, or a TIFF/SVS file."""
-    path = Path(path)
+    path = storage.resolve(path)
     level = operator.index(level)
-    if not path.exists():
+    if not storage.exists(path):
         raise SlideError(f"slide not found: {path}")
-    if path.is_file():
-        return _open_tiff(path, level)
+    if storage.is_file(path):
+        if storage.is_url(path):
+            raise SlideError(
+                f"{path}: TIFF/SVS slides must be local files; convert it to OME-Zarr with "
+                "`python -m pipelines.convert SLIDE s3://...` and read that"
+            )
+        return _open_tiff(Path(path), level)
     try:
         node = zarr.open(path, mode="r")
     except _ZARR_ERRORS:
@@ -120,7 +129,7 @@ def _open_tiff(path: Path, level: int) -> Slide:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             levels = len(series.levels)
-            _check_level(path, level, levels)
+            _check_level(str(path), level, levels)
             axes = _tiff_axes(series.levels[level].axes)
             width0 = series.levels[0].shape[series.levels[0].axes.index("X")]
         array = zarr.open_array(tifffile.imread(path, aszarr=True, level=level), mode="r")
@@ -130,7 +139,7 @@ def _open_tiff(path: Path, level: int) -> Slide:
     if pixel_size is not None and "x" in axes:
         pixel_size *= width0 / array.shape[axes.index("x")]  # lower levels have proportionally larger pixels
     try:
-        return _make_slide(path, level, levels, axes, array, pixel_size)
+        return _make_slide(str(path), level, levels, axes, array, pixel_size)
     except SlideError:
         array.store.close()
         raise
@@ -142,7 +151,7 @@ def _tiff_axes(axes: str) -> str:
     return axes.replace("s", "c") if "c" not in axes else axes
 
 
-def _guess_axes(path: Path, array: zarr.Array) -> str:
+def _guess_axes(path: str, array: zarr.Array) -> str:
     """Axes of a plain array: its Zarr v3 dimension names when they are NGFF letters, else from its shape."""
     names = getattr(array.metadata, "dimension_names", None)
     if names and all(isinstance(n, str) and len(n) == 1 and n.lower() in KNOWN_AXES for n in names):
@@ -165,7 +174,7 @@ def _ngff_metadata(group: zarr.Group) -> dict[str, Any]:
     return attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
 
 
-def _open_ngff(path: Path, group: zarr.Group, level: int) -> Slide:
+def _open_ngff(path: str, group: zarr.Group, level: int) -> Slide:
     meta = _ngff_metadata(group)
     multiscales = meta.get("multiscales")
     if not multiscales or not isinstance(multiscales, list) or not multiscales[0].get("datasets"):
@@ -201,7 +210,7 @@ def _scale(dataset: dict[str, Any], image: dict[str, Any], ndim: int) -> list[fl
     return total
 
 
-def _check_level(path: Path, level: int, levels: int) -> None:
+def _check_level(path: str, level: int, levels: int) -> None:
     if not 0 <= level < levels:
         raise SlideError(
             f"{path}: level {level} does not exist; it has {levels} level{'s' if levels != 1 else ''} "
@@ -209,7 +218,7 @@ def _check_level(path: Path, level: int, levels: int) -> None:
         )
 
 
-def _make_slide(path: Path, level: int, levels: int, axes: str, array: Any, pixel_size: float | None) -> Slide:
+def _make_slide(path: str, level: int, levels: int, axes: str, array: Any, pixel_size: float | None) -> Slide:
     """Check the axes against the array and build the Slide."""
     if len(axes) != array.ndim or len(set(axes)) != len(axes):
         raise SlideError(f"{path}: axes {axes!r} do not fit an array of shape {tuple(array.shape)}")

@@ -48,9 +48,9 @@ def weight_map_panel(image: np.ndarray, target: np.ndarray, weights: np.ndarray)
     return np.concatenate([outline(rgb, target), gap, target_rgb, gap, colorize(weights)], axis=1)
 
 
-def save_weight_map_png(path: str | Path, image: np.ndarray, target: np.ndarray, weights: np.ndarray) -> Path:
+def save_weight_map_png(location: str | Path, image: np.ndarray, target: np.ndarray, weights: np.ndarray) -> str:
     """Write ``weight_map_panel`` as PNG: the borders between touching nuclei should glow."""
-    return write_png(path, weight_map_panel(image, target, weights))
+    return write_png(location, weight_map_panel(image, target, weights))
 
 
 def prediction_panel(

@@ -68,7 +68,7 @@ class PatchDataset(Dataset):
         self.store = store if isinstance(store, TrainingStore) else TrainingStore(store)
         self.names = self.store.names_in(split)
         if not self.names:
-            raise UserError(f"{self.store.path} has no {split!r} examples")
+            raise UserError(f"{self.store.location} has no {split!r} examples")
         self.patch_size, self.length = patch_size, length
         self.foreground_bias, self.augmentation = foreground_bias, augmentation
         self.seed, self.rank, self.epoch = seed, rank, 0

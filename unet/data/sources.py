@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,16 +98,3 @@ def check_pair(pair: Pair, image: zarr.Array | np.ndarray, labels: zarr.Array | 
         )
     if np.dtype(image.dtype).kind not in "uif":
         raise DataError(f"image {pair.image}: unsupported pixel type {image.dtype}")
-
-
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    """sha256 of a file, or of every file under a folder (a Zarr store) in sorted order."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with file.open("rb") as handle:
-            while chunk := handle.read(block):
-                digest.update(chunk)
-    return digest.hexdigest()

@@ -9,16 +9,15 @@ Layout (Zarr v3)::
       <name>/weights            (Y, X) float32, eq. 2 of the paper
       <name> attrs              source files and sha256, split (train/val), intensity range, counts
 
-A store is written under a hidden temporary name and renamed into place only when complete,
-so an interrupted run never leaves a store that looks valid, and an existing store is replaced
-only on request, after the new one is complete.
+The store may be local or on an object store (``s3://bucket/train.zarr``; see ``unet.storage``).
+Locally it is written under a hidden temporary name and renamed into place only when complete, and
+an existing store is replaced only on request, after the new one is complete. On object stores it is
+written in place; either way it is marked complete only at the end, so an interrupted run never
+leaves a store that reads as valid.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import zarr
 
+from unet import storage
 from unet.errors import UserError
 
 STORE_KEY = "unet_training_store"
@@ -54,18 +54,20 @@ class Example:
 
 
 class StoreWriter:
-    """Writes a new store under a temporary name; ``commit()`` moves it into place.
+    """Writes a new store (staged as ``unet.storage`` describes); ``commit()`` marks it complete.
 
     Use as a context manager: leaving the block without ``commit()`` deletes the partial store.
     """
 
-    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
-        self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise StoreError(f"{self.path} already exists; pass --overwrite to replace it")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
-        self.root = zarr.open_group(self.partial, mode="w-", zarr_format=3)
+    def __init__(self, location: str | Path, overwrite: bool = False) -> None:
+        self.staging = storage.staging(location)
+        self.location = self.staging.final
+        if storage.exists(self.location):
+            if not overwrite:
+                raise StoreError(f"{self.location} already exists; pass --overwrite to replace it")
+            if self.staging.in_place:  # no rename on object stores: the old store must go first
+                storage.remove(self.location)
+        self.root = zarr.open_group(self.staging.partial, mode="w-", zarr_format=3)
         self.root.attrs[STORE_KEY] = {"version": STORE_VERSION, "complete": False}
         self.committed = False
 
@@ -79,7 +81,7 @@ class StoreWriter:
     def set_example_attrs(self, name: str, attrs: dict[str, Any]) -> None:
         self.root[name].attrs.update(attrs)
 
-    def commit(self, attrs: dict[str, Any]) -> Path:
+    def commit(self, attrs: dict[str, Any]) -> str:
         """Mark the store complete with ``attrs`` and move it into place (replacing an old one)."""
         self.root.attrs[STORE_KEY] = {
             "version": STORE_VERSION,
@@ -87,18 +89,12 @@ class StoreWriter:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **attrs,
         }
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, old)
-        os.replace(self.partial, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        storage.publish(self.staging)
         self.committed = True
-        return self.path
+        return self.location
 
     def abort(self) -> None:
-        shutil.rmtree(self.partial, ignore_errors=True)
+        storage.remove(self.staging.partial)
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -111,21 +107,21 @@ class StoreWriter:
 class TrainingStore:
     """Read access to a complete training store."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise StoreError(f"training store not found: {self.path} (create it with `python -m pipelines.prepare`)")
+    def __init__(self, location: str | Path) -> None:
+        self.location = storage.resolve(location)
+        if not storage.exists(self.location):
+            raise StoreError(f"training store not found: {self.location} (create it with python -m pipelines.prepare)")
         try:
-            self.root = zarr.open_group(self.path, mode="r")
+            self.root = zarr.open_group(self.location, mode="r")
         except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError) as exc:
-            raise StoreError(f"{self.path} is not a Zarr group: {exc}") from None
+            raise StoreError(f"{self.location} is not a Zarr group: {exc}") from None
         meta = self.root.attrs.get(STORE_KEY)
         if not isinstance(meta, dict):
-            raise StoreError(f"{self.path} is not a training store (no {STORE_KEY!r} attribute)")
+            raise StoreError(f"{self.location} is not a training store (no {STORE_KEY!r} attribute)")
         if not meta.get("complete"):
-            raise StoreError(f"{self.path} is incomplete (its preparation did not finish); prepare it again")
+            raise StoreError(f"{self.location} is incomplete (its preparation did not finish); prepare it again")
         if meta.get("version") != STORE_VERSION:
-            raise StoreError(f"{self.path} has store version {meta.get('version')}, expected {STORE_VERSION}")
+            raise StoreError(f"{self.location} has store version {meta.get('version')}, expected {STORE_VERSION}")
         self.attrs: dict[str, Any] = meta
 
     @property

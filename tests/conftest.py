@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from pipelines.convert import convert
 from pipelines.prepare import prepare
-from tests.helpers import ROOT
+from tests.helpers import ROOT, s3_bucket
 from unet.config import load_config
 from unet.data.dataset import PatchDataset
 from unet.loss import WeightedLoss
@@ -45,3 +46,10 @@ def cmu_slide() -> Path:
 def cmu_ome_zarr(cmu_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real Aperio slide converted to OME-Zarr (NGFF 0.5, 512-pixel chunks, a pyramid)."""
     return Path(convert(cmu_slide, tmp_path_factory.mktemp("slide") / "cmu.ome.zarr", chunk=512))
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    """``s3://BUCKET`` on a real local S3-compatible server, with this process's AWS_* variables set for it."""
+    with s3_bucket() as bucket:
+        yield bucket

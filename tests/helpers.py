@@ -13,6 +13,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from unet import storage
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
@@ -113,15 +117,34 @@ def s3_server() -> Iterator[dict[str, str]]:
         server.wait(timeout=30)
 
 
-def recorded_checkpoints(run_dir: Path) -> int:
-    """Checkpoints Ray Train has recorded for the run (what a restarted job resumes from)."""
+@contextlib.contextmanager
+def s3_bucket() -> Iterator[str]:
+    """``s3://S3_BUCKET`` on a fresh s3_server(); the AWS_* variables point this process and its children at it."""
+    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            patch.delenv(key, raising=False)
+        yield f"s3://{S3_BUCKET}"
+
+
+def objects(location: str | Path) -> list[str]:
+    """Names of the files (objects) under a folder or object-store prefix, relative to it."""
+    fs, root = storage.filesystem(location)
+    return sorted(key[len(root.rstrip("/")) + 1 :] for key in fs.find(root))
+
+
+def recorded_checkpoints(run_dir: str | Path) -> int:
+    """Checkpoints Ray Train has recorded for the run (what a restarted job resumes from); a path or URL."""
+    fs, root = storage.filesystem(run_dir)
     try:
-        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+        with fs.open(f"{root}/checkpoint_manager_snapshot.json") as handle:
+            return len(json.load(handle)["checkpoint_results"])
     except (OSError, ValueError, KeyError):
         return 0
 
 
-def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_checkpoint(run_dir: str | Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not recorded_checkpoints(run_dir):
         assert proc.poll() is None, "training ended before its first checkpoint"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from ome_zarr.reader import Label, Reader
 
 from pipelines.convert import convert
 from pipelines.prepare import prepare
-from tests.helpers import ROOT, S3_BUCKET, s3_server
+from tests.helpers import ROOT, S3_BUCKET, objects
 from tests.test_infer import infer, run_infer_process, stored
 from unet import storage
 from unet.config import load_config
@@ -30,28 +29,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[str]:
-    """``s3://BUCKET`` on a local S3 server; the AWS_* variables point this process and its children at it."""
-    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            patch.delenv(key, raising=False)
-        yield f"s3://{S3_BUCKET}"
-
-
-@pytest.fixture(scope="module")
 def s3_slide(s3: str, cmu_slide: Path) -> str:
     """The real Aperio slide converted straight to OME-Zarr on S3."""
     url = f"{s3}/slides/cmu.ome.zarr"
     assert convert(cmu_slide, url, chunk=512) == url
     return url
-
-
-def objects(url: str) -> list[str]:
-    """Keys under ``url``, relative to it."""
-    fs, root = storage.filesystem(url)
-    return sorted(key[len(root) + 1 :] for key in fs.find(root))
 
 
 def store_config(store: str | Path):

@@ -61,8 +61,9 @@ def run(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if not args.verbose:  # MLflow's database-migration chatter is not the user's business
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    if not args.verbose:  # MLflow's migrations and botocore's credential lookups are not the user's business
+        for name in ("mlflow", "botocore", "aiobotocore", "s3fs"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         config = resolve_config(args)
         if config is not None:

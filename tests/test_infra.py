@@ -118,3 +118,22 @@ def test_mlflow_stack_binds_to_loopback_with_a_database_and_object_store() -> No
     assert "--allowed-hosts" in command and "--cors-allowed-origins" in command
     assert {"postgres", "minio", "mlflow"} <= set(services)
     assert "psycopg2-binary" in PINS and "boto3" in PINS
+
+
+def test_cluster_jobs_keep_their_data_on_object_storage_with_credentials() -> None:
+    locations = 0
+    for path, text in ALL_TEXT.items():
+        for command in pipeline_commands(text):
+            for override in (command[i + 1] for i, arg in enumerate(command) if arg == "--set"):
+                key, _, value = override.partition("=")
+                if key in {"data.store", "train.storage_path", "infer.input", "infer.output"}:
+                    assert value.startswith("s3://"), (path, override)  # every node reaches it
+                    locations += 1
+    assert locations >= 6
+    for path in (INFRA / "ray" / "rayjob.yaml", INFRA / "ray" / "raycluster.yaml", INFRA / "dask" / "daskcluster.yaml"):
+        (doc,) = documents(path)
+        containers = [c for group in walk(doc, "containers") for c in group if c["name"] != "scheduler"]
+        assert containers
+        for container in containers:  # each reads or writes the data: S3 credentials from the secret
+            secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+            assert secrets.get("AWS_ACCESS_KEY_ID") == secrets.get("AWS_SECRET_ACCESS_KEY") == "s3-credentials"

@@ -36,7 +36,7 @@ class DataConfig(Section):
 
     images: str | None = Field(None, description="Folder (or glob) of training images.")
     labels: str | None = Field(None, description="Folder (or glob) of instance label images, same stems.")
-    store: str = Field("data/train.zarr", description="Training Zarr store written by pipelines.prepare.")
+    store: str = Field("data/train.zarr", description="Training Zarr store (path or s3:// URL) of pipelines.prepare.")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of images held out for validation.")
     patch_size: int = Field(256, ge=16, description="Training patch side (a multiple of 2**model.depth).")
     foreground_bias: float = Field(
@@ -93,8 +93,8 @@ class TrainConfig(Section):
 class InferConfig(Section):
     """Overlap-tile inference over a (whole-slide) image."""
 
-    input: str | None = Field(None, description="Input Zarr / OME-Zarr image.")
-    output: str | None = Field(None, description="Output OME-Zarr store.")
+    input: str | None = Field(None, description="Input OME-Zarr / Zarr image (path or s3://... URL) or local TIFF/SVS.")
+    output: str | None = Field(None, description="Output OME-Zarr store: a path or s3://... URL.")
     model: str = Field("models:/unet@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")
     level: int = Field(0, ge=0, description="Resolution level of a multiscale input.")
     tile_size: int = Field(256, ge=16, description="Output tile side (a multiple of 2**model.depth).")

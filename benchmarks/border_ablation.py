@@ -28,7 +28,7 @@ from pipelines.prepare import prepare
 from unet.config import DataConfig, load_config
 from unet.data.augment import build_augmentation
 from unet.data.dataset import PatchDataset
-from unet.io import intensity_range_from_histogram, scale_intensity
+from unet.io import intensity_ranges, scale_intensity
 from unet.loss import WeightedLoss
 from unet.metrics import SegmentationTally
 from unet.samples import fetch_samples
@@ -52,8 +52,7 @@ def quadrants(array: np.ndarray) -> list[np.ndarray]:
 
 def normalised(image: np.ndarray) -> np.ndarray:
     """The test image scaled as prepare scales training images (exact 1/99.8 percentiles)."""
-    lo, hi = intensity_range_from_histogram(np.bincount(image.ravel().astype(np.int64)))
-    return scale_intensity(image[None], [(lo, hi)])
+    return scale_intensity(image[None], intensity_ranges(image[None]))
 
 
 def train_fold(folder: Path, images, labels, w0: float, steps: int, seed: int) -> torch.nn.Module:

@@ -63,24 +63,21 @@ def main(config: Config, args: argparse.Namespace) -> dict:
         writer.writeheader()
         writer.writerows(rows)
 
-    client = registry.connect(tracking_uri)
-    experiment = registry.experiment_id(client, config.tracking.experiment, tracking_uri)
     store = storage.resolve(config.evaluate.store or config.data.store)
-    run_ = client.create_run(experiment, run_name=f"evaluate {Path(model_uri).name}", tags={"job": "evaluation"})
-    for key, value in {"model_uri": model_uri, "model_version": version, "store": store,
-                       "store_sha256": storage.sha256(store), "split": config.evaluate.split}.items():  # fmt: skip
-        client.log_param(run_.info.run_id, key, str(value))
-    registry.log_metrics(client, run_.info.run_id, {f"eval/{k}": v for k, v in summary.items()}, step=0)
-    client.log_artifact(run_.info.run_id, str(out_dir / "per_image.csv"))
-    client.set_terminated(run_.info.run_id)
+    params = {"model_uri": model_uri, "model_version": version, "store": store,
+              "store_sha256": storage.sha256(store), "split": config.evaluate.split}  # fmt: skip
+    metrics = {f"eval/{k}": v for k, v in summary.items()}
+    name, table = f"evaluate {Path(model_uri).name}", out_dir / "per_image.csv"
+    experiment = config.tracking.experiment
+    run_id = registry.log_job_run(tracking_uri, experiment, "evaluation", name, params, metrics, (table,))
 
     print()
     print(f"  model      {model_uri}   images: {len(rows)} ({config.evaluate.split} split of {store})")
     print("  " + "  ".join(f"{k:>9}" for k in SUMMARY_KEYS))
     print("  " + "  ".join(f"{summary[k]:>9.3f}" if k in {"iou", "dice", "precision", "recall", "f1"}
                            else f"{summary[k]:>9.0f}" for k in SUMMARY_KEYS))  # fmt: skip
-    print(f"  per image  {out_dir / 'per_image.csv'}; pictures {out_dir}/*.png; MLflow run {run_.info.run_id}")
-    return {**summary, "images": len(rows), "mlflow_run_id": run_.info.run_id}
+    print(f"  per image  {out_dir / 'per_image.csv'}; pictures {out_dir}/*.png; MLflow run {run_id}")
+    return {**summary, "images": len(rows), "mlflow_run_id": run_id}
 
 
 def cli(argv: list[str] | None = None) -> int:

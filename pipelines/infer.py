@@ -16,10 +16,8 @@ import argparse
 import logging
 import os
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 from dask.distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
@@ -32,7 +30,7 @@ from unet.config import Config, flatten_config
 from unet.errors import UserError
 from unet.inference import InferenceSettings
 from unet.instances import merge_ids, offsets, seam_pairs
-from unet.io import intensity_range_from_histogram
+from unet.io import intensity_ranges
 from unet.slide import Slide, open_slide
 from unet.tiling import grid
 from unet.tissue import chunks_with_tissue
@@ -61,22 +59,9 @@ def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str | None]:
 
 
 def intensity_range(slide: Slide, input_path: str) -> tuple[tuple[float, float], ...]:
-    """Per-channel normalisation range, as in training: 8-bit by 255, others by (1, 99.8) percentiles
-    of the lowest-resolution level (one small read, identical for every chunk)."""
-    if slide.dtype == np.uint8:
-        return ((0.0, 255.0),) * slide.channels
-    small = open_slide(input_path, slide.levels - 1)
-    pixels = small.read(0, small.height, 0, small.width)
-    ranges = []
-    for channel in pixels:
-        if channel.dtype.kind in "iu":
-            shift = int(channel.min())
-            lo, hi = intensity_range_from_histogram(np.bincount((channel.astype(np.int64) - shift).ravel()))
-            ranges.append((lo + shift, hi + shift))
-        else:
-            lo, hi = np.nanpercentile(channel, [1.0, 99.8])
-            ranges.append((float(lo), float(max(hi, lo + 1e-6))))
-    return tuple(ranges)
+    """Per-channel normalisation range, by the training rule, from the lowest-resolution level (one small
+    read, identical for every chunk; none at all for 8-bit images)."""
+    return intensity_ranges(open_slide(input_path, slide.levels - 1).to_dask())
 
 
 def start_dask(config: Config) -> tuple[Client, LocalCluster | None]:
@@ -232,17 +217,10 @@ def _prepare_output(
 
 def _track(config: Config, tracking_uri: str, lineage: dict, stats: dict, output: str) -> str:
     """An MLflow run recording the inference job: what went in, what came out, how fast."""
-    client = registry.connect(tracking_uri)
-    experiment = registry.experiment_id(client, config.tracking.experiment, tracking_uri)
-    run = client.create_run(experiment, run_name=f"infer {storage.basename(output)}", tags={"job": "inference"})
-    params = {k: str(lineage[k]) for k in ("model_uri", "model_version", "input", "level", "code_version")}
-    params.update({"output": storage.resolve(output), "tile_size": str(config.infer.tile_size)})
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, value)
-    registry.log_metrics(client, run.info.run_id, stats, step=0)
-    registry.set_tags(client, run.info.run_id, {"finished": datetime.now(UTC).isoformat(timespec="seconds")})
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    params = {k: lineage[k] for k in ("model_uri", "model_version", "input", "level", "code_version")}
+    params |= {"output": storage.resolve(output), "tile_size": config.infer.tile_size}
+    name = f"infer {storage.basename(output)}"
+    return registry.log_job_run(tracking_uri, config.tracking.experiment, "inference", name, params, stats)
 
 
 def cli(argv: list[str] | None = None) -> int:

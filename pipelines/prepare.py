@@ -27,7 +27,7 @@ from unet import storage
 from unet.config import Config, flatten_config
 from unet.data.sources import DataError, Pair, check_pair, find_pairs, open_lazy
 from unet.data.store import StoreWriter, TrainingStore
-from unet.io import intensity_range_from_histogram, pixel_size_um
+from unet.io import intensity_ranges, pixel_size_um
 from unet.samples import resolve_location
 from unet.visualize import save_weight_map_png
 from unet.weights import WeightMapParams, cutoff_radius, separate_touching, target_and_weights
@@ -67,23 +67,6 @@ def split_names(names: list[str], val_fraction: float, seed: int) -> dict[str, s
     random.Random(seed).shuffle(order)
     n_val = min(max(round(val_fraction * len(order)), 1 if val_fraction > 0 else 0), len(order) - 1)
     return {name: ("val" if i < n_val else "train") for i, name in enumerate(order)}
-
-
-def intensity_ranges(image: da.Array) -> list[tuple[float, float]]:
-    """Per-channel display/normalisation range: (1, 99.8) percentiles, exact for integer images."""
-    if image.dtype == np.uint8:
-        return [(0.0, 255.0)] * image.shape[0]
-    ranges = []
-    for channel in image:
-        if np.dtype(image.dtype).kind in "iu":
-            shift = int(channel.min().compute())
-            counts = da.bincount((channel.ravel() - shift).astype(np.int64)).compute()
-            lo, hi = intensity_range_from_histogram(counts)
-            ranges.append((lo + shift, hi + shift))
-        else:
-            lo, hi = da.percentile(channel.ravel().astype(np.float64), [1.0, 99.8]).compute()
-            ranges.append((float(lo), float(max(hi, lo + 1e-6))))
-    return ranges
 
 
 def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Array, da.Array]:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -128,6 +129,28 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_job_run(
+    tracking_uri: str,
+    experiment: str,
+    job: str,
+    run_name: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    artifacts: tuple[str | Path, ...] = (),
+) -> str:
+    """A finished MLflow run recording one job (inference, evaluation): what went in, what came out."""
+    client = connect(tracking_uri)
+    run = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=run_name, tags={"job": job})
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    log_metrics(client, run_id, metrics, step=0)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    set_tags(client, run_id, {"finished": datetime.now(UTC).isoformat(timespec="seconds")})
+    client.set_terminated(run_id)
+    return run_id
 
 
 def git_commit() -> str:

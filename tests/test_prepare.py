@@ -17,11 +17,13 @@ import tifffile
 import zarr
 from PIL import Image
 
+from pipelines.infer import intensity_range
 from pipelines.prepare import prepare, split_names
 from unet.config import load_config
 from unet.data.sources import DataError
 from unet.data.store import StoreError, TrainingStore
 from unet.samples import fetch_samples
+from unet.slide import open_slide
 from unet.weights import target_and_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,10 @@ def test_round_trip_of_real_data(fluo, tmp_path: Path) -> None:
     )
     assert ex.split == "train"  # a single example is never held out
     assert (tmp_path / "train.zarr.previews" / "dsb2018_0.png").is_file()
+    # inference normalises a slide of this image exactly as training did
+    zarr.create_array(tmp_path / "slide.zarr", data=image, chunks=(128, 128))
+    slide = open_slide(tmp_path / "slide.zarr")
+    assert intensity_range(slide, str(tmp_path / "slide.zarr")) == tuple(map(tuple, ex.attrs["intensity_range"]))
 
 
 def test_chunk_by_chunk_equals_whole_image(fluo, tmp_path: Path) -> None:

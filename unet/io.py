@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -101,6 +102,28 @@ def intensity_range_from_histogram(counts: np.ndarray, low: float = 1.0, high: f
     lo = int(np.searchsorted(cumulative, total * low / 100.0))
     hi = int(np.searchsorted(cumulative, total * high / 100.0))
     return float(lo), float(max(hi, lo + 1))
+
+
+def intensity_ranges(image: Any) -> tuple[tuple[float, float], ...]:
+    """Per-channel normalisation range of a CYX image (NumPy or lazy Dask), the same rule for training and
+    inference: 8-bit images 0..255, others their (1, 99.8) percentiles, exact for integer images (from a
+    histogram; Dask merges per-chunk percentiles of floating-point images, which is close but not exact)."""
+    import dask.array as da  # here, not at module level: the library stays importable without a scheduler
+
+    image = da.asarray(image)
+    if image.dtype == np.uint8:
+        return ((0.0, 255.0),) * image.shape[0]
+    ranges = []
+    for channel in image:
+        if image.dtype.kind in "iu":
+            values = channel.ravel().astype(np.int64)
+            shift = int(values.min().compute())
+            lo, hi = intensity_range_from_histogram(da.bincount(values - shift).compute())
+            ranges.append((lo + shift, hi + shift))
+        else:
+            lo, hi = da.percentile(channel.ravel().astype(np.float64), [1.0, 99.8]).compute()
+            ranges.append((float(lo), float(max(hi, lo + 1e-6))))
+    return tuple(ranges)
 
 
 def scale_intensity(image: np.ndarray, ranges: list[tuple[float, float]] | np.ndarray) -> np.ndarray:

@@ -26,12 +26,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# --durations: the slowest tests are listed at the end, to keep the suite quick
 test: lint
-	$(PY) -m pytest -m "not cluster"
+	$(PY) -m pytest -m "not cluster" --durations=15
 
-# Tests that need more than Python and pip (the PostgreSQL server binaries); .ci/run installs them.
+# Multi-service tests: PostgreSQL (its server binaries; .ci/run installs them), and S3 + MLflow server + Ray.
 test-cluster: $(STAMP)
-	$(PY) -m pytest -m cluster
+	$(PY) -m pytest -m cluster --durations=5
 
 benchmarks: $(STAMP)
 	$(PY) -m benchmarks.run

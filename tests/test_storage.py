@@ -62,6 +62,7 @@ def test_unreachable_object_store_is_one_line_error_and_exit_2() -> None:
         "AWS_ACCESS_KEY_ID": "x",
         "AWS_SECRET_ACCESS_KEY": "y",
         "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_MAX_ATTEMPTS": "1",  # botocore would otherwise retry for about 10 s
     }
     cmd = [sys.executable, "-m", "pipelines.infer", "--set", "infer.input=s3://bucket/slide.ome.zarr",
            "--set", "infer.output=out.ome.zarr"]  # fmt: skip

@@ -57,35 +57,6 @@ def read_image(path: str | Path) -> np.ndarray:
     raise ImageReadError(f"unsupported image type {suffix!r} for {path}; supported: {', '.join(SUPPORTED)}")
 
 
-def to_channels_first(image: np.ndarray, n_channels: int, name: str = "image") -> np.ndarray:
-    """Return ``image`` as CYX with ``n_channels`` channels (YX and YXC inputs accepted)."""
-    if image.ndim == 2:
-        image = image[None]
-    elif image.ndim == 3 and image.shape[-1] <= 4 and image.shape[0] > 4:
-        image = np.moveaxis(image, -1, 0)
-    if image.ndim != 3:
-        raise UserError(f"{name}: expected a 2-D image (YX, YXC or CYX), got shape {image.shape}")
-    if image.shape[0] == 4 and n_channels == 3:
-        image = image[:3]  # RGBA: drop alpha
-    if image.shape[0] != n_channels:
-        raise UserError(f"{name}: has {image.shape[0]} channels but the model expects {n_channels}")
-    return image
-
-
-def normalize_intensity(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
-    """Scale to float32 roughly in [0, 1]: 8-bit images by 255, others by per-channel percentiles.
-
-    Percentiles suit fluorescence, whose useful range is a small part of its 16-bit range.
-    """
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    data = image.astype(np.float32)
-    axes = tuple(range(1, data.ndim))
-    lo = np.percentile(data, low, axis=axes, keepdims=True)
-    hi = np.percentile(data, high, axis=axes, keepdims=True)
-    return (data - lo) / np.maximum(hi - lo, 1e-6)
-
-
 def write_png(location: str | Path, rgb: np.ndarray) -> str:
     """Write an HxWx3 (or HxW) uint8 array as PNG to a path (parent folders created) or URL."""
     buffer = io.BytesIO()

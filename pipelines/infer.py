@@ -27,13 +27,14 @@ from pipelines.infer_output import create_output, finalize_output, lineage_match
 from pipelines.infer_tasks import JobSpec, label_chunk_globally, predict_chunk
 from unet import __version__, storage
 from unet.config import Config, flatten_config
-from unet.errors import UserError
+from unet.errors import UserError, first_line
 from unet.inference import InferenceSettings
 from unet.instances import merge_ids, offsets, seam_pairs
 from unet.io import intensity_ranges
 from unet.slide import Slide, open_slide
 from unet.tiling import grid
 from unet.tissue import chunks_with_tissue
+from unet.training import ARCHITECTURE_FILE
 
 log = logging.getLogger("infer")
 
@@ -46,14 +47,14 @@ def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str | None]:
         try:
             version = client.get_model_version_by_alias(name, alias).version
         except Exception as exc:
-            raise UserError(f"cannot resolve model {uri}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"cannot resolve model {uri}: {first_line(exc)}") from None
         return f"models:/{name}/{version}", str(version)
     if uri.startswith(("models:/", "runs:/")):
         return uri, uri.rstrip("/").rsplit("/", 1)[-1] if uri.startswith("models:/") else None
     path = Path(uri).expanduser().resolve()
     if (path / "best_model").is_dir():  # a Ray Train checkpoint folder
         path = path / "best_model"
-    if not (path / "model.json").is_file():
+    if not (path / ARCHITECTURE_FILE).is_file():
         raise UserError(f"model not found: {uri} (expected models:/NAME@ALIAS, models:/NAME/VERSION or a folder)")
     return str(path), None
 
@@ -107,8 +108,8 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     model = registry.load_model(model_uri, tracking_uri=tracking_uri)
     if slide.channels != model.n_channels:
         raise UserError(f"{infer.input} has {slide.channels} channels but the model expects {model.n_channels}")
-    if infer.tile_size % model.size_multiple or infer.chunk_size % infer.tile_size:
-        raise UserError(f"infer.chunk_size must be a multiple of infer.tile_size, itself of {model.size_multiple}")
+    if infer.tile_size % model.size_multiple:  # chunk_size % tile_size is checked with the config
+        raise UserError(f"infer.tile_size={infer.tile_size} must be a multiple of {model.size_multiple} for this model")
 
     staged = output_staging(infer.output)
     lineage = {

@@ -30,7 +30,7 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from unet import __version__
 from unet.config import Config
-from unet.errors import UserError
+from unet.errors import UserError, first_line
 from unet.model import UNet
 from unet.training import load_weights, save_weights
 
@@ -79,8 +79,7 @@ def connect(uri: str) -> MlflowClient:
     try:
         client.search_experiments(max_results=1)
     except Exception as exc:  # any failure to talk to the store means we cannot track
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"MLflow tracking server unreachable at {uri}: {first[:200]}") from None
+        raise UserError(f"MLflow tracking server unreachable at {uri}: {first_line(exc)[:200]}") from None
     return client
 
 
@@ -217,7 +216,7 @@ def load_model(uri: str, tracking_uri: str | None = None) -> UNet:
             with using_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         except MlflowException as exc:
-            raise UserError(f"cannot load model {uri}: {exc.message.splitlines()[0]}") from None
+            raise UserError(f"cannot load model {uri}: {first_line(exc)}") from None
     if (local / "MLmodel").is_file():
         flavor = Model.load(str(local)).flavors.get("python_function", {})
         if flavor.get("loader_module") != "unet.serving":

@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An invalid configuration file or ``--set`` override."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import fsspec
 from fsspec.core import url_to_fs
 
-from unet.errors import UserError
+from unet.errors import UserError, first_line
 
 
 class StorageError(UserError):
@@ -52,7 +52,7 @@ def filesystem(location: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         fs, path = url_to_fs(resolve(location))
     except (ImportError, ValueError) as exc:  # e.g. gs:// without gcsfs installed
-        raise StorageError(f"cannot open {location}: {_first_line(exc)}") from None
+        raise StorageError(f"cannot open {location}: {first_line(exc)}") from None
     fs.invalidate_cache()  # other processes (workers, earlier jobs) write here too: list afresh
     return fs, path
 
@@ -66,7 +66,7 @@ def exists(location: str | Path) -> bool:
     try:
         return fs.exists(path)
     except Exception as exc:  # botocore and aiohttp raise many kinds; the user needs one line
-        raise StorageError(f"cannot reach {location}: {_first_line(exc)}") from None
+        raise StorageError(f"cannot reach {location}: {first_line(exc)}") from None
 
 
 def is_file(location: str | Path) -> bool:
@@ -152,8 +152,3 @@ def publish(staged: Staging) -> str:
     if old is not None:
         remove(old)
     return staged.final
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

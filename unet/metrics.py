@@ -14,11 +14,26 @@ from scipy import ndimage as ndi
 
 def pixel_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """IoU and Dice of the foreground (non-zero) pixels; 1.0 when both are empty."""
+    return _overlap(*_pixel_counts(predicted, truth))
+
+
+def _pixel_counts(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
+    """Foreground intersection, union and predicted plus true pixel counts."""
     p, t = np.asarray(predicted) > 0, np.asarray(truth) > 0
-    intersection = float(np.logical_and(p, t).sum())
-    union = float(np.logical_or(p, t).sum())
-    total = float(p.sum() + t.sum())
+    return int(np.logical_and(p, t).sum()), int(np.logical_or(p, t).sum()), int(p.sum() + t.sum())
+
+
+def _overlap(intersection: int, union: int, total: int) -> dict[str, float]:
+    """IoU and Dice from pixel counts (``total``: predicted plus true pixels); 1.0 when both are empty."""
     return {"iou": intersection / union if union else 1.0, "dice": 2 * intersection / total if total else 1.0}
+
+
+def _detection(tp: int, n_true: int, n_pred: int) -> tuple[float, float, float]:
+    """Precision, recall and F1 of ``tp`` matches; a side with no objects scores 1 only if the other has none."""
+    precision = tp / n_pred if n_pred else float(n_true == 0)
+    recall = tp / n_true if n_true else float(n_pred == 0)
+    f1 = 2 * tp / (n_true + n_pred) if (n_true + n_pred) else 1.0
+    return precision, recall, f1
 
 
 def instances_from_foreground(foreground: np.ndarray) -> np.ndarray:
@@ -69,9 +84,7 @@ def instance_scores(truth: np.ndarray, predicted: np.ndarray, threshold: float =
     union = true_area[1:, None] + pred_area[None, 1:] - inter
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     tp = int((iou > threshold).sum())
-    precision = tp / n_p if n_p else float(n_t == 0)
-    recall = tp / n_t if n_t else float(n_p == 0)
-    f1 = 2 * tp / (n_t + n_p) if (n_t + n_p) else 1.0
+    precision, recall, f1 = _detection(tp, n_t, n_p)
     # "most of" = more than half of the object's own area
     true_mostly_in = inter > 0.5 * true_area[1:, None]  # [t, p]: true object t lies mostly inside p
     pred_mostly_in = inter > 0.5 * pred_area[None, 1:]  # [t, p]: predicted object p lies mostly inside t
@@ -100,11 +113,10 @@ class SegmentationTally:
 
     def add(self, truth_instances: np.ndarray, predicted_foreground: np.ndarray) -> InstanceScores:
         """Count one image; returns its own instance scores."""
-        p, t = np.asarray(predicted_foreground) > 0, np.asarray(truth_instances) > 0
-        self.counts["intersection"] += int(np.logical_and(p, t).sum())
-        self.counts["union"] += int(np.logical_or(p, t).sum())
-        self.counts["pixels_sum"] += int(p.sum() + t.sum())
-        scores = instance_scores(truth_instances, instances_from_foreground(p), self.threshold)
+        counts = _pixel_counts(predicted_foreground, truth_instances)
+        for key, count in zip(("intersection", "union", "pixels_sum"), counts, strict=True):
+            self.counts[key] += count
+        scores = instance_scores(truth_instances, instances_from_foreground(predicted_foreground), self.threshold)
         for key in ("n_true", "n_pred", "true_positives", "merged", "split"):
             self.counts[key] += getattr(scores, key)
         self.images += 1
@@ -112,13 +124,13 @@ class SegmentationTally:
 
     def scores(self) -> dict[str, float]:
         c = self.counts
-        n_t, n_p, tp = c["n_true"], c["n_pred"], c["true_positives"]
+        n_t, n_p = c["n_true"], c["n_pred"]
+        precision, recall, f1 = _detection(c["true_positives"], n_t, n_p)
         return {
-            "iou": c["intersection"] / c["union"] if c["union"] else 1.0,
-            "dice": 2 * c["intersection"] / c["pixels_sum"] if c["pixels_sum"] else 1.0,
-            "precision": tp / n_p if n_p else float(n_t == 0),
-            "recall": tp / n_t if n_t else float(n_p == 0),
-            "f1": 2 * tp / (n_t + n_p) if (n_t + n_p) else 1.0,
+            **_overlap(c["intersection"], c["union"], c["pixels_sum"]),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
             "merged": float(c["merged"]),
             "split": float(c["split"]),
             "n_true": float(n_t),

@@ -57,8 +57,9 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     model_uri, version = resolve_model(config.evaluate.model, tracking_uri)
     summary, rows = evaluate_model(config, model_uri, tracking_uri)
     out_dir = Path(config.evaluate.output)
+    table = out_dir / "per_image.csv"
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "per_image.csv").open("w", newline="") as handle:
+    with table.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -67,7 +68,7 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     params = {"model_uri": model_uri, "model_version": version, "store": store,
               "store_sha256": storage.sha256(store), "split": config.evaluate.split}  # fmt: skip
     metrics = {f"eval/{k}": v for k, v in summary.items()}
-    name, table = f"evaluate {Path(model_uri).name}", out_dir / "per_image.csv"
+    name = f"evaluate {Path(model_uri).name}"
     experiment = config.tracking.experiment
     run_id = registry.log_job_run(tracking_uri, experiment, "evaluation", name, params, metrics, (table,))
 
@@ -76,7 +77,7 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     print("  " + "  ".join(f"{k:>9}" for k in SUMMARY_KEYS))
     print("  " + "  ".join(f"{summary[k]:>9.3f}" if k in {"iou", "dice", "precision", "recall", "f1"}
                            else f"{summary[k]:>9.0f}" for k in SUMMARY_KEYS))  # fmt: skip
-    print(f"  per image  {out_dir / 'per_image.csv'}; pictures {out_dir}/*.png; MLflow run {run_id}")
+    print(f"  per image  {table}; pictures {out_dir}/*.png; MLflow run {run_id}")
     return {**summary, "images": len(rows), "mlflow_run_id": run_id}
 
 

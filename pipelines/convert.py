@@ -19,10 +19,10 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import zarr
-from dask.diagnostics import ProgressBar
 from ome_zarr.format import Format, FormatV04, FormatV05
 from ome_zarr.writer import write_multiscales_metadata
 
+from pipelines import zarr_store
 from pipelines.cli import make_parser, run
 from unet import storage
 from unet.config import Config
@@ -82,8 +82,7 @@ def write_pyramid(root: zarr.Group, image: da.Array, chunk: int, fmt: Format) ->
             name, shape=level.shape, dtype=dtype, chunks=(channels, chunk, chunk), fill_value=0, **extra
         )
         log.info("writing level %s: %s", name, " x ".join(map(str, level.shape)))
-        with ProgressBar(minimum=1.0):
-            da.store(level.rechunk((channels, chunk, chunk)), target, lock=False)
+        zarr_store.store([level], [target])  # chunk-aligned, read back and checked
         shapes.append(tuple(level.shape))
         if max(level.shape[1:]) <= chunk or min(level.shape[1:]) < 2:
             return shapes

@@ -3,7 +3,8 @@
 The model and the slide are opened once per worker process (cached by job) and reused by every
 chunk that process runs, so the model is never shipped with a task. Each chunk records its
 completion in a small Zarr array *after* its data is written, so a killed job can be resumed and
-redoes only chunks whose record is missing.
+redoes only chunks whose record is missing. Every write covers whole Zarr chunks
+(``unet.chunk_writes.write_block``), so no two tasks ever write the same chunk.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import zarr
 
+from unet.chunk_writes import write_block
 from unet.inference import ChunkPredictor, InferenceSettings
 from unet.instances import ChunkEdges, label_chunk, relabel
 from unet.io import scale_intensity
@@ -62,6 +64,11 @@ def _slide(spec: JobSpec) -> Slide:
     return open_slide(spec.input, spec.level)
 
 
+def _cell(key: tuple[int, int]) -> tuple[slice, slice]:
+    """The completion record of chunk ``key`` (one element, one Zarr chunk)."""
+    return slice(key[0], key[0] + 1), slice(key[1], key[1] + 1)
+
+
 def _arrays(spec: JobSpec, *names: str) -> list[zarr.Array]:
     root = zarr.open_group(spec.output, mode="r+")
     return [root[name] for name in names]
@@ -90,10 +97,10 @@ def predict_chunk(spec: JobSpec, key: tuple[int, int], has_tissue: bool = True) 
     else:
         probability = np.zeros((region.height, region.width), np.float32)
     stored = to_stored(probability, spec.probability_dtype)
-    probability_array[(0, *region.slices)] = stored
+    write_block(probability_array, (slice(0, 1), *region.slices), stored[None])
     local, count = label_chunk(_foreground(stored, spec))
-    local_array[region.slices] = local
-    done[key] = 1  # only now: the chunk is complete
+    write_block(local_array, region.slices, local)
+    write_block(done, _cell(key), np.ones((1, 1)))  # only now: the chunk is complete
     return ChunkEdges.of(local, count)
 
 
@@ -110,6 +117,6 @@ def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mappin
     region = spec.region(key, *local_array.shape)
     final = relabel(np.asarray(local_array[region.slices]), start, mapping)
     if not done[key]:
-        labels_array[(0, *region.slices)] = final
-        done[key] = 1
+        write_block(labels_array, (slice(0, 1), *region.slices), final[None])
+        write_block(done, _cell(key), np.ones((1, 1)))
     return len(np.unique(final)) - 1

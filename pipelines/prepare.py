@@ -20,8 +20,8 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-from dask.diagnostics import ProgressBar
 
+from pipelines import zarr_store
 from pipelines.cli import make_parser, run
 from unet import storage
 from unet.config import Config, flatten_config
@@ -69,6 +69,11 @@ def split_names(names: list[str], val_fraction: float, seed: int) -> dict[str, s
     return {name: ("val" if i < n_val else "train") for i, name in enumerate(order)}
 
 
+def overlap_depth(params: WeightMapParams) -> int:
+    """Pixels of context a chunk needs for its weights to equal the whole-image ones (border term + separation)."""
+    return math.ceil(cutoff_radius(params.w0, params.sigma, params.tolerance)) + 2
+
+
 def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Array, da.Array]:
     """Target and weight map, chunk by chunk with enough overlap to equal the whole-image result."""
     target = labels.map_overlap(
@@ -76,10 +81,9 @@ def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Ar
     )
     foreground = float(target.mean().compute())
     frequencies = {0: 1.0 - foreground, 1: foreground}
-    depth = math.ceil(cutoff_radius(params.w0, params.sigma, params.tolerance)) + 2
     weights = labels.map_overlap(
         lambda block: target_and_weights(block, params, frequencies)[1],
-        depth=depth,
+        depth=overlap_depth(params),
         boundary="none",
         dtype=np.float32,
     )
@@ -129,8 +133,7 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
         log.info(
             "computing targets and weight maps (w0=%g, sigma=%g) and writing %s", params.w0, params.sigma, data.store
         )
-        with ProgressBar(minimum=1.0):
-            da.store(sources, targets, lock=False)
+        zarr_store.store(sources, targets)  # chunk-aligned, then read back and checked before commit
         path = writer.commit(
             {
                 "examples": [ex.pair.name for ex in examples],

@@ -18,13 +18,13 @@ import zarr
 from PIL import Image
 
 from pipelines.infer import intensity_range
-from pipelines.prepare import prepare, split_names
+from pipelines.prepare import overlap_depth, prepare, split_names
 from unet.config import load_config
 from unet.data.sources import DataError
 from unet.data.store import StoreError, TrainingStore
 from unet.samples import fetch_samples
 from unet.slide import open_slide
-from unet.weights import target_and_weights
+from unet.weights import WeightMapParams, target_and_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +77,28 @@ def test_chunk_by_chunk_equals_whole_image(fluo, tmp_path: Path) -> None:
     target, weights = target_and_weights(labels)
     np.testing.assert_array_equal(ex.target[:], target)
     np.testing.assert_allclose(ex.weights[:], weights, atol=1e-5)
+
+
+def test_sizes_just_above_a_chunk_multiple_store_exactly_the_whole_image_result(fluo, tmp_path: Path) -> None:
+    """Issue 11: map_overlap split blocks narrower than its depth, two tasks wrote one Zarr chunk, one write was
+    lost. Every size from chunk + 1 to chunk + depth, in both axes, must store the whole-image target and weights."""
+    image, labels, _ = fluo
+    chunk, depth = 64, overlap_depth(WeightMapParams())
+    for k in range(1, depth + 1):  # height chunk + k, width chunk + depth + 1 - k: every offset in both axes
+        shape = (chunk + k, chunk + depth + 1 - k)
+        top, left = 7 * k, 11 * k  # different real crops
+        window = (slice(top, top + shape[0]), slice(left, left + shape[1]))
+        write_pair(tmp_path / "in", f"k{k:02d}", image[window], labels[window])
+    config = config_for(tmp_path, tmp_path / "in" / "images", tmp_path / "in" / "labels", **{"data.val_fraction": 0})
+    store = TrainingStore(prepare(config, chunk=chunk, previews=0))
+    assert len(store.names) == depth
+    for name in store.names:
+        ex = store.example(name)
+        assert ex.weights.chunks == (chunk, chunk)
+        target, weights = target_and_weights(ex.labels[:])
+        assert ex.labels.shape[0] - chunk in range(1, depth + 1) and ex.labels.shape[1] - chunk in range(1, depth + 1)
+        np.testing.assert_array_equal(ex.target[:], target, err_msg=name)
+        np.testing.assert_allclose(ex.weights[:], weights, atol=1e-5, err_msg=name)
 
 
 def test_every_input_format(fluo, tmp_path: Path) -> None:

@@ -14,24 +14,23 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
-import zarr
-from ome_zarr.format import Format, FormatV04, FormatV05
-from ome_zarr.writer import write_multiscales_metadata
 
-from pipelines import zarr_store
 from pipelines.cli import make_parser, run
-from unet import storage
 from unet.config import Config
-from unet.samples import resolve_location
-from unet.slide import Slide, SlideError, open_slide
+
+if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
+    import dask.array as da
+    import zarr
+    from ome_zarr.format import Format
+
+    from unet.slide import Slide
 
 log = logging.getLogger("convert")
 
-NGFF_FORMATS: dict[str, type[Format]] = {"0.4": FormatV04, "0.5": FormatV05}
+NGFF_FORMATS: dict[str, int] = {"0.4": 2, "0.5": 3}  # OME-NGFF version -> Zarr format it is written as
 MIN_CHUNK = 16
 RGB = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
 OTHER_COLORS = ("FFFFFF", "00FFFF", "FF00FF", "FFFF00")
@@ -39,6 +38,12 @@ OTHER_COLORS = ("FFFFFF", "00FFFF", "FF00FF", "FFFF00")
 
 def convert(input: str | Path, output: str | Path, chunk: int = 512, ngff: str = "0.5", overwrite: bool = False) -> str:
     """Write ``input`` (TIFF/SVS, or anything ``open_slide`` reads) as an OME-Zarr image at ``output``."""
+    import zarr
+
+    from unet import storage
+    from unet.samples import resolve_location
+    from unet.slide import SlideError, open_slide
+
     source, staged = storage.resolve(resolve_location(str(input))), storage.staging(output)
     if ngff not in NGFF_FORMATS:
         raise SlideError(f"unknown NGFF version {ngff!r}; choose one of {', '.join(NGFF_FORMATS)}")
@@ -46,7 +51,7 @@ def convert(input: str | Path, output: str | Path, chunk: int = 512, ngff: str =
         raise SlideError(f"chunk size {chunk} is too small; use at least {MIN_CHUNK} (512 is typical)")
     if storage.exists(staged.final) and not overwrite:
         raise SlideError(f"{staged.final} already exists; pass --overwrite to replace it")
-    fmt = NGFF_FORMATS[ngff]()
+    fmt = ngff_format(ngff)
     with open_slide(source) as slide:
         log.info("converting %s (%d x %d x %d %s) to OME-NGFF %s", source, *slide.shape, slide.dtype, ngff)
         if staged.in_place:  # no rename on object stores: the old output goes first
@@ -68,8 +73,19 @@ def convert(input: str | Path, output: str | Path, chunk: int = 512, ngff: str =
     return staged.final
 
 
+def ngff_format(version: str) -> Format:
+    """The ome_zarr format object of an NGFF version in ``NGFF_FORMATS``."""
+    from ome_zarr.format import FormatV04, FormatV05
+
+    return {"0.4": FormatV04, "0.5": FormatV05}[version]()
+
+
 def write_pyramid(root: zarr.Group, image: da.Array, chunk: int, fmt: Format) -> list[tuple[int, ...]]:
     """Write ``image`` (CYX) as arrays "0", "1", ... each half the size of the last; return their shapes."""
+    import dask.array as da
+
+    from pipelines import zarr_store
+
     channels, dtype = image.shape[0], image.dtype
     extra: dict[str, Any] = {"dimension_names": ["c", "y", "x"]}
     if fmt.zarr_format == 2:  # NGFF 0.4 asks for "/"-separated chunk keys; v2 has no dimension names
@@ -92,6 +108,8 @@ def write_pyramid(root: zarr.Group, image: da.Array, chunk: int, fmt: Format) ->
 
 def downsample(image: da.Array) -> da.Array:
     """2x2 mean of a CYX array (an odd last row/column is dropped), in the input's dtype."""
+    import dask.array as da
+
     mean = da.coarsen(np.mean, image, {1: 2, 2: 2}, trim_excess=True)
     if np.issubdtype(image.dtype, np.integer):
         mean = da.round(mean)  # plain casting truncates: every level would get darker by half a grey level
@@ -100,6 +118,8 @@ def downsample(image: da.Array) -> da.Array:
 
 def write_metadata(root: zarr.Group, slide: Slide, shapes: list[tuple[int, ...]], fmt: Format, name: str) -> None:
     """NGFF multiscales (axes, per-level scale and translation) and an omero rendering block."""
+    from ome_zarr.writer import write_multiscales_metadata
+
     pixel = slide.pixel_size_um or 1.0  # without a known size, scales are in level-0 pixels
     datasets = []
     for index in range(len(shapes)):
@@ -146,6 +166,8 @@ def omero_metadata(channels: int, dtype: np.dtype, name: str) -> dict[str, Any]:
 
 def describe(path: str) -> list[str]:
     """One line per level of a written OME-Zarr image."""
+    from unet.slide import open_slide
+
     lines = []
     with open_slide(path) as first:
         levels = first.levels
@@ -157,11 +179,13 @@ def describe(path: str) -> list[str]:
 
 
 def main(config: Config, args: argparse.Namespace) -> None:
+    from unet.slide import SlideError
+
     if args.input is None or args.output is None:
         raise SlideError("give INPUT and OUTPUT, e.g. python -m pipelines.convert slide.svs slide.ome.zarr")
     path = convert(args.input, args.output, chunk=args.chunk, ngff=args.ngff, overwrite=args.overwrite)
     lines = describe(path)
-    print(f"wrote {path} (OME-NGFF {args.ngff}, Zarr v{NGFF_FORMATS[args.ngff]().zarr_format}): {len(lines)} levels")
+    print(f"wrote {path} (OME-NGFF {args.ngff}, Zarr v{NGFF_FORMATS[args.ngff]}): {len(lines)} levels")
     print("\n".join(lines))
 
 

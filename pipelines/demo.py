@@ -17,20 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zarr
 
-from pipelines import evaluate, infer, registry, train
 from pipelines.cli import make_parser, run
-from pipelines.convert import convert
-from pipelines.prepare import prepare
-from unet import storage
 from unet.config import Config, flatten_config
-from unet.data.store import TrainingStore
 from unet.errors import UserError
-from unet.io import write_png
-from unet.samples import fetch_samples
-from unet.slide import open_slide
-from unet.visualize import outline
+
+# heavy modules and the other pipelines are imported where they are used, so that --help answers at once
 
 log = logging.getLogger("demo")
 STEPS = 7
@@ -60,6 +52,8 @@ class Steps:
 
 def store_is_current(path: Path, config: Config) -> bool:
     """A complete store made from the same data and weight-map settings."""
+    from unet.data.store import TrainingStore
+
     try:
         recorded = TrainingStore(path).attrs["config"]
     except UserError:
@@ -70,6 +64,9 @@ def store_is_current(path: Path, config: Config) -> bool:
 
 def finished_model(config: Config, store_sha: str) -> str | None:
     """The model registered by a finished training run of this config and store, if there is one."""
+    from pipelines import registry
+    from unet import storage
+
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     client = registry.connect(tracking_uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
@@ -85,6 +82,12 @@ def finished_model(config: Config, store_sha: str) -> str | None:
 
 def slide_overlay(slide_path: str, output: str, picture: Path, size: int = 768) -> str:
     """A region from the middle of the slide with the predicted nuclei outlined."""
+    import zarr
+
+    from unet.io import write_png
+    from unet.slide import open_slide
+    from unet.visualize import outline
+
     slide = open_slide(slide_path)
     y0, x0 = max(slide.height // 2 - size // 2, 0), max(slide.width // 2 - size // 2, 0)
     y1, x1 = min(y0 + size, slide.height), min(x0 + size, slide.width)
@@ -94,6 +97,16 @@ def slide_overlay(slide_path: str, output: str, picture: Path, size: int = 768) 
 
 
 def main(config: Config, args: argparse.Namespace) -> None:
+    import zarr
+
+    from pipelines import evaluate, infer, registry, train
+    from pipelines.convert import convert
+    from pipelines.prepare import prepare
+    from unet import storage
+    from unet.data.store import TrainingStore
+    from unet.samples import fetch_samples
+    from unet.slide import open_slide
+
     steps = Steps()
     steps.begin("fetch real sample data")
     samples = fetch_samples(["he_nuclei", "cmu_slide"])

@@ -11,19 +11,11 @@ import csv
 import logging
 from pathlib import Path
 
-import torch
-
-from pipelines import registry
 from pipelines.cli import make_parser, run
-from pipelines.infer import resolve_model
-from unet import storage
 from unet.config import Config
-from unet.data.store import TrainingStore
 from unet.errors import UserError
-from unet.io import write_png
-from unet.metrics import SegmentationTally, pixel_scores
-from unet.training import load_validation, predict_foreground
-from unet.visualize import prediction_panel
+
+# heavy modules (torch, mlflow, zarr, scipy) are imported where they are used, so that --help answers at once
 
 log = logging.getLogger("evaluate")
 SUMMARY_KEYS = ("iou", "dice", "precision", "recall", "f1", "merged", "split", "n_true", "n_pred")
@@ -31,6 +23,15 @@ SUMMARY_KEYS = ("iou", "dice", "precision", "recall", "f1", "merged", "split", "
 
 def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[dict[str, float], list[dict]]:
     """Pooled scores and one row per image of ``evaluate.split`` of the store."""
+    import torch
+
+    from pipelines import registry
+    from unet.data.store import TrainingStore
+    from unet.io import write_png
+    from unet.metrics import SegmentationTally, pixel_scores
+    from unet.training import load_validation, predict_foreground
+    from unet.visualize import prediction_panel
+
     settings = config.evaluate
     store = TrainingStore(settings.store or config.data.store)
     examples = load_validation(store, settings.split)
@@ -53,6 +54,10 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[d
 
 
 def main(config: Config, args: argparse.Namespace) -> dict:
+    from pipelines import registry
+    from pipelines.infer import resolve_model
+    from unet import storage
+
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     model_uri, version = resolve_model(config.evaluate.model, tracking_uri)
     summary, rows = evaluate_model(config, model_uri, tracking_uri)

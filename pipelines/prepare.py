@@ -15,22 +15,18 @@ import argparse
 import logging
 import math
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask
-import dask.array as da
 import numpy as np
 
-from pipelines import zarr_store
 from pipelines.cli import make_parser, run
-from unet import storage
 from unet.config import Config, flatten_config
-from unet.data.sources import DataError, Pair, check_pair, find_pairs, open_lazy
-from unet.data.store import StoreWriter, TrainingStore
-from unet.io import intensity_ranges, pixel_size_um
-from unet.samples import resolve_location
-from unet.visualize import save_weight_map_png
-from unet.weights import WeightMapParams, cutoff_radius, separate_touching, target_and_weights
+
+if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
+    import dask.array as da
+
+    from unet.data.sources import Pair
+    from unet.weights import WeightMapParams
 
 log = logging.getLogger("prepare")
 
@@ -39,6 +35,10 @@ class Prepared:
     """Lazy (Dask) arrays of one example plus what is known about it before computing anything."""
 
     def __init__(self, pair: Pair, config: Config, chunk: int) -> None:
+        import dask.array as da
+
+        from unet.data.sources import DataError, check_pair, open_lazy
+
         self.pair = pair
         image, labels = open_lazy(pair.image), open_lazy(pair.labels)
         check_pair(pair, image, labels)
@@ -53,6 +53,8 @@ class Prepared:
 
     def checks(self) -> dict[str, Any]:
         """Dask scalars whose values must be false for the data to be usable."""
+        import dask.array as da
+
         checks: dict[str, Any] = {}
         if np.dtype(self.image.dtype).kind == "f":
             checks[f"image {self.pair.image} contains NaN or infinite values"] = ~da.isfinite(self.image).all()
@@ -71,11 +73,15 @@ def split_names(names: list[str], val_fraction: float, seed: int) -> dict[str, s
 
 def overlap_depth(params: WeightMapParams) -> int:
     """Pixels of context a chunk needs for its weights to equal the whole-image ones (border term + separation)."""
+    from unet.weights import cutoff_radius
+
     return math.ceil(cutoff_radius(params.w0, params.sigma, params.tolerance)) + 2
 
 
 def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Array, da.Array]:
     """Target and weight map, chunk by chunk with enough overlap to equal the whole-image result."""
+    from unet.weights import separate_touching, target_and_weights
+
     target = labels.map_overlap(
         lambda block: (separate_touching(block) > 0).astype(np.uint8), depth=1, boundary="none", dtype=np.uint8
     )
@@ -92,6 +98,16 @@ def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Ar
 
 def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews: int = 3) -> str:
     """Build the training store named by ``config.data.store`` (a path or URL); return its location."""
+    import dask
+
+    from pipelines import zarr_store
+    from unet import storage
+    from unet.data.sources import DataError, find_pairs
+    from unet.data.store import StoreWriter
+    from unet.io import intensity_ranges, pixel_size_um
+    from unet.samples import resolve_location
+    from unet.weights import WeightMapParams
+
     data = config.data
     if not data.images or not data.labels:
         raise DataError("set data.images and data.labels (folders or glob patterns), e.g. --set data.images=DIR")
@@ -148,6 +164,9 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
 
 def write_previews(location: str, count: int) -> list[str]:
     """PNG panels (image | target | weights) of the first ``count`` examples, beside the store."""
+    from unet.data.store import TrainingStore
+    from unet.visualize import save_weight_map_png
+
     store = TrainingStore(location)
     out_dir = f"{store.location}.previews"
     written = []
@@ -169,6 +188,8 @@ def write_previews(location: str, count: int) -> list[str]:
 
 
 def main(config: Config, args: argparse.Namespace) -> None:
+    from unet.data.store import TrainingStore
+
     path = prepare(config, overwrite=args.overwrite, chunk=args.chunk_size, previews=args.previews)
     store = TrainingStore(path)
     print(f"wrote {path}: {len(store.names_in('train'))} training and {len(store.names_in('val'))} validation examples")

@@ -17,20 +17,22 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from pipelines import registry
 from pipelines.cli import make_parser, run
-from unet import storage
 from unet.config import Config, dump_config, flatten_config
-from unet.data.store import TrainingStore
 from unet.errors import UserError
-from unet.training import load_weights
+
+if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
+    from unet.data.store import TrainingStore
 
 log = logging.getLogger("train")
 
 
 def check_store(config: Config) -> TrainingStore:
+    from unet.data.store import TrainingStore
+
     store = TrainingStore(config.data.store)
     if not store.names_in("train") or not store.names_in("val"):
         raise UserError(
@@ -115,6 +117,10 @@ def build_trainer(config: Config, loop_config: dict):
 
 
 def main(config: Config, args: argparse.Namespace) -> dict:
+    from pipelines import registry
+    from unet import storage
+    from unet.training import load_weights
+
     config = config.model_copy(deep=True)
     config.data.store = storage.resolve(config.data.store)
     config.train.storage_path = storage.resolve(config.train.storage_path)

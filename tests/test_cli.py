@@ -55,3 +55,26 @@ def test_config_errors_are_one_line_and_exit_2(module: str, tmp_path: Path) -> N
 
     result = run_module(module, "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+HEAVY_MODULES = {"torch", "mlflow", "ray", "dask.array", "distributed", "zarr", "ome_zarr"}
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_help_imports_no_heavy_modules(module: str) -> None:
+    """--help answers at once: heavy modules are imported where they are used, not at module level."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+    # -X importtime writes "import time: self [us] | cumulative | <indent>name" for every module imported
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "pipelines.cli" in imported  # the report was read correctly
+    assert not HEAVY_MODULES & imported, f"{module} --help imports {sorted(HEAVY_MODULES & imported)}"

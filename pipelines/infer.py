@@ -4,10 +4,13 @@
         [--set infer.input=slide.ome.zarr --set infer.output=out.ome.zarr \\
          --set infer.model=models:/unet@champion --set infer.scheduler=tcp://host:8786] [--resume | --overwrite]
 
-One Dask task per output chunk; the model is loaded once per worker process. The output is an
-OME-Zarr image (foreground probability) with an NGFF ``labels/nuclei`` group of instance ids that
-are unique across the slide, objects crossing chunk seams merged. A killed job continues with
-``--resume``; an existing output is replaced only with ``--overwrite``.
+One Dask task per output chunk, each predicted in one forward pass with its halo; the model is
+loaded once per worker process and each worker keeps several chunks in flight, so reading and
+writing overlap the model. Without a scheduler the worker runs inside this process (nothing to
+start, the model loaded once). The output is an OME-Zarr image (foreground probability) with an
+NGFF ``labels/nuclei`` group of instance ids that are unique across the slide, objects crossing
+chunk seams merged. A killed job continues with ``--resume``; an existing output is replaced only
+with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -17,31 +20,30 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from dask.distributed import Client, LocalCluster, as_completed
-from tqdm import tqdm
-
-from pipelines import registry
 from pipelines.cli import make_parser, run
-from pipelines.infer_output import create_output, finalize_output, lineage_matches, output_staging, recorded_lineage
-from pipelines.infer_tasks import JobSpec, label_chunk_globally, predict_chunk
-from unet import __version__, storage
 from unet.config import Config, flatten_config
 from unet.errors import UserError, first_line
-from unet.inference import InferenceSettings
-from unet.instances import merge_ids, offsets, seam_pairs
-from unet.io import intensity_ranges
-from unet.slide import Slide, open_slide
-from unet.tiling import grid
-from unet.tissue import chunks_with_tissue
-from unet.training import ARCHITECTURE_FILE
+
+if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
+    from dask.distributed import Client, LocalCluster
+
+    from pipelines.infer_tasks import JobSpec
+    from unet.model import UNet
+    from unet.slide import Slide
+    from unet.storage import Staging
 
 log = logging.getLogger("infer")
 
 
 def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str | None]:
     """(URI pinned to a version or an absolute folder, version or None); clear errors if missing."""
+    from unet.training import ARCHITECTURE_FILE
+
     if uri.startswith("models:/") and "@" in uri:
+        from pipelines import registry
+
         name, alias = uri.removeprefix("models:/").split("@", 1)
         client = registry.connect(tracking_uri)
         try:
@@ -62,28 +64,38 @@ def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str | None]:
 def intensity_range(slide: Slide, input_path: str) -> tuple[tuple[float, float], ...]:
     """Per-channel normalisation range, by the training rule, from the lowest-resolution level (one small
     read, identical for every chunk; none at all for 8-bit images)."""
+    from unet.io import intensity_ranges
+    from unet.slide import open_slide
+
     return intensity_ranges(open_slide(input_path, slide.levels - 1).to_dask())
 
 
 def start_dask(config: Config) -> tuple[Client, LocalCluster | None]:
-    """Connect to ``infer.scheduler`` or start a local cluster bound to loopback."""
-    if config.infer.scheduler:
+    """Connect to ``infer.scheduler``, or start a local cluster: in this process for one worker, else
+    ``infer.workers`` processes; either way bound to loopback, ``infer.tasks_per_worker`` threads each."""
+    from dask.distributed import Client, LocalCluster
+
+    infer = config.infer
+    if infer.scheduler:
         try:
-            return Client(config.infer.scheduler, timeout="10s"), None
+            return Client(infer.scheduler, timeout="10s"), None
         except (OSError, TimeoutError) as exc:
-            raise UserError(f"Dask scheduler unreachable at {config.infer.scheduler}: {exc}") from None
+            raise UserError(f"Dask scheduler unreachable at {infer.scheduler}: {exc}") from None
+    options: dict[str, Any] = {"processes": False} if infer.workers == 1 else {"processes": True, "host": "127.0.0.1"}
     cluster = LocalCluster(
-        n_workers=config.infer.workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
+        n_workers=infer.workers,
+        threads_per_worker=infer.tasks_per_worker,
         dashboard_address="127.0.0.1:0",
+        **options,
     )
     return Client(cluster), cluster
 
 
 def run_chunks(client: Client, function, arguments: list[tuple], description: str, resources=None) -> list:
     """Submit one task per argument tuple, show a progress bar, return results in submission order."""
+    from dask.distributed import as_completed
+    from tqdm import tqdm
+
     futures = [client.submit(function, *args, pure=False, resources=resources) for args in arguments]
     index = {future.key: i for i, future in enumerate(futures)}
     results: list = [None] * len(futures)
@@ -95,6 +107,53 @@ def run_chunks(client: Client, function, arguments: list[tuple], description: st
 
 
 def main(config: Config, args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    slide, model, spec, lineage, staged, overwrite = set_up(config, args)
+    keys, tissue = chunk_keys(config, slide)
+
+    client, cluster = start_dask(config)
+    if cluster is not None and config.infer.workers == 1:
+        from pipelines.infer_tasks import use_model
+
+        use_model(spec, model)  # the worker shares this process: no second load
+    computing = time.perf_counter()
+    try:
+        log.info("Dask dashboard: %s (%d workers)", client.dashboard_link, len(client.scheduler_info()["workers"]))
+        objects = segment(client, spec, keys, tissue, config.infer.device)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    finishing = time.perf_counter()
+
+    megapixels = slide.height * slide.width / 1e6
+    stats = {
+        "chunks": len(keys),
+        "chunks_skipped": len(keys) - len(tissue),
+        "objects": objects,
+        "megapixels": megapixels,
+        "startup_seconds": computing - started,
+        "seconds": finishing - computing,
+        "mpx_per_s": megapixels / (finishing - computing),
+    }
+    run_id = _track(config, lineage, stats)
+    from pipelines.infer_output import finalize_output
+
+    stats["total_seconds"] = time.perf_counter() - started  # all but the last metadata write and rename
+    finalize_output(staged, slide, {**lineage, "stats": stats, "mlflow_run_id": run_id}, overwrite=overwrite)
+    report(config, slide, lineage["model_uri"], stats, run_id)
+    return {**stats, "output": staged.final, "model_uri": lineage["model_uri"], "mlflow_run_id": run_id}
+
+
+def set_up(config: Config, args: argparse.Namespace) -> tuple[Slide, UNet, JobSpec, dict, Staging, bool]:
+    """Check the request, load the model, describe the job and create (or resume) its output."""
+    from pipelines import registry
+    from pipelines.infer_output import output_staging
+    from pipelines.infer_tasks import JobSpec
+    from unet import __version__, storage
+    from unet.inference import InferenceSettings
+    from unet.slide import open_slide
+
     infer = config.infer
     overwrite = infer.overwrite or getattr(args, "overwrite", False)
     resume = infer.resume or getattr(args, "resume", False)
@@ -108,7 +167,7 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     model = registry.load_model(model_uri, tracking_uri=tracking_uri)
     if slide.channels != model.n_channels:
         raise UserError(f"{infer.input} has {slide.channels} channels but the model expects {model.n_channels}")
-    if infer.tile_size % model.size_multiple:  # chunk_size % tile_size is checked with the config
+    if infer.tile_size and infer.tile_size % model.size_multiple:  # the config checks it against model.depth
         raise UserError(f"infer.tile_size={infer.tile_size} must be a multiple of {model.size_multiple} for this model")
 
     staged = output_staging(infer.output)
@@ -122,74 +181,79 @@ def main(config: Config, args: argparse.Namespace) -> dict:
         "unet_wsi": __version__,
         "config": flatten_config(config),
     }
+    settings = InferenceSettings(
+        tile=infer.tile_size,
+        batch_size=infer.batch_size,
+        precision=infer.precision,
+        channels_last=infer.channels_last,
+        tta=infer.tta,
+        blend=infer.blend,
+        device=infer.device,
+        pass_memory_mb=infer.pass_memory_mb,
+    )
     spec = JobSpec(
         input=lineage["input"],
         level=infer.level,
         output=staged.partial,
         model_uri=model_uri,
         tracking_uri=tracking_uri,
-        settings=InferenceSettings(
-            tile=infer.tile_size,
-            batch_size=infer.batch_size,
-            precision=infer.precision,
-            channels_last=infer.channels_last,
-            tta=infer.tta,
-            blend=infer.blend,
-            device=infer.device,
-        ),
-        chunk=infer.chunk_size,
+        settings=settings,
+        chunk=infer.chunk,
         threshold=infer.threshold,
         intensity_range=intensity_range(slide, infer.input),
         probability_dtype=infer.probability_dtype,
         threads=max(1, (os.cpu_count() or 1) // infer.workers) if not infer.scheduler else 0,
     )
-    keys = [key for key, _ in grid(slide.height, slide.width, infer.chunk_size)]
     _prepare_output(staged, slide, spec, lineage, overwrite=overwrite, resume=resume)
-    tissue = chunks_with_tissue(infer.input, slide, infer.chunk_size) if infer.tissue_mask else set(keys)
+    return slide, model, spec, lineage, staged, overwrite
 
-    client, cluster = start_dask(config)
-    started = time.perf_counter()
-    try:
-        log.info("Dask dashboard: %s (%d workers)", client.dashboard_link, len(client.scheduler_info()["workers"]))
-        resources = {"GPU": 1} if infer.device == "cuda" else None
-        edges = run_chunks(client, predict_chunk, [(spec, k, k in tissue) for k in keys], "predict", resources)
-        counts = {key: edge.count for key, edge in zip(keys, edges, strict=True)}
-        starts = offsets(counts)
-        mapping = merge_ids(sum(counts.values()), seam_pairs(dict(zip(keys, edges, strict=True)), starts))
-        shared = client.scatter(mapping, broadcast=True)
-        run_chunks(client, label_chunk_globally, [(spec, k, starts[k], shared) for k in keys], "label")
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-    seconds = time.perf_counter() - started
-    objects = int(mapping.max())
-    stats = {
-        "chunks": len(keys),
-        "chunks_skipped": len(keys) - len(tissue),
-        "objects": objects,
-        "megapixels": slide.height * slide.width / 1e6,
-        "seconds": seconds,
-        "mpx_per_s": slide.height * slide.width / 1e6 / seconds,
-    }
-    run_id = _track(config, tracking_uri, lineage, stats, infer.output)
-    finalize_output(staged, slide, {**lineage, "stats": stats, "mlflow_run_id": run_id}, overwrite=overwrite)
 
+def chunk_keys(config: Config, slide: Slide) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
+    """Every chunk's (row, col), and those to predict (all, or those with tissue)."""
+    from unet.tiling import grid
+    from unet.tissue import chunks_with_tissue
+
+    keys = [key for key, _ in grid(slide.height, slide.width, config.infer.chunk)]
+    if not config.infer.tissue_mask:
+        return keys, set(keys)
+    return keys, chunks_with_tissue(config.infer.input, slide, config.infer.chunk)
+
+
+def segment(client: Client, spec: JobSpec, keys: list, tissue: set, device: str) -> int:
+    """Pass 1 predicts and labels every chunk alone; seams are merged; pass 2 writes slide-wide ids."""
+    from pipelines.infer_tasks import label_chunk_globally, predict_chunk
+    from unet.instances import merge_ids, offsets, seam_pairs
+
+    resources = {"GPU": 1} if device == "cuda" else None
+    edges = run_chunks(client, predict_chunk, [(spec, k, k in tissue) for k in keys], "predict", resources)
+    counts = {key: edge.count for key, edge in zip(keys, edges, strict=True)}
+    starts = offsets(counts)
+    mapping = merge_ids(sum(counts.values()), seam_pairs(dict(zip(keys, edges, strict=True)), starts))
+    shared = client.scatter(mapping, broadcast=True)
+    run_chunks(client, label_chunk_globally, [(spec, k, starts[k], shared) for k in keys], "label")
+    return int(mapping.max())
+
+
+def report(config: Config, slide: Slide, model_uri: str, stats: dict, run_id: str) -> None:
+    infer = config.infer
     print()
     print(f"  input           {infer.input} (level {infer.level}, {slide.width} x {slide.height} px)")
     print(f"  model           {model_uri}")
     print(f"  output          {infer.output}  (probability: /0, instance labels: /labels/nuclei/0)")
-    print(f"  chunks          {len(keys)} ({stats['chunks_skipped']} without tissue), {objects} objects")
-    print(f"  throughput      {stats['mpx_per_s']:.2f} Mpx/s ({seconds:.1f} s)")
+    print(f"  chunks          {stats['chunks']} ({stats['chunks_skipped']} without tissue), {stats['objects']} objects")
+    print(f"  throughput      {stats['mpx_per_s']:.2f} Mpx/s ({stats['seconds']:.1f} s segmenting)")
+    print(f"  start-up        {stats['startup_seconds']:.1f} s (model, input, output, Dask)")
+    total = stats["total_seconds"]
+    print(f"  end to end      {total:.1f} s ({stats['megapixels'] / total:.2f} Mpx/s)")
     print(f"  MLflow run      {run_id}")
     print(f"  view            napari --plugin napari-ome-zarr {infer.output}")
-    return {**stats, "output": staged.final, "model_uri": model_uri, "mlflow_run_id": run_id}
 
 
-def _prepare_output(
-    staged: storage.Staging, slide: Slide, spec: JobSpec, lineage: dict, overwrite: bool, resume: bool
-) -> None:
+def _prepare_output(staged: Staging, slide: Slide, spec: JobSpec, lineage: dict, overwrite: bool, resume: bool) -> None:
     """Create the partial output, continue an interrupted one (--resume) or replace one (--overwrite)."""
+    from pipelines.infer_output import create_output, lineage_matches, recorded_lineage
+    from unet import storage
+
     final_exists = storage.exists(staged.final)
     if staged.in_place:  # object store: an interrupted output sits at the final location, marked incomplete
         recorded = recorded_lineage(staged.final) if final_exists else None
@@ -216,11 +280,15 @@ def _prepare_output(
     create_output(staged.partial, slide, spec, lineage)
 
 
-def _track(config: Config, tracking_uri: str, lineage: dict, stats: dict, output: str) -> str:
+def _track(config: Config, lineage: dict, stats: dict) -> str:
     """An MLflow run recording the inference job: what went in, what came out, how fast."""
+    from pipelines import registry
+    from unet import storage
+
     params = {k: lineage[k] for k in ("model_uri", "model_version", "input", "level", "code_version")}
-    params |= {"output": storage.resolve(output), "tile_size": config.infer.tile_size}
-    name = f"infer {storage.basename(output)}"
+    params |= {"output": storage.resolve(config.infer.output), "chunk_size": config.infer.chunk}
+    name = f"infer {storage.basename(config.infer.output)}"
+    tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     return registry.log_job_run(tracking_uri, config.tracking.experiment, "inference", name, params, stats)
 
 

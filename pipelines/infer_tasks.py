@@ -10,6 +10,7 @@ redoes only chunks whose record is missing. Every write covers whole Zarr chunks
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from unet.chunk_writes import write_block
 from unet.inference import ChunkPredictor, InferenceSettings
 from unet.instances import ChunkEdges, label_chunk, relabel
 from unet.io import scale_intensity
+from unet.model import UNet
 from unet.slide import Slide, open_slide
 from unet.tiling import Region
 
@@ -50,13 +52,33 @@ class JobSpec:
         return Region(y0, min(y0 + self.chunk, height), x0, min(x0 + self.chunk, width))
 
 
-@functools.lru_cache(maxsize=2)
-def _predictor(spec: JobSpec) -> ChunkPredictor:
-    from pipelines.registry import load_model  # MLflow only where a model is actually loaded
+_PREDICTORS: dict[JobSpec, ChunkPredictor] = {}
+_PREDICTORS_LOCK = threading.Lock()
 
+
+def use_model(spec: JobSpec, model: UNet) -> None:
+    """Predict ``spec``'s chunks in this process with ``model`` (already loaded) instead of loading it again."""
+    with _PREDICTORS_LOCK:
+        _set_threads(spec)
+        _PREDICTORS[spec] = ChunkPredictor(model, spec.settings)
+
+
+def _set_threads(spec: JobSpec) -> None:
     if spec.threads > 0:  # 0: a remote cluster's workers keep their own setting
         torch.set_num_threads(spec.threads)
-    return ChunkPredictor(load_model(spec.model_uri, tracking_uri=spec.tracking_uri), spec.settings)
+
+
+def _predictor(spec: JobSpec) -> ChunkPredictor:
+    """The job's predictor in this worker process, made once (its threads share it)."""
+    with _PREDICTORS_LOCK:
+        if spec not in _PREDICTORS:
+            from pipelines.registry import load_model  # MLflow only where a model is actually loaded
+
+            _set_threads(spec)
+            _PREDICTORS.clear()  # one job at a time per worker: free the previous model
+            model = load_model(spec.model_uri, tracking_uri=spec.tracking_uri)
+            _PREDICTORS[spec] = ChunkPredictor(model, spec.settings)
+        return _PREDICTORS[spec]
 
 
 @functools.lru_cache(maxsize=2)

@@ -70,19 +70,29 @@ def test_real_slide_in_ome_zarr_out(trained_model_dir, cmu_ome_zarr, tmp_path) -
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(lineage["mlflow_run_id"])
     assert run.data.params["input"] == str(cmu_ome_zarr) and run.data.metrics["mpx_per_s"] > 0
     assert run.data.metrics["chunks"] == 30  # 6 x 5 chunks of 512
+    stats = lineage["stats"]  # the one-off start-up apart from the segmentation's throughput
+    assert 0 < stats["startup_seconds"] < stats["total_seconds"] and 0 < stats["seconds"] < stats["total_seconds"]
 
 
-@pytest.mark.parametrize("chunk", [64, 128])
-def test_pipeline_output_equals_whole_image_inference(trained_model_dir, cmu_slide, tmp_path, chunk) -> None:
+@pytest.mark.parametrize(
+    ("chunk", "extra"),
+    [
+        (100, ("infer.precision=fp32",)),  # the default: one pass per chunk; 100 is not a multiple of 16
+        (128, ("infer.precision=fp32", "infer.tile_size=64", "infer.batch_size=3")),
+        (100, ("infer.precision=bf16", "infer.workers=2")),  # two worker processes instead of one in the job
+    ],
+)
+def test_pipeline_output_equals_whole_image_inference(trained_model_dir, cmu_slide, tmp_path, chunk, extra) -> None:
     rgb = open_slide(cmu_slide).read(1000, 1210, 700, 893)  # 210 x 193: not multiples of 16
     zarr.create_array(tmp_path / "crop.zarr", data=np.moveaxis(rgb, 0, -1), chunks=(64, 64, 3), zarr_format=2)
     output = tmp_path / "crop-seg.zarr"
     code = infer(tmp_path, trained_model_dir, tmp_path / "crop.zarr", output, f"infer.chunk_size={chunk}",
-                 "infer.tile_size=64", "infer.precision=fp32", "infer.probability_dtype=float16")  # fmt: skip
+                 "infer.probability_dtype=float16", *extra)  # fmt: skip
     assert code == 0
     probability, _ = stored(output)
-    expected = whole_image_probability(load_weights(trained_model_dir), rgb.astype(np.float32) / 255)
-    np.testing.assert_allclose(probability.astype(np.float32), expected, atol=2e-3)
+    precision = extra[0].split("=")[1]
+    expected = whole_image_probability(load_weights(trained_model_dir), rgb.astype(np.float32) / 255, precision)
+    np.testing.assert_allclose(probability.astype(np.float32), expected, atol=2e-3)  # float16 storage
 
 
 def run_infer_process(tmp_path, model, image, output, *extra) -> subprocess.Popen:

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from unet.model import DoubleConv, Down, OutConv, UNet, Up, autocast_context, prepare_for_inference
+from unet.fused import inference_model
+from unet.model import DoubleConv, Down, OutConv, UNet, Up, autocast_context
 
 
 def seed_parameter_count(n_channels: int, n_classes: int, bilinear: bool) -> int:
@@ -184,14 +185,23 @@ def test_checkpointing_is_inactive_in_eval_and_no_grad() -> None:
         assert model(x).shape == (1, 2, 32, 32)
 
 
-def test_channels_last_matches_contiguous() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_model_is_the_same_function_with_batchnorm_folded(channels_last: bool) -> None:
     torch.manual_seed(0)
     model = UNet(3, 2, base_channels=16).eval()
+    for module in model.modules():  # non-trivial statistics, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         expected = model(x)
-    forward = prepare_for_inference(model, channels_last=True)
-    torch.testing.assert_close(forward(x), expected, rtol=1e-4, atol=1e-4)
+    fast = inference_model(model, channels_last=channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is unchanged
+    with torch.no_grad():
+        folded = fast(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage as ndi
 
-from unet.inference import ChunkPredictor, InferenceSettings, InputDataError
+from unet.fused import inference_model
+from unet.inference import ChunkPredictor, InferenceSettings, InputDataError, pass_memory_mb
 from unet.instances import ChunkEdges, label_chunk, merge_ids, offsets, relabel, seam_pairs
-from unet.model import UNet
+from unet.model import UNet, autocast_context
 from unet.tiling import Region, grid, padded_reference_shape, read_mirrored, reflect_indices, tiles_of
 
 
@@ -44,13 +47,13 @@ def test_grid_and_tiles_cover_the_slide_exactly() -> None:
     assert (covered == 1).all()
 
 
-def whole_image_probability(model: UNet, image: np.ndarray) -> np.ndarray:
-    """Reference: the whole mirror-padded slide through the model at once, centre kept."""
+def whole_image_probability(model: UNet, image: np.ndarray, precision: str = "fp32") -> np.ndarray:
+    """Reference: the whole mirror-padded slide through the model (as inference runs it) at once, centre kept."""
     (top, bottom), (left, right) = padded_reference_shape(*image.shape[1:], model.halo, model.size_multiple)
     padded = np.pad(image, ((0, 0), (top, bottom), (left, right)), mode="reflect")
-    with torch.no_grad():
-        logits = model.eval()(torch.from_numpy(padded)[None].float())
-    probability = logits.softmax(1)[0, 1:].sum(0).numpy()
+    with torch.inference_mode(), autocast_context("cpu", precision):
+        logits = inference_model(model, channels_last=False)(torch.from_numpy(padded)[None].float())
+    probability = logits.float().softmax(1)[0, 1:].sum(0).numpy()
     return probability[top : top + image.shape[1], left : left + image.shape[2]]
 
 
@@ -78,13 +81,42 @@ def model() -> UNet:
 
 @pytest.mark.parametrize(
     ("height", "width", "tile", "chunk"),
-    [(100, 77, 64, 64), (300, 200, 64, 128), (33, 250, 32, 96), (200, 200, 64, 192), (17, 9, 16, 16)],
-)
+    [(100, 77, 64, 64), (300, 200, 64, 128), (33, 250, 32, 96), (200, 200, 64, 192), (17, 9, 16, 16),
+     (300, 213, None, 128), (141, 250, None, 1024), (250, 141, 48, 144), (211, 190, None, 100),
+     (211, 190, 32, 70)],
+)  # fmt: skip
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_tiled_inference_equals_whole_image_inference(model, height, width, tile, chunk, channels_last) -> None:
     image = np.random.default_rng(height * width).random((3, height, width)).astype(np.float32)
     settings = InferenceSettings(tile=tile, batch_size=3, precision="fp32", channels_last=channels_last)
     tiled = tiled_probability(model, image, chunk, settings)
+    np.testing.assert_allclose(tiled, whole_image_probability(model, image), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize(("height", "width", "chunk"), [(300, 213, 128), (141, 250, 1024), (517, 389, 250)])
+def test_whole_chunk_passes_equal_whole_image_inference_in_bf16(model, height, width, chunk) -> None:
+    """The defaults: one bf16 pass per chunk (sizes not multiples of 16). bf16 keeps 8 bits of mantissa, so passes
+    of different shapes may round differently; the probabilities agree to bf16 precision and almost every
+    thresholded pixel is the same."""
+    image = np.random.default_rng(height + width).random((3, height, width)).astype(np.float32)
+    tiled = tiled_probability(model, image, chunk, InferenceSettings(precision="bf16"))
+    whole = whole_image_probability(model, image, "bf16")
+    assert np.abs(tiled - whole).max() < 0.02
+    assert ((tiled > 0.5) != (whole > 0.5)).mean() < 1e-3
+
+
+def test_a_pass_over_the_memory_budget_falls_back_to_tiles_once(model, caplog) -> None:
+    image = np.random.default_rng(5).random((3, 300, 270)).astype(np.float32)
+    whole_pass = pass_memory_mb(model, 256 + 2 * model.halo, 256 + 2 * model.halo, 1, "fp32")
+    settings = InferenceSettings(precision="fp32", channels_last=False, pass_memory_mb=int(whole_pass) - 1)
+    predictor = ChunkPredictor(model, settings)
+    assert predictor.tile_for(Region(0, 256, 0, 256)) == 128
+    with caplog.at_level(logging.INFO, logger="unet.inference"):
+        tiled = tiled_probability(model, image, 256, settings)
+    assert [r.message for r in caplog.records if "tiles of" in r.message] == [
+        f"one pass over 256 px would need more than infer.pass_memory_mb={int(whole_pass) - 1}: "
+        "predicting chunks in tiles of 128 px from now on"
+    ]
     np.testing.assert_allclose(tiled, whole_image_probability(model, image), rtol=0, atol=2e-5)
 
 

@@ -1,21 +1,35 @@
-"""Predicting one output chunk of a slide: overlap tiles, batched forward passes, optional mirror
-test-time augmentation and Gaussian blending. Framework-free; ``pipelines.infer`` schedules it."""
+"""Predicting one output chunk of a slide: the chunk and its halo read once, then one forward pass
+(or equal tiles when one pass would not fit in memory), optional mirror test-time augmentation and
+Gaussian blending. Framework-free; ``pipelines.infer`` schedules it.
+
+Several threads may share one ``ChunkPredictor``: forward passes run one at a time on its model
+thread, so one chunk is read, normalised, written and labelled while the model runs on another.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from unet.errors import UserError
+from unet.fused import inference_model
 from unet.geometry import round_up
 from unet.model import UNet, autocast_context
-from unet.tiling import Region, crop_to_tile, input_region, read_mirrored, tiles_of
+from unet.tiling import Region, crop, input_region, read_mirrored, tiles_of
 
 Reader = Callable[[int, int, int, int], np.ndarray]
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+# Measured peak memory of one forward pass, per pixel and per base channel (docs/benchmarks.md: about 14 bytes
+# in bf16, 25 in fp32, on top of the model); rounded up so that the estimate errs on the safe side.
+PASS_BYTES_PER_PIXEL_AND_CHANNEL = {"bf16": 16, "fp16": 16, "fp32": 32}
+
+log = logging.getLogger(__name__)
 
 
 class InputDataError(UserError):
@@ -26,32 +40,49 @@ class InputDataError(UserError):
 class InferenceSettings:
     """How a chunk is predicted (see ``InferConfig`` for the meaning of each field)."""
 
-    tile: int = 512
-    batch_size: int = 4
+    tile: int | None = None  # output tile side; None: the whole chunk in one pass
+    batch_size: int = 1
     precision: str = "bf16"
     channels_last: bool = True
     tta: bool = False
     blend: str = "none"
     overlap: float = 0.25  # Gaussian blending only
     device: str = "cpu"
+    pass_memory_mb: int = 2048  # largest estimated memory of one forward pass; 0: no limit
+
+
+def pass_memory_mb(model: UNet, height: int, width: int, batch: int, precision: str) -> float:
+    """Estimated peak memory (MB) of one forward pass over ``batch`` inputs of ``height`` x ``width`` pixels."""
+    per_pixel = model.base_channels * PASS_BYTES_PER_PIXEL_AND_CHANNEL[precision] + 4 * model.n_channels
+    return batch * height * width * per_pixel / 1e6
 
 
 class ChunkPredictor:
-    """Foreground probability of slide chunks with one model (prepared once, reused per chunk)."""
+    """Foreground probability of slide chunks with one model (prepared once, reused per chunk and thread)."""
 
     def __init__(self, model: UNet, settings: InferenceSettings) -> None:
-        if settings.tile % model.size_multiple:
+        if settings.tile is not None and settings.tile % model.size_multiple:
             raise ValueError(f"tile {settings.tile} is not a multiple of {model.size_multiple}")
         self.device = torch.device(settings.device)
-        self.model = model.eval().to(self.device)
+        self.model = inference_model(model, settings.channels_last).to(self.device)
         self.settings = settings
-        if settings.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.halo, self.multiple = model.halo, model.size_multiple
+        self.largest_tile: int | None = None  # set once a pass did not fit
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet-model")
+        self._fallback_lock = threading.Lock()
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Foreground probability (N, H, W) of normalised images (N, C, H, W), mirror TTA if enabled.
+
+        Every pass runs on the predictor's one model thread, whichever thread asks: one pass at a time, and
+        one OpenMP team (teams of several calling threads would spin against each other on a CPU).
+        """
+        return self._model_thread.submit(self._probabilities, batch).result()
 
     @torch.inference_mode()
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """Foreground probability (N, H, W) of normalised images (N, C, H, W), mirror TTA if enabled."""
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
         if self.settings.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         total = None
@@ -74,16 +105,59 @@ class ChunkPredictor:
         normalize: Callable[[np.ndarray], np.ndarray],
     ) -> np.ndarray:
         """Foreground probability (chunk.height, chunk.width) of one chunk of a (C, height, width) slide."""
+        window_region = input_region(chunk, self.halo, self.multiple)
+        window = self._input(read, height, width, window_region, normalize)  # the chunk and its halo, read once
         if self.settings.blend == "gaussian":
-            return self._gaussian(read, height, width, chunk, normalize)
-        halo, tile = self.model.halo, self.settings.tile
-        out = np.zeros((chunk.height, chunk.width), np.float32)
-        regions = tiles_of(chunk, tile, height, width)
-        for start in range(0, len(regions), self.settings.batch_size):
-            group = regions[start : start + self.settings.batch_size]
-            inputs = np.stack([self._input(read, height, width, input_region(r, tile, halo), normalize) for r in group])
-            for region, probability in zip(group, self.probabilities(inputs), strict=True):
-                out[region.relative_to(chunk)] = crop_to_tile(probability, region, halo)
+            return self._gaussian(window, chunk)  # MONAI's own windows over the chunk and its halo
+        while True:
+            tile = self.tile_for(chunk)
+            try:
+                return self._predict_tiles(window, window_region, chunk, tile)
+            except torch.cuda.OutOfMemoryError:
+                if tile <= self.multiple:
+                    raise
+                torch.cuda.empty_cache()
+                self._fall_back(round_up(tile // 2, self.multiple), f"{self.settings.device} ran out of memory")
+
+    def tile_for(self, chunk: Region) -> int:
+        """The output tile side for ``chunk``: the configured tile (or the whole chunk), halved while one
+        pass would exceed ``pass_memory_mb``."""
+        tile = wanted = self.settings.tile or max(chunk.height, chunk.width)
+        if self.largest_tile is not None:
+            tile = min(tile, self.largest_tile)
+        limit = self.settings.pass_memory_mb
+        while limit and tile > self.multiple and self._estimate(chunk, tile) > limit:
+            tile = round_up(tile // 2, self.multiple)
+        if tile < wanted:
+            self._fall_back(tile, f"one pass over {wanted} px would need more than infer.pass_memory_mb={limit}")
+        return tile
+
+    def _estimate(self, chunk: Region, tile: int) -> float:
+        tiles = tiles_of(chunk, tile, chunk.y1, chunk.x1)
+        largest = input_region(tiles[0], self.halo, self.multiple)  # the first tile is a whole one
+        batch = min(self.settings.batch_size, len(tiles))
+        return pass_memory_mb(self.model, largest.height, largest.width, batch, self.settings.precision)
+
+    def _fall_back(self, tile: int, reason: str) -> None:
+        with self._fallback_lock:
+            if self.largest_tile is None or tile < self.largest_tile:
+                log.info("%s: predicting chunks in tiles of %d px from now on", reason, tile)
+                self.largest_tile = tile
+
+    def _predict_tiles(self, window: np.ndarray, window_region: Region, chunk: Region, tile: int) -> np.ndarray:
+        """Predict ``chunk`` from its ``window`` in output tiles of ``tile``, batching tiles of equal input size."""
+        out = np.empty((chunk.height, chunk.width), np.float32)
+        by_shape: dict[tuple[int, int], list[Region]] = {}
+        for region in tiles_of(chunk, tile, chunk.y1, chunk.x1):
+            needed = input_region(region, self.halo, self.multiple)
+            by_shape.setdefault((needed.height, needed.width), []).append(region)
+        for regions in by_shape.values():
+            for start in range(0, len(regions), self.settings.batch_size):
+                group = regions[start : start + self.settings.batch_size]
+                needed = [input_region(r, self.halo, self.multiple) for r in group]
+                inputs = np.stack([window[(slice(None), *n.relative_to(window_region))] for n in needed])
+                for region, n, probability in zip(group, needed, self.probabilities(inputs), strict=True):
+                    out[region.relative_to(chunk)] = crop(probability, region, n)
         return out
 
     def _input(self, read: Reader, height: int, width: int, region: Region, normalize) -> np.ndarray:
@@ -93,29 +167,24 @@ class ChunkPredictor:
                 f"NaN or infinite pixels in the input around rows {max(region.y0, 0)}-{min(region.y1, height)}, "
                 f"columns {max(region.x0, 0)}-{min(region.x1, width)}"
             )
-        return normalize(window)
+        return np.ascontiguousarray(normalize(window), dtype=np.float32)
 
-    def _gaussian(self, read: Reader, height: int, width: int, chunk: Region, normalize) -> np.ndarray:
+    def _gaussian(self, window: np.ndarray, chunk: Region) -> np.ndarray:
         """MONAI sliding windows (Gaussian-weighted, ``overlap``) over the chunk and its halo."""
         from monai.inferers import sliding_window_inference
 
-        halo, tile, multiple = self.model.halo, self.settings.tile, self.model.size_multiple
-        region = Region(
-            chunk.y0 - halo,
-            chunk.y0 + round_up(chunk.height, multiple) + halo,
-            chunk.x0 - halo,
-            chunk.x0 + round_up(chunk.width, multiple) + halo,
-        )
-        image = self._input(read, height, width, region, normalize)[None]
-        window = min(tile + 2 * halo, region.height, region.width)
-        window -= window % multiple
+        halo, multiple = self.halo, self.multiple
+        tile = self.settings.tile or round_up(max(chunk.height, chunk.width), multiple)
+        size = min(tile + 2 * halo, window.shape[1], window.shape[2])
+        size -= size % multiple
+        window_region = input_region(chunk, halo, multiple)
         probability = sliding_window_inference(
-            torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            roi_size=(window, window),
+            torch.from_numpy(window[None]),
+            roi_size=(size, size),
             sw_batch_size=self.settings.batch_size,
             predictor=lambda x: torch.from_numpy(self.probabilities(x.numpy()))[:, None],
             overlap=self.settings.overlap,
             mode="gaussian",
             padding_mode="reflect",
         )
-        return probability[0, 0, halo : halo + chunk.height, halo : halo + chunk.width].numpy()
+        return crop(probability[0, 0].numpy(), chunk, window_region)

@@ -102,7 +102,10 @@ def scale_intensity(image: np.ndarray, ranges: list[tuple[float, float]] | np.nd
     ranges = np.asarray(ranges, np.float32).reshape(-1, 2)
     lo = ranges[:, 0].reshape(-1, *([1] * (image.ndim - 1)))
     hi = ranges[:, 1].reshape(-1, *([1] * (image.ndim - 1)))
-    return (image.astype(np.float32) - lo) / np.maximum(hi - lo, 1e-6)
+    scaled = image.astype(np.float32)  # one new array, then in place: this runs on every inference chunk
+    scaled -= lo
+    scaled /= np.maximum(hi - lo, 1e-6)
+    return scaled
 
 
 def pixel_size_um(path: str | Path) -> float | None:

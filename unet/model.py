@@ -13,7 +13,7 @@ parameter count. Additions that leave the defaults unchanged:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unet.geometry import halo_for, receptive_field_reach
 
-__all__ = ["DoubleConv", "Down", "OutConv", "UNet", "Up"]
+__all__ = ["DoubleConv", "Down", "OutConv", "UNet", "Up", "autocast_context"]
 
 
 class DoubleConv(nn.Module):
@@ -240,18 +240,3 @@ def autocast_context(device_type: str, precision: str) -> contextlib.AbstractCon
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type=device_type, dtype=dtype)
-
-
-def prepare_for_inference(model: UNet, channels_last: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Put ``model`` in eval mode (optionally channels_last) and return a no-grad forward."""
-    model.eval()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return model(x)
-
-    return forward

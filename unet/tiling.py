@@ -1,11 +1,12 @@
 """Overlap-tile geometry (the paper's Fig. 2), free of any I/O or scheduling.
 
-A slide is cut into output *chunks* (one Zarr chunk, one Dask task each), and each chunk into
-output *tiles* of ``tile`` pixels (batched through the model). A tile's input is the tile grown
-by the model's ``halo`` on every side; where that leaves the slide, pixels are mirrored about
-the slide border (``numpy.pad(mode="reflect")``). Tile origins sit on multiples of ``tile``,
-itself a multiple of the model's ``size_multiple``, so every tile sees the same pooling grid as
-whole-image inference of the mirror-padded slide, and the centre of each tile equals it.
+A slide is cut into output *chunks* (one Zarr chunk, one Dask task each). A chunk is predicted in
+one forward pass, or, when that would not fit in memory, in output *tiles* of ``tile`` pixels.
+The input of a chunk or tile is its output region, widened to the model's pooling grid
+(multiples of ``size_multiple``) and grown by the model's ``halo`` on every side; where that
+leaves the slide, pixels are mirrored about the slide border (``numpy.pad(mode="reflect")``).
+Every pass thus sees the same pooling grid as whole-image inference of the mirror-padded slide,
+and the part of it over the output region equals it, whatever the chunk and tile sizes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from unet.geometry import round_up
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,15 @@ def tiles_of(chunk: Region, tile: int, height: int, width: int) -> list[Region]:
     ]
 
 
-def input_region(tile_region: Region, tile: int, halo: int) -> Region:
-    """The model input for an output tile: the full tile (even at the slide edge) plus the halo."""
+def input_region(output: Region, halo: int, multiple: int) -> Region:
+    """The model input that predicts ``output`` exactly: ``output`` widened to the pooling grid (multiples of
+    ``multiple``, as whole-image inference sees it), plus ``halo`` on every side."""
+    y0, x0 = output.y0 - output.y0 % multiple, output.x0 - output.x0 % multiple
     return Region(
-        tile_region.y0 - halo, tile_region.y0 + tile + halo, tile_region.x0 - halo, tile_region.x0 + tile + halo
+        y0 - halo,
+        y0 + round_up(output.y1 - y0, multiple) + halo,
+        x0 - halo,
+        x0 + round_up(output.x1 - x0, multiple) + halo,
     )
 
 
@@ -90,12 +98,16 @@ def read_mirrored(
     cols = reflect_indices(region.x0, region.x1, width)
     y0, y1, x0, x1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
     window = read(y0, y1, x0, x1)
-    return window[:, rows - y0][:, :, cols - x0]
+    if region.y0 < 0 or region.y1 > height:  # mirrored rows: gather (inside the slide the window is the answer)
+        window = window[:, rows - y0]
+    if region.x0 < 0 or region.x1 > width:
+        window = window[:, :, cols - x0]
+    return window
 
 
-def crop_to_tile(prediction: np.ndarray, tile_region: Region, halo: int) -> np.ndarray:
-    """The part of a tile prediction (..., tile+2*halo, tile+2*halo) that belongs to ``tile_region``."""
-    return prediction[..., halo : halo + tile_region.height, halo : halo + tile_region.width]
+def crop(prediction: np.ndarray, output: Region, input: Region) -> np.ndarray:
+    """The part of a prediction (..., input.height, input.width) over ``input`` that belongs to ``output``."""
+    return prediction[(..., *output.relative_to(input))]
 
 
 def padded_reference_shape(

@@ -90,6 +90,11 @@ class TrainConfig(Section):
     seed: int = Field(0, description="Seed for weights, sampling and augmentation.")
 
 
+# Measured on CPU (docs/benchmarks.md: a 1024-px chunk in one pass is the fastest); CUDA: larger passes keep a GPU
+# busy and the halo costs 1.2x instead of 1.4x (not yet measured on a GPU here).
+DEFAULT_CHUNK_SIZE = {"cpu": 1024, "cuda": 2048}
+
+
 class InferConfig(Section):
     """Overlap-tile inference over a (whole-slide) image."""
 
@@ -97,11 +102,25 @@ class InferConfig(Section):
     output: str | None = Field(None, description="Output OME-Zarr store: a path or s3://... URL.")
     model: str = Field("models:/unet@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")
     level: int = Field(0, ge=0, description="Resolution level of a multiscale input.")
-    tile_size: int = Field(256, ge=16, description="Output tile side (a multiple of 2**model.depth).")
-    chunk_size: int = Field(
-        1024, ge=16, description="Output chunk side: one Zarr chunk, one Dask task (tile multiple)."
+    chunk_size: int | None = Field(
+        None,
+        ge=16,
+        description="Output chunk side: one Zarr chunk, one Dask task, one forward pass. null: the measured default "
+        "for infer.device (1024 on CPU; 2048 on CUDA).",
     )
-    batch_size: int = Field(4, ge=1, description="Tiles per forward pass.")
+    tile_size: int | None = Field(
+        None,
+        ge=16,
+        description="Predict each chunk in output tiles of this side (a multiple of 2**model.depth) instead of one "
+        "pass. null: one pass per chunk, smaller tiles only when a pass exceeds infer.pass_memory_mb.",
+    )
+    batch_size: int = Field(1, ge=1, description="Tiles per forward pass when chunks are predicted in tiles.")
+    pass_memory_mb: int = Field(
+        2048,
+        ge=0,
+        description="Largest estimated memory (MB) of one forward pass; a chunk that needs more is predicted in "
+        "smaller tiles (logged once). On CUDA, running out of memory falls back the same way. 0: no limit.",
+    )
     device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: tasks need the Dask worker resource GPU=1.")
     probability_dtype: Literal["uint8", "float16"] = Field("uint8", description="How probabilities are stored.")
     precision: Precision = Field("bf16", description="Autocast precision.")
@@ -110,7 +129,15 @@ class InferConfig(Section):
     tta: bool = Field(False, description="Mirroring test-time augmentation.")
     tissue_mask: bool = Field(False, description="Skip chunks without tissue.")
     scheduler: str | None = Field(None, description="Dask scheduler address (null: a local cluster).")
-    workers: int = Field(2, ge=1, description="Worker processes of the local Dask cluster.")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Worker processes of the local Dask cluster. 1: the worker runs inside the job's process "
+        "(nothing to start, the model loaded once).",
+    )
+    tasks_per_worker: int = Field(
+        2, ge=1, description="Chunks in flight per worker: one in the model while the others are read or written."
+    )
     threshold: float = Field(0.5, gt=0, lt=1, description="Foreground probability threshold.")
     overwrite: bool = Field(False, description="Replace an existing output.")
     resume: bool = Field(False, description="Continue an interrupted run into an existing output.")
@@ -119,11 +146,16 @@ class InferConfig(Section):
     def _overwrite_xor_resume(self) -> InferConfig:
         if self.overwrite and self.resume:
             raise ValueError("infer.overwrite and infer.resume cannot both be true")
-        if self.chunk_size % self.tile_size:
+        if self.tile_size and self.chunk_size and self.chunk_size % self.tile_size:
             raise ValueError(
                 f"infer.chunk_size={self.chunk_size} must be a multiple of infer.tile_size={self.tile_size}"
             )
         return self
+
+    @property
+    def chunk(self) -> int:
+        """``chunk_size``, or the measured default for ``device`` (docs/benchmarks.md)."""
+        return self.chunk_size or DEFAULT_CHUNK_SIZE[self.device]
 
 
 class EvaluateConfig(Section):
@@ -165,7 +197,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _sizes_fit_the_model(self) -> Config:
         multiple = 2**self.model.depth
-        for name, value in (("data.patch_size", self.data.patch_size), ("infer.tile_size", self.infer.tile_size)):
-            if value % multiple:
+        sizes = {"data.patch_size": self.data.patch_size, "infer.tile_size": self.infer.tile_size}
+        for name, value in sizes.items():
+            if value and value % multiple:
                 raise ValueError(f"{name}={value} must be a multiple of 2**model.depth={multiple}")
         return self

@@ -4,6 +4,7 @@ and turning user errors into one line on stderr with a non-zero exit."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -74,4 +75,8 @@ def run(
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # Nothing is left to collect; without this the interpreter's last collections over the object graphs
+        # of PyTorch, MLflow and Dask add most of a second to every command's exit.
+        gc.freeze()
     return 0

@@ -67,7 +67,7 @@ def intensity_range(slide: Slide, input_path: str) -> tuple[tuple[float, float],
     from unet.io import intensity_ranges
     from unet.slide import open_slide
 
-    return intensity_ranges(open_slide(input_path, slide.levels - 1).to_dask())
+    return intensity_ranges(open_slide(input_path, slide.levels - 1))
 
 
 def start_dask(config: Config) -> tuple[Client, LocalCluster | None]:
@@ -75,6 +75,8 @@ def start_dask(config: Config) -> tuple[Client, LocalCluster | None]:
     ``infer.workers`` processes; either way bound to loopback, ``infer.tasks_per_worker`` threads each."""
     from dask.distributed import Client, LocalCluster
 
+    if not log.isEnabledFor(logging.DEBUG):  # distributed sets its own levels when imported; -v shows its chatter
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     infer = config.infer
     if infer.scheduler:
         try:
@@ -86,9 +88,17 @@ def start_dask(config: Config) -> tuple[Client, LocalCluster | None]:
         n_workers=infer.workers,
         threads_per_worker=infer.tasks_per_worker,
         dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
         **options,
     )
     return Client(cluster), cluster
+
+
+def dashboard(client: Client, cluster: LocalCluster | None) -> str:
+    """The dashboard's address (a local cluster's is on loopback, whatever host name Dask would print)."""
+    if cluster is None:
+        return client.dashboard_link
+    return f"http://127.0.0.1:{cluster.scheduler.http_server.port}/status"
 
 
 def run_chunks(client: Client, function, arguments: list[tuple], description: str, resources=None) -> list:
@@ -118,7 +128,7 @@ def main(config: Config, args: argparse.Namespace) -> dict:
         use_model(spec, model)  # the worker shares this process: no second load
     computing = time.perf_counter()
     try:
-        log.info("Dask dashboard: %s (%d workers)", client.dashboard_link, len(client.scheduler_info()["workers"]))
+        log.info("Dask dashboard: %s (%d workers)", dashboard(client, cluster), len(client.scheduler_info()["workers"]))
         objects = segment(client, spec, keys, tissue, config.infer.device)
     finally:
         client.close()

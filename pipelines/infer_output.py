@@ -6,8 +6,6 @@ metadata, and ``complete: true`` in its lineage, are written only at the end."""
 from __future__ import annotations
 
 import zarr
-from ome_zarr.format import FormatV05
-from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
 from pipelines.infer_tasks import DONE_LABELS, DONE_PREDICT, LABELS, LOCAL, PROBABILITY, WORK, JobSpec
 from unet import storage
@@ -71,6 +69,9 @@ def finalize_output(staged: storage.Staging, slide: Slide, lineage: dict, overwr
     """Write the NGFF metadata and lineage, drop the work arrays, move the output into place."""
     if not (staged.in_place or overwrite) and storage.exists(staged.final):  # appeared while the job ran
         raise UserError(f"{staged.final} was created while this job ran; its result stays in {staged.partial}")
+    from ome_zarr.format import FormatV05  # about half a second to import: only here, at the end
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
     fmt = FormatV05()
     root = zarr.open_group(staged.partial, mode="r+")
     write_multiscales_metadata(root, _datasets(slide), fmt=fmt, axes=_axes(slide), name="foreground probability")

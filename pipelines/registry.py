@@ -16,23 +16,18 @@ import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
-
-import mlflow
-import numpy as np
-import torch
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
-from mlflow.tracking import MlflowClient
-from mlflow.types.schema import Schema, TensorSpec
 
 from unet import __version__
 from unet.config import Config
 from unet.errors import UserError, first_line
-from unet.model import UNet
-from unet.training import load_weights, save_weights
+
+if TYPE_CHECKING:  # MLflow (about a second to import) and PyTorch are imported by the functions that use them
+    from mlflow.models import ModelSignature
+    from mlflow.tracking import MlflowClient
+
+    from unet.model import UNet
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG, STORAGE_TAG = "ray.run_name", "ray.storage_path"
@@ -47,6 +42,8 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
     ``mlflow.set_tracking_uri`` also sets the MLFLOW_TRACKING_URI environment variable, which would
     then override every later config in this process; this restores both.
     """
+    import mlflow
+
     previous_env, previous = os.environ.get(TRACKING_ENV), mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
@@ -72,6 +69,8 @@ def resolve_tracking_uri(configured: str) -> str:
 
 def connect(uri: str) -> MlflowClient:
     """A client for ``uri``, checked to answer now: a clear error instead of a hang later."""
+    from mlflow.tracking import MlflowClient
+
     if urlparse(uri).scheme in {"http", "https"}:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -107,6 +106,8 @@ def start_or_resume_run(
     client: MlflowClient, config: Config, tracking_uri: str, flat_params: dict[str, str], tags: dict[str, str]
 ) -> tuple[str, bool]:
     """The MLflow run of this Ray run (same name and storage path), created if there is none."""
+    from mlflow.entities import Param
+
     exp_id = experiment_id(client, config.tracking.experiment, tracking_uri)
     name, storage = config.train.run_name, config.train.storage_path
     found = ray_run_runs(client, exp_id, name, storage, max_results=1)
@@ -122,11 +123,16 @@ def start_or_resume_run(
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    now = mlflow.utils.time.get_current_time_millis()
+    from mlflow.entities import Metric
+    from mlflow.utils.time import get_current_time_millis
+
+    now = get_current_time_millis()
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
@@ -140,6 +146,8 @@ def log_job_run(
     artifacts: tuple[str | Path, ...] = (),
 ) -> str:
     """A finished MLflow run recording one job (inference, evaluation): what went in, what came out."""
+    from mlflow.entities import Param
+
     client = connect(tracking_uri)
     run = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=run_name, tags={"job": job})
     run_id = run.info.run_id
@@ -164,6 +172,10 @@ def git_commit() -> str:
 
 
 def signature_for(model: UNet) -> ModelSignature:
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.n_channels, -1, -1), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.n_classes, -1, -1), "probabilities")]),
@@ -174,6 +186,13 @@ def log_and_register(
     run_id: str, model: UNet, registered_name: str, version_tags: dict[str, Any], tracking_uri: str
 ) -> str:
     """Log ``model`` into the run as a pyfunc model and register it; returns the new version."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from unet.training import save_weights
+
     with using_tracking_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         data = save_weights(model, Path(tmp) / "unet")
         info = mlflow.pyfunc.log_model(
@@ -196,6 +215,8 @@ def promote(
     client: MlflowClient, name: str, version: str, metric: str, value: float, higher_is_better: bool = True
 ) -> bool:
     """Alias ``candidate`` -> ``version``; ``champion`` too when ``value`` beats the champion's ``metric``."""
+    from mlflow.exceptions import MlflowException
+
     client.set_registered_model_alias(name, "candidate", version)
     try:
         champion = client.get_model_version_by_alias(name, "champion")
@@ -210,14 +231,21 @@ def promote(
 
 def load_model(uri: str, tracking_uri: str | None = None) -> UNet:
     """The ``UNet`` behind ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a folder."""
+    from unet.training import load_weights
+
     local = Path(uri)
     if not local.exists():
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
         try:
             with using_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         except MlflowException as exc:
             raise UserError(f"cannot load model {uri}: {first_line(exc)}") from None
     if (local / "MLmodel").is_file():
+        from mlflow.models import Model
+
         flavor = Model.load(str(local)).flavors.get("python_function", {})
         if flavor.get("loader_module") != "unet.serving":
             raise UserError(f"{uri} is not a unet-wsi model (loader {flavor.get('loader_module')!r})")

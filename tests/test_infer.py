@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import zarr
 from mlflow.tracking import MlflowClient
@@ -18,10 +19,11 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Reader
 from scipy import ndimage as ndi
 
-from pipelines.infer import cli
+from pipelines.infer import cli, dashboard, start_dask
 from pipelines.registry import connect, log_and_register, promote
 from tests.helpers import ROOT, environment, free_port
 from tests.test_tiling import same_partition, whole_image_probability
+from unet.config import load_config
 from unet.slide import open_slide
 from unet.training import load_weights
 
@@ -204,6 +206,21 @@ def test_registered_model_by_alias_and_bad_inputs(trained_model_dir, cmu_slide, 
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1], err
     assert not (tmp_path / "bad.zarr").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_dask_cluster_listens_on_loopback_only(workers: int) -> None:
+    config = load_config(ROOT / "configs" / "infer.yaml", [f"infer.workers={workers}"])
+    client, cluster = start_dask(config)
+    try:
+        processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        listening = {c.laddr.ip for p in processes for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening and listening <= {"127.0.0.1"}, listening
+        assert len(client.scheduler_info()["workers"]) == workers
+        assert dashboard(client, cluster).startswith("http://127.0.0.1:")
+    finally:
+        client.close()
+        cluster.close()
 
 
 def test_unreachable_scheduler_is_a_clear_error(trained_model_dir, cmu_slide, tmp_path, capsys) -> None:

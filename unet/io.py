@@ -76,14 +76,14 @@ def intensity_range_from_histogram(counts: np.ndarray, low: float = 1.0, high: f
 
 
 def intensity_ranges(image: Any) -> tuple[tuple[float, float], ...]:
-    """Per-channel normalisation range of a CYX image (NumPy or lazy Dask), the same rule for training and
-    inference: 8-bit images 0..255, others their (1, 99.8) percentiles, exact for integer images (from a
-    histogram; Dask merges per-chunk percentiles of floating-point images, which is close but not exact)."""
+    """Per-channel normalisation range of a CYX image (NumPy, lazy Dask, or a ``unet.slide.Slide``), the same
+    rule for training and inference: 8-bit images 0..255, others their (1, 99.8) percentiles, exact for integer
+    images (from a histogram; Dask merges per-chunk percentiles of floating-point images: close, not exact)."""
+    if np.dtype(image.dtype) == np.uint8:  # nothing to read
+        return ((0.0, 255.0),) * image.shape[0]
     import dask.array as da  # here, not at module level: the library stays importable without a scheduler
 
-    image = da.asarray(image)
-    if image.dtype == np.uint8:
-        return ((0.0, 255.0),) * image.shape[0]
+    image = image.to_dask() if hasattr(image, "to_dask") else da.asarray(image)
     ranges = []
     for channel in image:
         if image.dtype.kind in "iu":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,7 +110,8 @@ def run_chunks(client: Client, function, arguments: list[tuple], description: st
     futures = [client.submit(function, *args, pure=False, resources=resources) for args in arguments]
     index = {future.key: i for i, future in enumerate(futures)}
     results: list = [None] * len(futures)
-    with tqdm(total=len(futures), desc=description, unit="chunk") as bar:
+    interval = 0.1 if sys.stderr.isatty() else 30  # a log file gets a line every 30 s, not every chunk
+    with tqdm(total=len(futures), desc=description, unit="chunk", mininterval=interval) as bar:
         for future in as_completed(futures):
             results[index[future.key]] = future.result()  # re-raises a task's error here
             bar.update()

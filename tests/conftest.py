@@ -6,35 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
+from benchmarks.models import briefly_trained
 from pipelines.convert import convert
-from pipelines.prepare import prepare
-from tests.helpers import ROOT, s3_bucket
-from unet.config import load_config
-from unet.data.dataset import PatchDataset
-from unet.loss import WeightedLoss
+from tests.helpers import s3_bucket
 from unet.samples import fetch_samples
-from unet.training import build_model, build_optimizer, make_grad_scaler, save_weights, train_step
 
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small U-Net (width 8) trained for 40 steps on the real H&E nuclei: it predicts nuclei-like blobs."""
-    folder = tmp_path_factory.mktemp("model")
-    config = load_config(
-        ROOT / "configs" / "prepare.yaml", [f"data.store={folder / 'he.zarr'}", "model.base_channels=8"]
-    )
-    store = prepare(config, previews=0)
-    torch.manual_seed(0)
-    model = build_model(config.model)
-    optimizer = build_optimizer(model, config.train.model_copy(update={"lr": 3e-3}))
-    dataset = PatchDataset(store, patch_size=128, length=40 * 4, foreground_bias=0.5, seed=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
-    scaler, loss_fn = make_grad_scaler("fp32", torch.device("cpu")), WeightedLoss()
-    for batch in loader:
-        train_step(model, batch, optimizer, loss_fn, scaler, device=torch.device("cpu"), grad_clip=1.0)
-    return save_weights(model.eval(), folder / "unet")
+    return briefly_trained(tmp_path_factory.mktemp("model"), base_channels=8)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -118,6 +119,22 @@ def test_a_pass_over_the_memory_budget_falls_back_to_tiles_once(model, caplog) -
         "predicting chunks in tiles of 128 px from now on"
     ]
     np.testing.assert_allclose(tiled, whole_image_probability(model, image), rtol=0, atol=2e-5)
+
+
+def test_threads_sharing_a_predictor_get_what_one_thread_gets(model) -> None:
+    """A Dask worker runs several chunks at once on one predictor: passes take turns on its model thread."""
+    image = np.random.default_rng(7).random((3, 190, 260)).astype(np.float32)
+    settings = InferenceSettings(precision="fp32", channels_last=False)
+    sequential = tiled_probability(model, image, 64, settings)
+    predictor = ChunkPredictor(model, settings)
+    regions = [region for _, region in grid(190, 260, 64)]
+
+    def predict(region: Region) -> np.ndarray:
+        return predictor.predict_chunk(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], 190, 260, region, np.asarray)
+
+    with ThreadPoolExecutor(4) as pool:
+        for region, chunk in zip(regions, pool.map(predict, regions), strict=True):
+            np.testing.assert_array_equal(chunk, sequential[region.slices])
 
 
 def test_tta_averages_the_mirrored_predictions(model) -> None:

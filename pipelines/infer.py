@@ -231,13 +231,17 @@ def chunk_keys(config: Config, slide: Slide) -> tuple[list[tuple[int, int]], set
     return keys, chunks_with_tissue(config.infer.input, slide, config.infer.chunk)
 
 
+def task_resources(device: str) -> dict[str, int] | None:
+    """The Dask resources each chunk task asks for: one GPU on CUDA (workers must offer ``GPU=1``)."""
+    return {"GPU": 1} if device == "cuda" else None
+
+
 def segment(client: Client, spec: JobSpec, keys: list, tissue: set, device: str) -> int:
     """Pass 1 predicts and labels every chunk alone; seams are merged; pass 2 writes slide-wide ids."""
     from pipelines.infer_tasks import label_chunk_globally, predict_chunk
     from unet.instances import merge_ids, offsets, seam_pairs
 
-    resources = {"GPU": 1} if device == "cuda" else None
-    edges = run_chunks(client, predict_chunk, [(spec, k, k in tissue) for k in keys], "predict", resources)
+    edges = run_chunks(client, predict_chunk, [(spec, k, k in tissue) for k in keys], "predict", task_resources(device))
     counts = {key: edge.count for key, edge in zip(keys, edges, strict=True)}
     starts = offsets(counts)
     mapping = merge_ids(sum(counts.values()), seam_pairs(dict(zip(keys, edges, strict=True)), starts))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.infer import task_resources
 from tests.helpers import ROOT
 from unet.config import load_config
 
@@ -104,7 +105,11 @@ def test_dask_workers_offer_the_gpu_resource_the_tasks_ask_for() -> None:
     (doc,) = documents(INFRA / "dask" / "daskcluster.yaml")
     args = next(iter(walk(doc["spec"]["worker"], "args")))
     assert "--resources" in args and args[args.index("--resources") + 1] == "GPU=1"
-    assert '{"GPU": 1} if infer.device == "cuda"' in (ROOT / "pipelines" / "infer.py").read_text()
+    resources = task_resources("cuda")
+    assert resources == {"GPU": 1} and args[args.index("--resources") + 1] == ",".join(
+        f"{k}={v}" for k, v in resources.items()
+    )
+    assert task_resources("cpu") is None
 
 
 def test_mlflow_stack_binds_to_loopback_with_a_database_and_object_store() -> None:

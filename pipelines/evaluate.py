@@ -33,11 +33,12 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[d
     from unet.visualize import prediction_panel
 
     settings = config.evaluate
+    device = torch.device(settings.device)
     store = TrainingStore(settings.store or config.data.store)
     examples = load_validation(store, settings.split)
     if not examples:
         raise UserError(f"{store.location} has no {settings.split!r} examples to evaluate on")
-    model = registry.load_model(model_uri, tracking_uri=tracking_uri)
+    model = registry.load_model(model_uri, tracking_uri=tracking_uri).to(device)
     if store.attrs["channels"] != model.n_channels:
         raise UserError(
             f"{store.location} has {store.attrs['channels']}-channel images; the model expects {model.n_channels}"
@@ -45,7 +46,7 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[d
     tally, rows = SegmentationTally(settings.iou_threshold), []
     out_dir = Path(settings.output)
     for ex in examples:
-        probability = predict_foreground(model, ex.image, device=torch.device("cpu"))
+        probability = predict_foreground(model, ex.image, device=device, precision=settings.precision)
         foreground = probability > settings.threshold
         scores = tally.add(ex.labels, foreground)
         rows.append({"image": ex.name, **pixel_scores(foreground, ex.labels), **scores.as_dict()})
@@ -57,7 +58,9 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     from pipelines import registry
     from pipelines.infer import resolve_model
     from unet import storage
+    from unet.devices import check_device
 
+    check_device("evaluate.device", config.evaluate.device, config.evaluate.precision)
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     model_uri, version = resolve_model(config.evaluate.model, tracking_uri)
     summary, rows = evaluate_model(config, model_uri, tracking_uri)

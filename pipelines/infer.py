@@ -18,17 +18,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipelines.cli import make_parser, run
-from unet.config import Config, flatten_config
+from unet.config import Config, InferConfig, flatten_config
 from unet.errors import UserError, first_line
 
 if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
-    from dask.distributed import Client, LocalCluster
+    from distributed import Client
 
     from pipelines.infer_tasks import JobSpec
     from unet.model import UNet
@@ -71,74 +71,42 @@ def intensity_range(slide: Slide, input_path: str) -> tuple[tuple[float, float],
     return intensity_ranges(open_slide(input_path, slide.levels - 1))
 
 
-def start_dask(config: Config) -> tuple[Client, LocalCluster | None]:
-    """Connect to ``infer.scheduler``, or start a local cluster: in this process for one worker, else
-    ``infer.workers`` processes; either way bound to loopback, ``infer.tasks_per_worker`` threads each."""
-    from dask.distributed import Client, LocalCluster
+@dataclass
+class Job:
+    """One inference job, as ``set_up`` found and prepared it."""
 
-    if not log.isEnabledFor(logging.DEBUG):  # distributed sets its own levels when imported; -v shows its chatter
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-    infer = config.infer
-    if infer.scheduler:
-        try:
-            return Client(infer.scheduler, timeout="10s"), None
-        except (OSError, TimeoutError) as exc:
-            raise UserError(f"Dask scheduler unreachable at {infer.scheduler}: {exc}") from None
-    options: dict[str, Any] = {"processes": False} if infer.workers == 1 else {"processes": True, "host": "127.0.0.1"}
-    cluster = LocalCluster(
-        n_workers=infer.workers,
-        threads_per_worker=infer.tasks_per_worker,
-        dashboard_address="127.0.0.1:0",
-        worker_dashboard_address="127.0.0.1:0",
-        **options,
-    )
-    return Client(cluster), cluster
-
-
-def dashboard(client: Client, cluster: LocalCluster | None) -> str:
-    """The dashboard's address (a local cluster's is on loopback, whatever host name Dask would print)."""
-    if cluster is None:
-        return client.dashboard_link
-    return f"http://127.0.0.1:{cluster.scheduler.http_server.port}/status"
-
-
-def run_chunks(client: Client, function, arguments: list[tuple], description: str, resources=None) -> list:
-    """Submit one task per argument tuple, show a progress bar, return results in submission order."""
-    from dask.distributed import as_completed
-    from tqdm import tqdm
-
-    futures = [client.submit(function, *args, pure=False, resources=resources) for args in arguments]
-    index = {future.key: i for i, future in enumerate(futures)}
-    results: list = [None] * len(futures)
-    interval = 0.1 if sys.stderr.isatty() else 30  # a log file gets a line every 30 s, not every chunk
-    with tqdm(total=len(futures), desc=description, unit="chunk", mininterval=interval) as bar:
-        for future in as_completed(futures):
-            results[index[future.key]] = future.result()  # re-raises a task's error here
-            bar.update()
-    return results
+    slide: Slide
+    model: UNet
+    spec: JobSpec
+    lineage: dict
+    staged: Staging
+    overwrite: bool
+    gpus: list[str]  # CUDA: the GPUs its local workers use
 
 
 def main(config: Config, args: argparse.Namespace) -> dict:
-    started = time.perf_counter()
-    slide, model, spec, lineage, staged, overwrite = set_up(config, args)
-    keys, tissue = chunk_keys(config, slide)
+    from pipelines.dask_cluster import dashboard, in_process, start_dask
+    from pipelines.infer_output import finalize_output
 
-    client, cluster = start_dask(config)
-    if cluster is not None and config.infer.workers == 1:
+    started = time.perf_counter()
+    job = set_up(config, args)
+    keys, tissue = chunk_keys(config, job.slide)
+    client, cluster = start_dask(config.infer, job.gpus)
+    if in_process(config.infer, job.gpus):
         from pipelines.infer_tasks import use_model
 
-        use_model(spec, model)  # the worker shares this process: no second load
+        use_model(job.spec, job.model)  # the worker shares this process: no second load
     computing = time.perf_counter()
     try:
         log.info("Dask dashboard: %s (%d workers)", dashboard(client, cluster), len(client.scheduler_info()["workers"]))
-        objects = segment(client, spec, keys, tissue, config.infer.device)
+        objects = segment(client, job.spec, keys, tissue, config.infer)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
     finishing = time.perf_counter()
 
-    megapixels = slide.height * slide.width / 1e6
+    megapixels = job.slide.height * job.slide.width / 1e6
     stats = {
         "chunks": len(keys),
         "chunks_skipped": len(keys) - len(tissue),
@@ -148,25 +116,28 @@ def main(config: Config, args: argparse.Namespace) -> dict:
         "seconds": finishing - computing,
         "mpx_per_s": megapixels / (finishing - computing),
     }
-    run_id = _track(config, lineage, stats)
-    from pipelines.infer_output import finalize_output
-
+    run_id = _track(config, job.lineage, stats)
     stats["total_seconds"] = time.perf_counter() - started  # all but the last metadata write and rename
-    finalize_output(staged, slide, {**lineage, "stats": stats, "mlflow_run_id": run_id}, overwrite=overwrite)
-    report(config, slide, lineage["model_uri"], stats, run_id)
-    return {**stats, "output": staged.final, "model_uri": lineage["model_uri"], "mlflow_run_id": run_id}
+    lineage = {**job.lineage, "stats": stats, "mlflow_run_id": run_id}
+    finalize_output(job.staged, job.slide, lineage, overwrite=job.overwrite)
+    report(config, job.slide, job.lineage["model_uri"], stats, run_id)
+    return {**stats, "output": job.staged.final, "model_uri": job.lineage["model_uri"], "mlflow_run_id": run_id}
 
 
-def set_up(config: Config, args: argparse.Namespace) -> tuple[Slide, UNet, JobSpec, dict, Staging, bool]:
+def set_up(config: Config, args: argparse.Namespace) -> Job:
     """Check the request, load the model, describe the job and create (or resume) its output."""
     from pipelines import registry
+    from pipelines.dask_cluster import worker_count
     from pipelines.infer_output import output_staging
     from pipelines.infer_tasks import JobSpec
     from unet import __version__, storage
+    from unet.devices import check_device, visible_gpus
     from unet.inference import InferenceSettings
     from unet.slide import open_slide
 
     infer = config.infer
+    check_device("infer.device", infer.device, infer.precision)
+    gpus = visible_gpus() if infer.device == "cuda" else []
     overwrite = infer.overwrite or getattr(args, "overwrite", False)
     resume = infer.resume or getattr(args, "resume", False)
     if overwrite and resume:
@@ -202,6 +173,7 @@ def set_up(config: Config, args: argparse.Namespace) -> tuple[Slide, UNet, JobSp
         blend=infer.blend,
         device=infer.device,
         pass_memory_mb=infer.pass_memory_mb,
+        compile=infer.compile,
     )
     spec = JobSpec(
         input=lineage["input"],
@@ -214,10 +186,10 @@ def set_up(config: Config, args: argparse.Namespace) -> tuple[Slide, UNet, JobSp
         threshold=infer.threshold,
         intensity_range=intensity_range(slide, infer.input),
         probability_dtype=infer.probability_dtype,
-        threads=max(1, (os.cpu_count() or 1) // infer.workers) if not infer.scheduler else 0,
+        threads=max(1, (os.cpu_count() or 1) // worker_count(infer, gpus)) if not infer.scheduler else 0,
     )
     _prepare_output(staged, slide, spec, lineage, overwrite=overwrite, resume=resume)
-    return slide, model, spec, lineage, staged, overwrite
+    return Job(slide, model, spec, lineage, staged, overwrite, gpus)
 
 
 def chunk_keys(config: Config, slide: Slide) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
@@ -231,17 +203,14 @@ def chunk_keys(config: Config, slide: Slide) -> tuple[list[tuple[int, int]], set
     return keys, chunks_with_tissue(config.infer.input, slide, config.infer.chunk)
 
 
-def task_resources(device: str) -> dict[str, int] | None:
-    """The Dask resources each chunk task asks for: one GPU on CUDA (workers must offer ``GPU=1``)."""
-    return {"GPU": 1} if device == "cuda" else None
-
-
-def segment(client: Client, spec: JobSpec, keys: list, tissue: set, device: str) -> int:
+def segment(client: Client, spec: JobSpec, keys: list, tissue: set, infer: InferConfig) -> int:
     """Pass 1 predicts and labels every chunk alone; seams are merged; pass 2 writes slide-wide ids."""
+    from pipelines.dask_cluster import run_chunks, task_resources
     from pipelines.infer_tasks import label_chunk_globally, predict_chunk
     from unet.instances import merge_ids, offsets, seam_pairs
 
-    edges = run_chunks(client, predict_chunk, [(spec, k, k in tissue) for k in keys], "predict", task_resources(device))
+    resources = task_resources(infer.device, infer.tasks)
+    edges = run_chunks(client, predict_chunk, [(spec, k, k in tissue) for k in keys], "predict", resources)
     counts = {key: edge.count for key, edge in zip(keys, edges, strict=True)}
     starts = offsets(counts)
     mapping = merge_ids(sum(counts.values()), seam_pairs(dict(zip(keys, edges, strict=True)), starts))

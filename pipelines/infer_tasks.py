@@ -20,7 +20,6 @@ import zarr
 from unet.chunk_writes import write_block
 from unet.inference import ChunkPredictor, InferenceSettings
 from unet.instances import ChunkEdges, label_chunk, relabel
-from unet.io import scale_intensity
 from unet.model import UNet
 from unet.slide import Slide, open_slide
 from unet.tiling import Region
@@ -113,9 +112,7 @@ def predict_chunk(spec: JobSpec, key: tuple[int, int], has_tissue: bool = True) 
         return ChunkEdges.of(local, int(local.max()))
     if has_tissue:
         slide = _slide(spec)
-        probability = _predictor(spec).predict_chunk(
-            slide.read, height, width, region, lambda w: scale_intensity(w, spec.intensity_range)
-        )
+        probability = _predictor(spec).predict_chunk(slide.read, height, width, region, spec.intensity_range)
     else:
         probability = np.zeros((region.height, region.width), np.float32)
     stored = to_stored(probability, spec.probability_dtype)

@@ -122,12 +122,14 @@ def start_or_resume_run(
     return run.info.run_id, False
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int, synchronous: bool = True):
+    """Log ``metrics`` at ``step``; ``synchronous=False`` returns at once with an operation to ``wait()`` on."""
     from mlflow.entities import Metric
     from mlflow.utils.time import get_current_time_millis
 
     now = get_current_time_millis()
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    return client.log_batch(run_id, metrics=batch, synchronous=synchronous)
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:

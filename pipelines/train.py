@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -72,19 +73,47 @@ def init_ray() -> None:
         raise UserError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
 
 
-def check_resources(config: Config) -> None:
+def check_gpu_build(config: Config) -> None:
+    """``train.use_gpu`` needs a CUDA build of PyTorch here too (the image the workers run): NCCL, one GPU each."""
+    from unet.devices import cuda_build
+
+    if config.train.use_gpu and cuda_build() is None:
+        raise UserError(
+            "train.use_gpu needs a CUDA build of PyTorch (NCCL, one GPU per worker); this one is CPU-only "
+            "(README, 'Installing')"
+        )
+
+
+def check_resources(config: Config, local: bool) -> None:
+    """Refuse at once what the cluster can never place (Ray Train would retry placement without end): a local
+    Ray has all it will ever have; a remote cluster may be autoscaling, so wait ``train.resource_wait_s`` for it."""
     import ray
 
-    resources = ray.cluster_resources()
-    if config.train.use_gpu and resources.get("GPU", 0) < 1:
-        raise UserError("train.use_gpu is true but the Ray cluster has no GPU")
-    needed = config.train.num_workers * config.train.cpus_per_worker
-    if needed > resources.get("CPU", 0):
-        log.warning(
-            "the workers need %.1f CPUs but the cluster has %.1f now; training waits for an autoscaler",
-            needed,
-            resources.get("CPU", 0),
-        )
+    train = config.train
+    needed = {"CPU": train.num_workers * train.cpus_per_worker, **({"GPU": train.num_workers} if train.use_gpu else {})}
+
+    def shortfall() -> str:
+        have = ray.cluster_resources()
+        short = [f"{count:g} {kind} (the cluster has {have.get(kind, 0):g})" for kind, count in needed.items()
+                 if have.get(kind, 0) < count]  # fmt: skip
+        return ", ".join(short)
+
+    missing = shortfall()
+    if not missing:
+        return
+    advice = "lower train.num_workers" + (" or train.cpus_per_worker" if "CPU" in missing else "")
+    if local:
+        raise UserError(f"train.num_workers={train.num_workers} workers need {missing}; {advice}")
+    log.warning("the workers need %s; waiting up to %.0f s for the cluster to scale up", missing, train.resource_wait_s)
+    deadline = time.monotonic() + train.resource_wait_s
+    while time.monotonic() < deadline:
+        time.sleep(min(5.0, max(deadline - time.monotonic(), 0)))
+        if not (missing := shortfall()):
+            return
+    raise UserError(
+        f"train.num_workers={train.num_workers} workers need {missing} after {train.resource_wait_s:.0f} s; "
+        f"{advice}, or raise train.resource_wait_s"
+    )
 
 
 def build_trainer(config: Config, loop_config: dict):
@@ -125,12 +154,13 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     config.data.store = storage.resolve(config.data.store)
     config.train.storage_path = storage.resolve(config.train.storage_path)
     store = check_store(config)
+    check_gpu_build(config)
     check_ray_address(os.environ.get("RAY_ADDRESS"))
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     config.tracking.tracking_uri = tracking_uri
     client = registry.connect(tracking_uri)
     init_ray()
-    check_resources(config)
+    check_resources(config, local=not os.environ.get("RAY_ADDRESS"))
 
     store_sha = storage.sha256(store.location)
     tags = {"data.store": store.location, "data.store_sha256": store_sha, "git_commit": registry.git_commit()}

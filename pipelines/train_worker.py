@@ -23,6 +23,7 @@ from unet.config import Config
 from unet.data.augment import build_augmentation
 from unet.data.dataset import PatchDataset
 from unet.data.store import TrainingStore
+from unet.devices import check_device
 from unet.io import write_png
 from unet.loss import WeightedLoss
 from unet.training import (
@@ -33,6 +34,7 @@ from unet.training import (
     load_state,
     load_validation,
     make_grad_scaler,
+    restore_scaler,
     save_state,
     save_weights,
     train_step,
@@ -54,7 +56,7 @@ def _restore(model, optimizer, scheduler, scaler) -> dict[str, Any]:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    restore_scaler(scaler, state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     return state["progress"]
 
@@ -69,10 +71,12 @@ def _mean_across_workers(value: float, device: torch.device) -> float:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = Config.model_validate(loop_config["config"])
-    train, data = config.train, config.data
+    train = config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if train.use_gpu:  # the driver saw GPUs in the cluster; this checks the one this worker got
+        check_device("train.use_gpu", "cuda", train.precision)
     torch.manual_seed(train.seed)  # identical initial weights on every rank
 
     model = build_model(config.model).to(device)
@@ -83,20 +87,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = make_grad_scaler(train.precision, device)
     progress = _restore(model, optimizer, scheduler, scaler)
     model = ray.train.torch.prepare_model(model, move_to_device=False)
+    if train.compile:
+        model = torch.compile(model)
     loss_fn = WeightedLoss(config.loss.dice_weight)
 
-    store = TrainingStore(data.store)
-    dataset = PatchDataset(
-        store,
-        "train",
-        patch_size=data.patch_size,
-        length=train.steps_per_epoch * train.batch_size,
-        foreground_bias=data.foreground_bias,
-        augmentation=build_augmentation(data),
-        seed=train.seed,
-        rank=rank,
-    )
-    loader = DataLoader(dataset, batch_size=train.batch_size, num_workers=0)
+    store = TrainingStore(config.data.store)
+    dataset, loader = _patches(config, store, rank, device)
     validation = load_validation(store) if rank == 0 else []
     tracker = None
     if rank == 0:
@@ -114,7 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(progress["epoch"] + 1, train.epochs):
         dataset.set_epoch(epoch)
         model.train()
-        started, losses = time.perf_counter(), []
+        started, loss_sum, logging = time.perf_counter(), torch.zeros((), device=device), []
         for batch in loader:
             result = train_step(
                 model,
@@ -129,12 +125,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             scheduler.step()
             step += 1
-            losses.append(result.loss)
-            if tracker is not None:
-                step_metrics = {"train/step_loss": result.loss, "train/grad_norm": result.grad_norm}
-                log_metrics(tracker, run_id, {**step_metrics, "train/lr": scheduler.get_last_lr()[0]}, step)
+            loss_sum += result.loss  # stays on the device: no wait for the GPU
+            if tracker is not None and step % train.log_every_steps == 0:
+                step_metrics = {"train/step_loss": float(result.loss), "train/grad_norm": float(result.grad_norm)}
+                step_metrics["train/lr"] = scheduler.get_last_lr()[0]
+                logging.append(log_metrics(tracker, run_id, step_metrics, step, synchronous=False))
         seconds = time.perf_counter() - started
-        epoch_loss = _mean_across_workers(float(np.mean(losses)), device)
+        for operation in logging:  # MLflow wrote these in the background; they must land before the checkpoint
+            operation.wait()
+        epoch_loss = _mean_across_workers(float(loss_sum) / len(loader), device)
         metrics: dict[str, float] = {
             "epoch": epoch,
             "train/loss": epoch_loss,
@@ -165,6 +164,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 sys.__stdout__.write(_epoch_line(epoch, train.epochs, metrics, seconds) + "\n")
                 sys.__stdout__.flush()
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _patches(config: Config, store: TrainingStore, rank: int, device: torch.device) -> tuple[PatchDataset, DataLoader]:
+    """This rank's patch stream and its loader: worker processes sample and augment while the model trains (on
+    a GPU), batches land in pinned memory for asynchronous copies."""
+    train, data = config.train, config.data
+    dataset = PatchDataset(
+        store,
+        "train",
+        patch_size=data.patch_size,
+        length=train.steps_per_epoch * train.batch_size,
+        foreground_bias=data.foreground_bias,
+        augmentation=build_augmentation(data),
+        seed=train.seed,
+        rank=rank,
+    )
+    workers = train.loader_workers if train.loader_workers is not None else (4 if device.type == "cuda" else 0)
+    # not persistent: each epoch's loader processes must see the epoch that set_epoch gave the dataset
+    loader = DataLoader(dataset, batch_size=train.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    return dataset, loader
 
 
 def _worker_nodes(world: int) -> list[str]:

@@ -19,7 +19,8 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Reader
 from scipy import ndimage as ndi
 
-from pipelines.infer import cli, dashboard, start_dask
+from pipelines.dask_cluster import dashboard, start_dask
+from pipelines.infer import cli
 from pipelines.registry import connect, log_and_register, promote
 from tests.helpers import ROOT, environment, free_port
 from tests.test_tiling import same_partition, whole_image_probability
@@ -211,7 +212,7 @@ def test_registered_model_by_alias_and_bad_inputs(trained_model_dir, cmu_slide, 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_local_dask_cluster_listens_on_loopback_only(workers: int) -> None:
     config = load_config(ROOT / "configs" / "infer.yaml", [f"infer.workers={workers}"])
-    client, cluster = start_dask(config)
+    client, cluster = start_dask(config.infer)
     try:
         processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
         listening = {c.laddr.ip for p in processes for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.infer import task_resources
+from pipelines.dask_cluster import task_resources
 from tests.helpers import ROOT
-from unet.config import load_config
+from unet.config import InferConfig, load_config
 
 INFRA = ROOT / "infra"
 YAML_FILES = sorted(INFRA.rglob("*.yaml"))
@@ -105,11 +105,9 @@ def test_dask_workers_offer_the_gpu_resource_the_tasks_ask_for() -> None:
     (doc,) = documents(INFRA / "dask" / "daskcluster.yaml")
     args = next(iter(walk(doc["spec"]["worker"], "args")))
     assert "--resources" in args and args[args.index("--resources") + 1] == "GPU=1"
-    resources = task_resources("cuda")
-    assert resources == {"GPU": 1} and args[args.index("--resources") + 1] == ",".join(
-        f"{k}={v}" for k, v in resources.items()
-    )
-    assert task_resources("cpu") is None
+    tasks = InferConfig(device="cuda").tasks  # one GPU worker keeps this many chunks in flight
+    assert int(args[args.index("--nthreads") + 1]) == tasks
+    assert task_resources("cuda", tasks) == {"GPU": 1 / tasks} and task_resources("cpu", tasks) is None
 
 
 def test_mlflow_stack_binds_to_loopback_with_a_database_and_object_store() -> None:

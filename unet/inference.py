@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,10 +20,12 @@ import torch
 from unet.errors import UserError
 from unet.fused import inference_model
 from unet.geometry import round_up
+from unet.io import scale_intensity
 from unet.model import UNet, autocast_context
 from unet.tiling import Region, crop, input_region, read_mirrored, tiles_of
 
 Reader = Callable[[int, int, int, int], np.ndarray]
+Ranges = Sequence[tuple[float, float]]
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 # Measured peak memory of one forward pass, per pixel and per base channel (docs/benchmarks.md: about 14 bytes
 # in bf16, 25 in fp32, on top of the model); rounded up so that the estimate errs on the safe side.
@@ -49,6 +51,7 @@ class InferenceSettings:
     overlap: float = 0.25  # Gaussian blending only
     device: str = "cpu"
     pass_memory_mb: int = 2048  # largest estimated memory of one forward pass; 0: no limit
+    compile: bool = False  # torch.compile the model
 
 
 def pass_memory_mb(model: UNet, height: int, width: int, batch: int, precision: str) -> float:
@@ -65,24 +68,49 @@ class ChunkPredictor:
             raise ValueError(f"tile {settings.tile} is not a multiple of {model.size_multiple}")
         self.device = torch.device(settings.device)
         self.model = inference_model(model, settings.channels_last).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # a handful of pass shapes per slide: tune each once
+        if settings.compile:
+            self.model = torch.compile(self.model)
         self.settings = settings
         self.halo, self.multiple = model.halo, model.size_multiple
         self.largest_tile: int | None = None  # set once a pass did not fit
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet-model")
         self._fallback_lock = threading.Lock()
+        self._copy_streams = threading.local()  # CUDA: each calling thread copies its inputs on its own stream
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """Foreground probability (N, H, W) of normalised images (N, C, H, W), mirror TTA if enabled.
+    def probabilities(self, batch: np.ndarray, intensity_range: Ranges | None = None) -> np.ndarray:
+        """Foreground probability (N, H, W) of images (N, C, H, W), normalised already or by ``intensity_range``
+        (see ``predict_chunk``), mirror TTA if enabled.
 
         Every pass runs on the predictor's one model thread, whichever thread asks: one pass at a time, and
-        one OpenMP team (teams of several calling threads would spin against each other on a CPU).
+        one OpenMP team (teams of several calling threads would spin against each other on a CPU). On CUDA the
+        calling thread copies its batch to the GPU first, on its own stream, while the model runs the pass before.
         """
-        return self._model_thread.submit(self._probabilities, batch).result()
+        x, copied = self._to_device(batch, intensity_range)
+        return self._model_thread.submit(self._probabilities, x, copied).result()
+
+    def _to_device(self, batch: np.ndarray, intensity_range: Ranges | None) -> tuple[torch.Tensor, object | None]:
+        """The batch as a float tensor on the device (normalised if a range is given), and on CUDA the event that
+        marks the end of its copy."""
+        if self.device.type != "cuda":
+            if intensity_range is not None:
+                batch = scale_intensity(batch, intensity_range)
+            return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)), None
+        stream = getattr(self._copy_streams, "stream", None)
+        if stream is None:
+            stream = self._copy_streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            x = torch.from_numpy(np.ascontiguousarray(batch))
+            x = x.pin_memory().to(self.device, non_blocking=True)  # pinned blocks come from torch's host cache
+            x = scale_intensity(x, intensity_range) if intensity_range is not None else x.float()
+            return x, stream.record_event()
 
     @torch.inference_mode()
-    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
+    def _probabilities(self, x: torch.Tensor, copied: torch.cuda.Event | None) -> np.ndarray:
+        if copied is not None:  # the pass waits for the copy, and the copy's memory lives until the pass is done
+            torch.cuda.current_stream(self.device).wait_event(copied)
+            x.record_stream(torch.cuda.current_stream(self.device))
         if self.settings.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         total = None
@@ -102,17 +130,24 @@ class ChunkPredictor:
         height: int,
         width: int,
         chunk: Region,
-        normalize: Callable[[np.ndarray], np.ndarray],
+        intensity_range: Ranges | None = None,
     ) -> np.ndarray:
-        """Foreground probability (chunk.height, chunk.width) of one chunk of a (C, height, width) slide."""
+        """Foreground probability (chunk.height, chunk.width) of one chunk of a (C, height, width) slide.
+
+        ``intensity_range`` (per channel, lo and hi) is mapped to (0, 1) by the training rule
+        (``unet.io.scale_intensity``): on a CPU right after reading, on a GPU after the copy (8-bit pixels
+        cross the bus as they are stored); None uses the pixels as they are.
+        """
         window_region = input_region(chunk, self.halo, self.multiple)
-        window = self._input(read, height, width, window_region, normalize)  # the chunk and its halo, read once
+        window = self._read(read, height, width, window_region)  # the chunk and its halo, read once
+        if intensity_range is not None and (self.device.type != "cuda" or self.settings.blend == "gaussian"):
+            window, intensity_range = scale_intensity(window, intensity_range), None
         if self.settings.blend == "gaussian":
             return self._gaussian(window, chunk)  # MONAI's own windows over the chunk and its halo
         while True:
             tile = self.tile_for(chunk)
             try:
-                return self._predict_tiles(window, window_region, chunk, tile)
+                return self._predict_tiles(window, window_region, chunk, tile, intensity_range)
             except torch.cuda.OutOfMemoryError:
                 if tile <= self.multiple:
                     raise
@@ -144,7 +179,9 @@ class ChunkPredictor:
                 log.info("%s: predicting chunks in tiles of %d px from now on", reason, tile)
                 self.largest_tile = tile
 
-    def _predict_tiles(self, window: np.ndarray, window_region: Region, chunk: Region, tile: int) -> np.ndarray:
+    def _predict_tiles(
+        self, window: np.ndarray, window_region: Region, chunk: Region, tile: int, intensity_range: Ranges | None
+    ) -> np.ndarray:
         """Predict ``chunk`` from its ``window`` in output tiles of ``tile``, batching tiles of equal input size."""
         out = np.empty((chunk.height, chunk.width), np.float32)
         by_shape: dict[tuple[int, int], list[Region]] = {}
@@ -156,18 +193,19 @@ class ChunkPredictor:
                 group = regions[start : start + self.settings.batch_size]
                 needed = [input_region(r, self.halo, self.multiple) for r in group]
                 inputs = np.stack([window[(slice(None), *n.relative_to(window_region))] for n in needed])
-                for region, n, probability in zip(group, needed, self.probabilities(inputs), strict=True):
+                probabilities = self.probabilities(inputs, intensity_range)
+                for region, n, probability in zip(group, needed, probabilities, strict=True):
                     out[region.relative_to(chunk)] = crop(probability, region, n)
         return out
 
-    def _input(self, read: Reader, height: int, width: int, region: Region, normalize) -> np.ndarray:
+    def _read(self, read: Reader, height: int, width: int, region: Region) -> np.ndarray:
         window = read_mirrored(read, height, width, region)
         if window.dtype.kind == "f" and not np.isfinite(window).all():
             raise InputDataError(
                 f"NaN or infinite pixels in the input around rows {max(region.y0, 0)}-{min(region.y1, height)}, "
                 f"columns {max(region.x0, 0)}-{min(region.x1, width)}"
             )
-        return np.ascontiguousarray(normalize(window), dtype=np.float32)
+        return window
 
     def _gaussian(self, window: np.ndarray, chunk: Region) -> np.ndarray:
         """MONAI sliding windows (Gaussian-weighted, ``overlap``) over the chunk and its halo."""
@@ -179,7 +217,7 @@ class ChunkPredictor:
         size -= size % multiple
         window_region = input_region(chunk, halo, multiple)
         probability = sliding_window_inference(
-            torch.from_numpy(window[None]),
+            torch.from_numpy(np.ascontiguousarray(window[None], dtype=np.float32)),
             roi_size=(size, size),
             sw_batch_size=self.settings.batch_size,
             predictor=lambda x: torch.from_numpy(self.probabilities(x.numpy()))[:, None],

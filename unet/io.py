@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,14 +98,25 @@ def intensity_ranges(image: Any) -> tuple[tuple[float, float], ...]:
     return tuple(ranges)
 
 
-def scale_intensity(image: np.ndarray, ranges: list[tuple[float, float]] | np.ndarray) -> np.ndarray:
-    """CYX image to float32 with channel ``c`` mapped from ``ranges[c]`` = (lo, hi) to (0, 1)."""
+def scale_intensity(image: Any, ranges: Sequence[tuple[float, float]] | np.ndarray) -> Any:
+    """Image(s) ``(..., C, Y, X)`` to float32 with channel ``c`` mapped from ``ranges[c]`` = (lo, hi) to (0, 1).
+
+    The one normalisation rule of training and inference. ``image`` is a NumPy array, or a PyTorch tensor (on any
+    device, so that inference can scale 8-bit pixels after copying them to a GPU); both compute in float32.
+    """
     ranges = np.asarray(ranges, np.float32).reshape(-1, 2)
-    lo = ranges[:, 0].reshape(-1, *([1] * (image.ndim - 1)))
-    hi = ranges[:, 1].reshape(-1, *([1] * (image.ndim - 1)))
-    scaled = image.astype(np.float32)  # one new array, then in place: this runs on every inference chunk
-    scaled -= lo
-    scaled /= np.maximum(hi - lo, 1e-6)
+    lo = ranges[:, 0].reshape(-1, 1, 1)
+    span = np.maximum(ranges[:, 1].reshape(-1, 1, 1) - lo, np.float32(1e-6))
+    if isinstance(image, np.ndarray):
+        scaled = image.astype(np.float32)  # one new array, then in place: this runs on every inference chunk
+        scaled -= lo
+        scaled /= span
+        return scaled
+    import torch  # a tensor was given: PyTorch is already loaded
+
+    scaled = image.to(torch.float32, copy=True)
+    scaled -= torch.as_tensor(lo, device=image.device)
+    scaled /= torch.as_tensor(span, device=image.device)
     return scaled
 
 

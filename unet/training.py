@@ -67,10 +67,20 @@ def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScal
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
+    """Continue a run's loss scaling from a checkpoint. A checkpoint written without a scaler (bf16, fp32 or on a
+    CPU) holds an empty state: the scaler then starts afresh, as a new fp16 run would."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+
+
 @dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
+    """The step's loss and gradient norm, as 0-d tensors on the training device: reading one (``float()``)
+    waits for the device to finish, so a loop reads them only when it logs."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
 
 
 def train_step(
@@ -99,7 +109,7 @@ def train_step(
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
     scaler.step(optimizer)
     scaler.update()
-    return StepResult(loss=float(loss.detach()), grad_norm=float(norm))
+    return StepResult(loss=loss.detach(), grad_norm=norm.detach())
 
 
 @torch.no_grad()
@@ -183,8 +193,12 @@ def load_weights(directory: str | Path, map_location: str = "cpu") -> UNet:
 
 
 def unwrap(model: nn.Module) -> UNet:
-    """The UNet inside a DistributedDataParallel (or the model itself)."""
-    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+    """The UNet inside a DistributedDataParallel and/or ``torch.compile`` wrapper (or the model itself)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            return model  # type: ignore[return-value]
+        model = inner
 
 
 def training_state(

@@ -87,12 +87,29 @@ class TrainConfig(Section):
     precision: Precision = Field("bf16", description="Autocast precision; fp16 uses a gradient scaler.")
     channels_last: bool = Field(True, description="Use the channels_last memory format.")
     max_failures: int = Field(2, ge=-1, description="Worker failures to recover from (-1: unlimited).")
+    resource_wait_s: float = Field(
+        600.0,
+        ge=0,
+        description="How long a job on a remote (autoscaling) Ray cluster waits for the workers' CPUs and GPUs "
+        "before it gives up; a local Ray that lacks them fails at once.",
+    )
+    loader_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader processes per training worker, sampling and augmenting patches off the training "
+        "loop. null: 4 with GPUs, 0 on CPU (where they would compete with the worker for its cores).",
+    )
+    log_every_steps: int = Field(
+        10, ge=1, description="Log per-step metrics to MLflow every this many steps (each read waits for the GPU)."
+    )
+    compile: bool = Field(False, description="torch.compile the model before training.")
     seed: int = Field(0, description="Seed for weights, sampling and augmentation.")
 
 
 # Measured on CPU (docs/benchmarks.md: a 1024-px chunk in one pass is the fastest); CUDA: larger passes keep a GPU
 # busy and the halo costs 1.2x instead of 1.4x (not yet measured on a GPU here).
 DEFAULT_CHUNK_SIZE = {"cpu": 1024, "cuda": 2048}
+DEFAULT_TASKS_PER_WORKER = {"cpu": 2, "cuda": 8}
 
 
 class InferConfig(Section):
@@ -121,7 +138,10 @@ class InferConfig(Section):
         description="Largest estimated memory (MB) of one forward pass; a chunk that needs more is predicted in "
         "smaller tiles (logged once). On CUDA, running out of memory falls back the same way. 0: no limit.",
     )
-    device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: tasks need the Dask worker resource GPU=1.")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="cuda: one local worker per GPU; on a cluster, tasks ask for the Dask worker resource GPU."
+    )
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPUs for large slides).")
     probability_dtype: Literal["uint8", "float16"] = Field("uint8", description="How probabilities are stored.")
     precision: Precision = Field("bf16", description="Autocast precision.")
     channels_last: bool = Field(True, description="Use the channels_last memory format.")
@@ -129,14 +149,17 @@ class InferConfig(Section):
     tta: bool = Field(False, description="Mirroring test-time augmentation.")
     tissue_mask: bool = Field(False, description="Skip chunks without tissue.")
     scheduler: str | None = Field(None, description="Dask scheduler address (null: a local cluster).")
-    workers: int = Field(
-        1,
+    workers: int | None = Field(
+        None,
         ge=1,
-        description="Worker processes of the local Dask cluster. 1: the worker runs inside the job's process "
-        "(nothing to start, the model loaded once).",
+        description="Workers of the local Dask cluster. null: 1 on CPU, one per visible GPU on CUDA. A single "
+        "worker runs inside the job's process (nothing to start, the model loaded once); more are processes.",
     )
-    tasks_per_worker: int = Field(
-        2, ge=1, description="Chunks in flight per worker: one in the model while the others are read or written."
+    tasks_per_worker: int | None = Field(
+        None,
+        ge=1,
+        description="Chunks in flight per worker: one in the model while the others are read or written. null: 2 "
+        "on CPU, 8 on CUDA (a GPU predicts faster than one thread reads and writes).",
     )
     threshold: float = Field(0.5, gt=0, lt=1, description="Foreground probability threshold.")
     overwrite: bool = Field(False, description="Replace an existing output.")
@@ -157,6 +180,11 @@ class InferConfig(Section):
         """``chunk_size``, or the measured default for ``device`` (docs/benchmarks.md)."""
         return self.chunk_size or DEFAULT_CHUNK_SIZE[self.device]
 
+    @property
+    def tasks(self) -> int:
+        """``tasks_per_worker``, or the default for ``device``."""
+        return self.tasks_per_worker or DEFAULT_TASKS_PER_WORKER[self.device]
+
 
 class EvaluateConfig(Section):
     """Evaluation of a model on held-out labelled images of a training store."""
@@ -167,6 +195,8 @@ class EvaluateConfig(Section):
     threshold: float = Field(0.5, gt=0, lt=1, description="Foreground probability threshold.")
     iou_threshold: float = Field(0.5, ge=0.5, lt=1, description="IoU above which a prediction matches an object.")
     output: str = Field("outputs/evaluate", description="Folder for the per-image table and pictures.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the model runs.")
+    precision: Precision = Field("fp32", description="Autocast precision of the predictions.")
 
 
 class TrackingConfig(Section):

@@ -30,7 +30,8 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -m "not cluster" --durations=15
 
-# Multi-service tests: PostgreSQL (its server binaries; .ci/run installs them), and S3 + MLflow server + Ray.
+# Multi-process clusters and services: PostgreSQL (its server binaries; .ci/run installs them), S3 + MLflow server
+# + Ray, a two-node Ray cluster losing a node, a Dask scheduler and workers losing a worker.
 test-cluster: $(STAMP)
 	$(PY) -m pytest -m cluster --durations=5
 

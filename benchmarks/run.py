@@ -33,23 +33,26 @@ HEADER = (
     "# Benchmarks\n\n"
     "Every section says when, where and by which command it was measured; `python -m benchmarks.run` "
     "measures them all again,\n`python -m benchmarks.run --only NAME ...` replaces just those sections "
-    f"(names: {', '.join(BENCHMARKS)}).\n"
+    f"(names: {', '.join(BENCHMARKS)}); `python -m benchmarks.gpu` writes the GPU section.\n"
 )
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES)
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, Python {platform.python_version()}; "
-        f"{versions}"
+        f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"Python {platform.python_version()}; {versions}"
     )
 
 
@@ -59,27 +62,31 @@ def sections_of(report: str) -> dict[str, str]:
     return {part.splitlines()[0][3:].strip(): part.rstrip() + "\n" for part in parts if part.startswith("## ")}
 
 
+def write_section(output: Path, title: str, doc: str, table: str, command: str) -> None:
+    """Put one benchmark's section into ``output`` (replacing its earlier one), stamped with time, machine, command."""
+    sections = sections_of(output.read_text()) if output.exists() else {}
+    stamp = f"_Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{command}` on {machine()}._"
+    sections[title] = f"## {title}\n\n{stamp}\n\n{doc}\n\n{table}\n"
+    order = [getattr(module, "TITLE", None) for module in BENCHMARKS.values()]
+    titles = [t for t in order if t in sections] + [t for t in sections if t not in order]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(HEADER + "\n" + "\n".join(sections[t] for t in titles))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for a smoke test)")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args(argv)
-    names = args.only or list(BENCHMARKS)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
-    sections = sections_of(args.output.read_text()) if args.output.exists() else {}
-    for name in names:
+    for name in args.only or list(BENCHMARKS):
         print(f"running {name} ...", flush=True)
         module = BENCHMARKS[name]
         result = module.run(quick=args.quick)
-        doc = (module.__doc__ or "").strip()
-        stamp = f"_Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{command.strip()}` on {machine()}._"
-        sections[result["title"]] = f"## {result['title']}\n\n{stamp}\n\n{doc}\n\n{module.to_markdown(result)}\n"
-        print(module.to_markdown(result), flush=True)
-    order = [getattr(module, "TITLE", None) for module in BENCHMARKS.values()]
-    titles = [t for t in order if t in sections] + [t for t in sections if t not in order]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(HEADER + "\n" + "\n".join(sections[t] for t in titles))
+        table = module.to_markdown(result)
+        print(table, flush=True)
+        write_section(args.output, result["title"], (module.__doc__ or "").strip(), table, command.strip())
     print(f"wrote {args.output}")
     return 0
 

@@ -18,7 +18,7 @@ import zarr
 from tests.helpers import ROOT, environment, free_port
 from tests.test_infer import infer, stored
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # several servers: `make test-cluster`
 BIN = Path(sys.executable).parent
 
 

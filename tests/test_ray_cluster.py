@@ -15,7 +15,7 @@ from pipelines.prepare import prepare
 from tests.helpers import ROOT, environment, train_command, wait_for_checkpoint
 from unet.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # several servers: `make test-cluster`
 
 
 def test_two_node_training_survives_losing_a_node(tmp_path: Path) -> None:

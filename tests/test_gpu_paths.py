@@ -24,7 +24,7 @@ from unet.errors import UserError
 from unet.io import scale_intensity
 from unet.model import UNet
 from unet.serving import _load_pyfunc
-from unet.training import make_grad_scaler, restore_scaler, save_weights
+from unet.training import make_grad_scaler, restore_scaler, save_weights, training_state, unwrap
 
 CPU_ONLY = torch.version.cuda is None
 needs_cpu_only_torch = pytest.mark.skipif(not CPU_ONLY, reason="checks the errors of a CPU-only PyTorch build")
@@ -155,3 +155,14 @@ def test_evaluation_on_cuda_stops_with_one_line(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "evaluate.device is cuda but PyTorch" in result.stderr
+
+
+def test_compiled_training_models_save_the_plain_weights() -> None:
+    """train.compile wraps the (DDP) model; checkpoints and registered weights keep the plain UNet's keys."""
+    model = UNet(3, 2, base_channels=4, depth=2)
+    compiled = torch.compile(model)  # compiling itself waits for the first call; the wrapper is what matters
+    assert unwrap(compiled) is model and unwrap(model) is model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = training_state(compiled, optimizer, scheduler, make_grad_scaler("fp32", torch.device("cpu")), epoch=0)
+    assert state["model"].keys() == model.state_dict().keys()

@@ -53,6 +53,8 @@ def start_dask(infer: InferConfig, gpus: list[str] | None = None) -> tuple[Clien
 
     if not log.isEnabledFor(logging.DEBUG):  # distributed sets its own levels when imported; -v shows its chatter
         logging.getLogger("distributed").setLevel(logging.WARNING)
+        # a failed task is reported in one line by the job, and the tasks cancelled with its slide are expected
+        logging.getLogger("distributed.worker").setLevel(logging.CRITICAL)
     if infer.scheduler:
         try:
             return Client(infer.scheduler, timeout="10s"), None

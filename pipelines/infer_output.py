@@ -15,7 +15,10 @@ from unet.slide import Slide
 LINEAGE_KEY = "unet_inference"
 # what must not change between an interrupted run and its --resume
 RESUME_KEYS = ("model_uri", "input", "level")
-IGNORED_CONFIG = ("infer.overwrite", "infer.resume", "infer.scheduler", "infer.workers")
+# input, output and level are compared resolved (RESUME_KEYS) or are where the output is; a batch and a
+# single-slide run of the same slide agree on the rest
+IGNORED_CONFIG = ("infer.overwrite", "infer.resume", "infer.scheduler", "infer.workers", "infer.tasks_per_worker",
+                  "infer.input", "infer.output", "infer.level")  # fmt: skip
 
 
 def _axes(slide: Slide, channel: bool = True) -> list[dict]:

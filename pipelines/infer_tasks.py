@@ -1,7 +1,7 @@
 """The Dask tasks of ``pipelines.infer``: one call per output chunk, run in worker processes.
 
-The model and the slide are opened once per worker process (cached by job) and reused by every
-chunk that process runs, so the model is never shipped with a task. Each chunk records its
+The model is loaded once per worker process (cached by ``ModelSpec``, shared by every slide of a batch)
+and each slide opened once, so neither is shipped with a task. Each chunk records its
 completion in a small Zarr array *after* its data is written, so a killed job can be resumed and
 redoes only chunks whose record is missing. Every write covers whole Zarr chunks
 (``unet.chunk_writes.write_block``), so no two tasks ever write the same chunk.
@@ -30,20 +30,27 @@ LOCAL, DONE_PREDICT, DONE_LABELS = f"{WORK}/local", f"{WORK}/done_predict", f"{W
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """Which model a worker predicts with, and how (small and picklable; one per job, whatever the slides)."""
+
+    model_uri: str  # resolved: models:/NAME/VERSION or a local folder
+    tracking_uri: str | None
+    settings: InferenceSettings
+    threads: int  # torch threads per worker process; 0 leaves them as they are
+
+
+@dataclass(frozen=True)
 class JobSpec:
-    """Everything a worker needs to process chunks of one job (small and picklable)."""
+    """Everything a worker needs to process chunks of one slide (small and picklable)."""
 
     input: str
     level: int
     output: str  # the Zarr group being written
-    model_uri: str  # resolved: models:/NAME/VERSION or a local folder
-    tracking_uri: str | None
-    settings: InferenceSettings
+    model: ModelSpec
     chunk: int
     threshold: float
     intensity_range: tuple[tuple[float, float], ...]
     probability_dtype: str
-    threads: int  # torch threads per worker process; 0 leaves them as they are
 
     def region(self, key: tuple[int, int], height: int, width: int) -> Region:
         row, col = key
@@ -51,24 +58,24 @@ class JobSpec:
         return Region(y0, min(y0 + self.chunk, height), x0, min(x0 + self.chunk, width))
 
 
-_PREDICTORS: dict[JobSpec, ChunkPredictor] = {}
+_PREDICTORS: dict[ModelSpec, ChunkPredictor] = {}
 _PREDICTORS_LOCK = threading.Lock()
 
 
-def use_model(spec: JobSpec, model: UNet) -> None:
-    """Predict ``spec``'s chunks in this process with ``model`` (already loaded) instead of loading it again."""
+def use_model(spec: ModelSpec, model: UNet) -> None:
+    """Predict with ``model`` (already loaded) in this process instead of loading it again."""
     with _PREDICTORS_LOCK:
         _set_threads(spec)
         _PREDICTORS[spec] = ChunkPredictor(model, spec.settings)
 
 
-def _set_threads(spec: JobSpec) -> None:
+def _set_threads(spec: ModelSpec) -> None:
     if spec.threads > 0:  # 0: a remote cluster's workers keep their own setting
         torch.set_num_threads(spec.threads)
 
 
-def _predictor(spec: JobSpec) -> ChunkPredictor:
-    """The job's predictor in this worker process, made once (its threads share it)."""
+def _predictor(spec: ModelSpec) -> ChunkPredictor:
+    """The job's predictor in this worker process, made once (its threads and all slides share it)."""
     with _PREDICTORS_LOCK:
         if spec not in _PREDICTORS:
             from pipelines.registry import load_model  # MLflow only where a model is actually loaded
@@ -80,9 +87,9 @@ def _predictor(spec: JobSpec) -> ChunkPredictor:
         return _PREDICTORS[spec]
 
 
-@functools.lru_cache(maxsize=2)
-def _slide(spec: JobSpec) -> Slide:
-    return open_slide(spec.input, spec.level)
+@functools.lru_cache(maxsize=8)  # a batch has a few slides in flight at once
+def _slide(input: str, level: int) -> Slide:
+    return open_slide(input, level)
 
 
 def _cell(key: tuple[int, int]) -> tuple[slice, slice]:
@@ -111,8 +118,8 @@ def predict_chunk(spec: JobSpec, key: tuple[int, int], has_tissue: bool = True) 
         local = np.asarray(local_array[region.slices])
         return ChunkEdges.of(local, int(local.max()))
     if has_tissue:
-        slide = _slide(spec)
-        probability = _predictor(spec).predict_chunk(slide.read, height, width, region, spec.intensity_range)
+        read = _slide(spec.input, spec.level).read
+        probability = _predictor(spec.model).predict_chunk(read, height, width, region, spec.intensity_range)
     else:
         probability = np.zeros((region.height, region.width), np.float32)
     stored = to_stored(probability, spec.probability_dtype)

@@ -146,20 +146,42 @@ def log_job_run(
     params: dict[str, Any],
     metrics: dict[str, float],
     artifacts: tuple[str | Path, ...] = (),
+    parent: str | None = None,
 ) -> str:
-    """A finished MLflow run recording one job (inference, evaluation): what went in, what came out."""
+    """A finished MLflow run recording one job (inference, evaluation): what went in, what came out; nested
+    under run ``parent`` (a batch) if given."""
+    run_id = start_job_run(tracking_uri, experiment, job, run_name, params, parent)
+    end_job_run(tracking_uri, run_id, metrics, artifacts)
+    return run_id
+
+
+def start_job_run(
+    tracking_uri: str, experiment: str, job: str, run_name: str, params: dict[str, Any], parent: str | None = None
+) -> str:
+    """Open an MLflow run for a job and record its parameters; ``end_job_run`` closes it."""
     from mlflow.entities import Param
 
     client = connect(tracking_uri)
-    run = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=run_name, tags={"job": job})
-    run_id = run.info.run_id
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    tags = {"job": job} | ({"mlflow.parentRunId": parent} if parent else {})
+    run = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=run_name, tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
+def end_job_run(
+    tracking_uri: str,
+    run_id: str,
+    metrics: dict[str, float],
+    artifacts: tuple[str | Path, ...] = (),
+    status: str = "FINISHED",
+) -> None:
+    """Record a job's results and artifacts and mark its run ``status`` (FINISHED or FAILED)."""
+    client = connect(tracking_uri)
     log_metrics(client, run_id, metrics, step=0)
     for path in artifacts:
         client.log_artifact(run_id, str(path))
     set_tags(client, run_id, {"finished": datetime.now(UTC).isoformat(timespec="seconds")})
-    client.set_terminated(run_id)
-    return run_id
+    client.set_terminated(run_id, status=status)
 
 
 def git_commit() -> str:

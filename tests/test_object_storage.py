@@ -144,3 +144,28 @@ def test_s3_output_is_replaced_only_on_request(trained_model_dir, s3: str, cmu_s
     lineage = zarr.open_group(output, mode="r").attrs["unet_inference"]
     assert lineage["complete"] and lineage["mlflow_run_id"] != first
     assert open_slide(output).shape == (1, 96, 128)
+
+
+def test_batch_from_an_s3_glob_to_an_s3_prefix(trained_model_dir, s3: str, cmu_slide, tmp_path: Path, capsys) -> None:
+    cmu = open_slide(cmu_slide)
+    local = tmp_path / "slides"
+    windows = {"one.zarr": (0, 300, 0, 400), "two.zarr": (300, 700, 200, 460), "notes.txt": None}
+    for name, window in windows.items():
+        if window is None:  # not a slide: the glob below does not match it
+            storage.write_bytes(f"{s3}/cohort/{name}", b"not a slide")
+            continue
+        for root in (local, f"{s3}/cohort"):
+            zarr.create_array(f"{root}/{name}", data=cmu.read(*window), chunks=(3, 128, 128))
+    output = f"{s3}/batch-out"
+    small = ("infer.chunk_size=128", "infer.tile_size=128")
+    assert infer(tmp_path, trained_model_dir, f"{s3}/cohort/*.zarr", output, *small) == 0
+    for name in ("one", "two"):
+        reference = tmp_path / f"{name}.ome.zarr"
+        assert infer(tmp_path, trained_model_dir, local / f"{name}.zarr", reference, *small) == 0
+        for remote, expected in zip(stored(f"{output}/{name}.ome.zarr"), stored(reference), strict=True):
+            np.testing.assert_array_equal(remote, expected)
+    summary = storage.filesystem(f"{output}/batch_summary.csv")
+    assert summary[0].cat(summary[1]).decode().count(",done,") == 2
+    capsys.readouterr()
+    assert infer(tmp_path, trained_model_dir, f"{s3}/cohort/*.zarr", output, *small) == 0
+    assert "nothing to do   2 outputs were complete already" in capsys.readouterr().out

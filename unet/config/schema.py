@@ -115,8 +115,16 @@ DEFAULT_TASKS_PER_WORKER = {"cpu": 2, "cuda": 8}
 class InferConfig(Section):
     """Overlap-tile inference over a (whole-slide) image."""
 
-    input: str | None = Field(None, description="Input OME-Zarr / Zarr image (path or s3://... URL) or local TIFF/SVS.")
-    output: str | None = Field(None, description="Output OME-Zarr store: a path or s3://... URL.")
+    input: str | None = Field(
+        None,
+        description="One slide: an OME-Zarr / Zarr image (path or s3://... URL) or a local TIFF/SVS. Or a cohort: a "
+        "glob, a folder or prefix of slides, or a CSV/YAML manifest (input, optional output and level per row).",
+    )
+    output: str | None = Field(
+        None,
+        description="Output OME-Zarr store (path or s3://... URL); for a cohort a folder or prefix: slide NAME.EXT "
+        "goes to OUTPUT/NAME.ome.zarr, the table of results to OUTPUT/batch_summary.csv.",
+    )
     model: str = Field("models:/unet@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")
     level: int = Field(0, ge=0, description="Resolution level of a multiscale input.")
     chunk_size: int | None = Field(

@@ -1,0 +1,180 @@
+"""Which slides one inference job segments, and where each result goes.
+
+``infer.input`` is one of:
+
+- one slide (an OME-Zarr or Zarr store, a TIFF/SVS file): ``infer.output`` is its output store;
+- a glob (``slides/*.ome.zarr``, ``s3://bucket/cohort/*.zarr``) or a folder / prefix holding slides: every
+  Zarr store and TIFF/SVS file it matches or holds (sorted by name) is one slide;
+- a manifest, a ``.csv`` with a header or a ``.yaml`` list, one slide per row: ``input`` and optionally
+  ``output`` and ``level``; relative paths are relative to the manifest's folder.
+
+With several slides ``infer.output`` is a folder (or prefix): slide ``NAME.EXT`` is written to
+``OUTPUT/NAME.ome.zarr`` (``EXT`` is ``.ome.zarr``, ``.zarr``, ``.ome.tif(f)``, ``.tif(f)`` or ``.svs``)
+unless its manifest row names an output; the batch summary ``OUTPUT/batch_summary.csv`` lies beside them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from unet import storage
+from unet.errors import UserError
+
+SLIDE_SUFFIXES = (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs")
+MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
+ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
+OUTPUT_SUFFIX = ".ome.zarr"
+SUMMARY_NAME = "batch_summary.csv"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One slide of a job: where it is read, which level, where its result goes (all resolved)."""
+
+    input: str
+    output: str
+    level: int
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The slides of a job; ``batch`` when ``infer.input`` named several (then ``folder`` holds the summary)."""
+
+    items: list[Item]
+    batch: bool
+    folder: str | None = None
+
+    @property
+    def summary(self) -> str | None:
+        return join(self.folder, SUMMARY_NAME) if self.folder else None
+
+
+class ManifestRow(BaseModel):
+    """One manifest row; unknown columns are errors, so a typo is not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: str = Field(min_length=1)
+    output: str | None = None
+    level: int | None = Field(None, ge=0)
+
+
+def expand(input: str, output: str, level: int) -> Cohort:
+    """The slides named by ``infer.input`` (see the module docstring), each with its output and level."""
+    if is_manifest(input):
+        return _checked(_from_manifest(input, output, level), output)
+    if any(char in input for char in "*?["):
+        slides = [match for match in _glob(input) if is_slide(match)]
+        if not slides:
+            raise UserError(f"no slides match {input} (Zarr stores or {', '.join(SLIDE_SUFFIXES[2:])} files)")
+    elif not storage.exists(input):
+        raise UserError(f"infer.input not found: {input}")
+    elif storage.is_file(input) or is_zarr(input):
+        return Cohort([Item(storage.resolve(input), storage.resolve(output), level)], batch=False)
+    else:
+        if storage.resolve(output) == storage.resolve(input):  # a re-run would segment the outputs too
+            raise UserError(f"infer.output must not be the input folder {input}; choose another folder")
+        slides = [child for child in _children(input) if is_slide(child)]
+        if not slides:
+            raise UserError(f"{input} is a folder without slides (Zarr stores or TIFF/SVS files)")
+    return _checked([Item(slide, output_for(slide, output), level) for slide in slides], output)
+
+
+def output_for(slide: str, folder: str) -> str:
+    """``FOLDER/NAME.ome.zarr`` for slide ``.../NAME.EXT``."""
+    return join(folder, stem(slide) + OUTPUT_SUFFIX)
+
+
+def stem(location: str) -> str:
+    """The slide's name without its format suffix: ``a`` for ``s3://b/a.ome.zarr``, ``a.b`` for ``a.b.svs``."""
+    name = storage.basename(location)
+    suffix = next((s for s in SLIDE_SUFFIXES if name.lower().endswith(s) and len(name) > len(s)), "")
+    return name[: len(name) - len(suffix)]
+
+
+def join(folder: str, name: str) -> str:
+    folder = storage.resolve(folder)
+    return f"{folder}/{name}" if storage.is_url(folder) else str(PurePosixPath(folder) / name)
+
+
+def is_manifest(location: str) -> bool:
+    return location.lower().endswith(MANIFEST_SUFFIXES) and storage.exists(location) and storage.is_file(location)
+
+
+def is_zarr(location: str) -> bool:
+    """Whether ``location`` is the root of a Zarr array or group (v2 or v3)."""
+    return any(storage.exists(join(location, marker)) for marker in ZARR_MARKERS)
+
+
+def is_slide(location: str) -> bool:
+    """A TIFF/SVS file or a Zarr store by name, or any Zarr store (a broken store still counts: it is reported)."""
+    return storage.basename(location).lower().endswith(SLIDE_SUFFIXES) or is_zarr(location)
+
+
+def _glob(pattern: str) -> list[str]:
+    fs, path = storage.filesystem(pattern)
+    return sorted(fs.unstrip_protocol(m) if storage.is_url(pattern) else m for m in fs.glob(path))
+
+
+def _children(folder: str) -> list[str]:
+    fs, path = storage.filesystem(folder)
+    names = fs.ls(path, detail=False)
+    return sorted(fs.unstrip_protocol(n) if storage.is_url(folder) else n for n in names)
+
+
+def _from_manifest(manifest: str, output: str, level: int) -> list[Item]:
+    import fsspec
+
+    with fsspec.open(storage.resolve(manifest), "r") as handle:
+        text = handle.read()
+    try:
+        if manifest.lower().endswith(".csv"):
+            rows = [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(io.StringIO(text))]
+        else:
+            rows = yaml.safe_load(text)
+            rows = rows.get("slides") if isinstance(rows, dict) else rows
+    except (csv.Error, yaml.YAMLError) as exc:
+        raise UserError(f"manifest {manifest} cannot be read: {str(exc).splitlines()[0]}") from None
+    if not isinstance(rows, list) or not rows:
+        raise UserError(f"manifest {manifest} lists no slides (expected rows with an 'input' column)")
+    parsed = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            parsed.append(ManifestRow.model_validate(row))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(map(str, error["loc"])) or "row"
+            raise UserError(f"manifest {manifest}, slide {number}: {field}: {error['msg']}") from None
+    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
+    items = []
+    for row in parsed:
+        slide = _relative_to(base, row.input)
+        items.append(Item(slide, _relative_to(base, row.output) if row.output else output_for(slide, output),
+                          level if row.level is None else row.level))  # fmt: skip
+    return items
+
+
+def _relative_to(base: str, location: str) -> str:
+    if storage.is_url(location) or location.startswith("/"):
+        return storage.resolve(location)
+    return storage.resolve(join(base, location))
+
+
+def _checked(items: list[Item], folder: str) -> Cohort:
+    """Refuse two slides writing one output, and an output that is one of the inputs."""
+    seen: dict[str, str] = {}
+    inputs = {item.input for item in items}
+    for item in items:
+        if item.output in seen:
+            raise UserError(
+                f"{seen[item.output]} and {item.input} would both write {item.output}; name outputs in a manifest"
+            )
+        if item.output in inputs:
+            raise UserError(f"the output of {item.input} would overwrite an input: {item.output}")
+        seen[item.output] = item.input
+    return Cohort(items, batch=True, folder=storage.resolve(folder))

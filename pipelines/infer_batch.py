@@ -1,0 +1,113 @@
+"""What a batch of slides leaves behind: the summary table, the batch's MLflow run, the report.
+
+The summary ``OUTPUT/batch_summary.csv`` has one row per slide: slide, status (done, resumed, skipped,
+failed), size in Mpx, objects, seconds, output, model version, reason (why it failed) and input. It is
+rewritten by every run of the batch, so it always describes the whole cohort. In MLflow the batch is one
+run (tag ``job: inference-batch``) with the table as an artifact and one nested run per slide segmented.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipelines.cohort import stem
+from pipelines.infer_slide import DONE, FAILED, RESUMED, SKIPPED
+from unet.errors import UserError
+
+if TYPE_CHECKING:
+    from pipelines.cohort import Cohort
+    from pipelines.infer_slide import JobContext, SlideJob
+    from unet.config import Config
+
+COLUMNS = ("slide", "status", "megapixels", "objects", "seconds", "output", "model_version", "reason", "input")
+
+
+def start_run(config: Config, context: JobContext, cohort: Cohort) -> str:
+    """The batch's MLflow run; each slide's run is nested in it."""
+    from pipelines import registry
+    from unet import storage
+
+    tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
+    params = {
+        "input": config.infer.input,
+        "output": cohort.folder,
+        "slides": len(cohort.items),
+        "model_uri": context.lineage["model_uri"],
+        "model_version": context.lineage["model_version"],
+        "code_version": context.lineage["code_version"],
+    }
+    name = f"infer batch {storage.basename(cohort.folder)}"
+    return registry.start_job_run(tracking_uri, config.tracking.experiment, "inference-batch", name, params)
+
+
+def finish(config: Config, context: JobContext, cohort: Cohort, jobs: list[SlideJob], run_id: str | None) -> dict:
+    """Write the summary, close the batch's run, print the report; fail (exit non-zero) naming failed slides."""
+    from pipelines import registry
+    from unet import storage
+
+    rows = [row(job) for job in jobs]
+    table = to_csv(rows)
+    storage.write_bytes(cohort.summary, table.encode())
+    counts = {status: sum(r["status"] == status for r in rows) for status in (DONE, RESUMED, SKIPPED, FAILED)}
+    seconds = time.perf_counter() - context.started
+    if run_id is not None:
+        megapixels = sum(job.stats.get("megapixels", 0) for job in jobs if job.state == DONE)
+        metrics = {**{f"slides_{k}": v for k, v in counts.items()}, "seconds": seconds, "megapixels": megapixels}
+        with tempfile.TemporaryDirectory() as folder:
+            summary = Path(folder) / Path(cohort.summary).name
+            summary.write_text(table)
+            tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
+            status = "FAILED" if counts[FAILED] else "FINISHED"
+            registry.end_job_run(tracking_uri, run_id, metrics, (summary,), status=status)
+    report(cohort, rows, counts, seconds, run_id)
+    failed = [r for r in rows if r["status"] == FAILED]
+    if failed:
+        more = f"; and {len(failed) - 5} more (see {cohort.summary})" if len(failed) > 5 else ""
+        named = "; ".join(r["reason"] for r in failed[:5]) + more
+        raise UserError(f"{len(failed)} of {len(rows)} slides failed: {named}")
+    return {**counts, "summary": cohort.summary, "mlflow_run_id": run_id, "seconds": seconds}
+
+
+def row(job: SlideJob) -> dict:
+    """The slide's line in the summary (a skipped slide's numbers are those its output recorded)."""
+    stats = job.stats
+    status = RESUMED if job.state == DONE and job.resumed else job.state
+    return {
+        "slide": stem(job.item.input),
+        "status": status,
+        "megapixels": round(stats["megapixels"], 3) if "megapixels" in stats else "",
+        "objects": stats.get("objects", ""),
+        "seconds": round(stats["seconds"], 2) if "seconds" in stats else "",
+        "output": job.item.output if job.state != FAILED else "",
+        "model_version": job.lineage.get("model_version") or job.lineage.get("model_uri", ""),
+        "reason": job.reason,
+        "input": job.item.input,
+    }
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def report(cohort: Cohort, rows: list[dict], counts: dict, seconds: float, run_id: str | None) -> None:
+    """The batch in a few lines: counts, where the table is, which slides failed and why."""
+    print()
+    print(f"  slides          {len(rows)}: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n))
+    if not counts[DONE] + counts[RESUMED]:
+        print(f"  nothing to do   {counts[SKIPPED]} outputs were complete already (--overwrite redoes them)")
+    print(f"  outputs         {cohort.folder}/NAME.ome.zarr")
+    print(f"  summary         {cohort.summary}")
+    print(f"  seconds         {seconds:.1f}")
+    if run_id:
+        print(f"  MLflow run      {run_id} (one nested run per slide)")
+    for failure in (r for r in rows if r["status"] == FAILED):
+        print(f"  failed          {failure['reason']}")

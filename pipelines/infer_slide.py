@@ -1,0 +1,207 @@
+"""One slide of an inference job: open and check it, create, resume or skip its output, and finish it.
+
+A job segments one slide or a batch of them (``pipelines.cohort``). A single slide keeps the strict rules of
+one output: an existing one is replaced only with ``--overwrite`` and continued only with ``--resume``. In a
+batch, re-running does only what is missing: complete outputs made with the same model, input and config are
+skipped, interrupted ones are resumed, ``--overwrite`` redoes them all; a slide that cannot be segmented is
+reported with its reason while the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pipelines.cohort import Item
+from unet.errors import UserError
+
+if TYPE_CHECKING:
+    from pipelines.infer_tasks import JobSpec, ModelSpec
+    from unet.config import Config
+    from unet.instances import ChunkEdges
+    from unet.model import UNet
+    from unet.slide import Slide
+    from unet.storage import Staging
+
+log = logging.getLogger("infer")
+NEW, RESUMED, SKIPPED, FAILED, DONE = "new", "resumed", "skipped", "failed", "done"
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every slide of a job shares: the config, the loaded model and what the outputs record of them."""
+
+    config: Config
+    model: UNet
+    model_spec: ModelSpec
+    lineage: dict  # model, model_uri, model_version, code_version, unet_wsi, config
+    batch: bool
+    overwrite: bool
+    resume: bool
+    gpus: list[str]  # CUDA: the GPUs its local workers use
+    started: float  # time.perf_counter() when the job began
+
+
+@dataclass
+class SlideJob:
+    """One slide's progress through the job (``state`` is one of NEW, RESUMED, SKIPPED, FAILED, DONE)."""
+
+    item: Item
+    state: str = NEW
+    reason: str = ""
+    slide: Slide | None = None
+    spec: JobSpec | None = None
+    staged: Staging | None = None
+    lineage: dict = field(default_factory=dict)
+    keys: list[tuple[int, int]] = field(default_factory=list)
+    tissue: set[tuple[int, int]] = field(default_factory=set)
+    edges: dict[tuple[int, int], ChunkEdges] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    started: float = 0.0  # when its first task was submitted
+    labelled: int = 0  # chunks of the label pass done
+    units: int = 0  # tasks done, of both passes
+    resumed: bool = False  # its output was started by an earlier, interrupted run
+    run_id: str | None = None
+
+    @property
+    def to_do(self) -> bool:
+        return self.state in (NEW, RESUMED)
+
+    def fail(self, reason: str) -> None:
+        self.state, self.reason = FAILED, reason
+
+
+def plan(item: Item, context: JobContext) -> SlideJob:
+    """Open and check the slide and prepare its output; in a batch a problem fails this slide, not the job."""
+    job = SlideJob(item)
+    try:
+        _open(job, context)
+        job.state = _prepare_output(job, context)
+        job.resumed = job.state == RESUMED
+        if job.to_do:
+            job.keys, job.tissue = chunk_keys(context.config, job.slide, item.input)
+    except UserError as exc:
+        if not context.batch:
+            raise
+        job.fail(str(exc))
+    return job
+
+
+def _open(job: SlideJob, context: JobContext) -> None:
+    from pipelines.infer_output import output_staging
+    from pipelines.infer_tasks import JobSpec
+    from unet.slide import open_slide
+
+    item, infer, model = job.item, context.config.infer, context.model
+    job.slide = open_slide(item.input, item.level)
+    if job.slide.channels != model.n_channels:
+        raise UserError(f"{item.input} has {job.slide.channels} channels but the model expects {model.n_channels}")
+    job.staged = output_staging(item.output)
+    config = {**context.lineage["config"], "infer.input": item.input, "infer.output": item.output}
+    job.lineage = {**context.lineage, "input": item.input, "level": item.level, "config": config}
+    job.spec = JobSpec(
+        input=item.input,
+        level=item.level,
+        output=job.staged.partial,
+        model=context.model_spec,
+        chunk=infer.chunk,
+        threshold=infer.threshold,
+        intensity_range=intensity_range(job.slide),
+        probability_dtype=infer.probability_dtype,
+    )
+
+
+def intensity_range(slide: Slide) -> tuple[tuple[float, float], ...]:
+    """Per-channel normalisation range, by the training rule, from the lowest-resolution level (one small
+    read, identical for every chunk; none at all for 8-bit images)."""
+    import math
+
+    from unet.io import intensity_ranges
+    from unet.slide import SlideError, open_slide
+
+    ranges = intensity_ranges(open_slide(slide.path, slide.levels - 1))
+    if not all(math.isfinite(v) for pair in ranges for v in pair):
+        raise SlideError(f"{slide.path}: NaN or infinite pixels (its intensity range is {ranges})")
+    return ranges
+
+
+def chunk_keys(config: Config, slide: Slide, input: str) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
+    """Every chunk's (row, col), and those to predict (all, or those with tissue)."""
+    from unet.tiling import grid
+    from unet.tissue import chunks_with_tissue
+
+    keys = [key for key, _ in grid(slide.height, slide.width, config.infer.chunk)]
+    if not config.infer.tissue_mask:
+        return keys, set(keys)
+    return keys, chunks_with_tissue(input, slide, config.infer.chunk)
+
+
+def _prepare_output(job: SlideJob, context: JobContext) -> str:
+    """Create the partial output, continue an interrupted one, or find a complete one: NEW, RESUMED or SKIPPED."""
+    from pipelines.infer_output import create_output, lineage_matches, recorded_lineage
+    from unet import storage
+
+    staged, lineage = job.staged, job.lineage
+    resume = context.resume or context.batch
+    recorded = recorded_lineage(staged.final) if storage.exists(staged.final) else None
+    complete = storage.exists(staged.final) and not (staged.in_place and recorded and not recorded.get("complete"))
+    if staged.in_place:  # object store: an interrupted output sits at the final location, marked incomplete
+        partial = recorded is not None and not recorded.get("complete")
+    else:
+        partial = storage.exists(staged.partial)
+        recorded = recorded_lineage(staged.partial) if partial else recorded
+    if context.overwrite:
+        storage.remove(staged.partial)
+        if staged.in_place:  # no rename to replace it atomically: the old output goes first
+            storage.remove(staged.final)
+    elif complete and context.batch:
+        if recorded and recorded.get("complete") and lineage_matches(recorded, lineage):
+            job.stats = recorded.get("stats", {})
+            return SKIPPED
+        raise UserError(f"{staged.final} exists, not made with this model, input and config; --overwrite replaces it")
+    elif complete and not resume:
+        raise UserError(f"{staged.final} already exists; pass --overwrite to replace it or --resume to continue")
+    elif partial and resume:
+        if recorded is None or not lineage_matches(recorded, lineage):
+            raise UserError(f"{staged.partial} was started with another model, input or config; use --overwrite")
+        log.info("resuming into %s", staged.partial)
+        return RESUMED
+    elif partial:
+        raise UserError(f"an interrupted run left {staged.partial}; pass --resume to continue or --overwrite")
+    elif complete:
+        raise UserError(f"{staged.final} is already complete; nothing to resume")
+    create_output(staged.partial, job.slide, job.spec, lineage)
+    return NEW
+
+
+def finish(job: SlideJob, context: JobContext, parent_run_id: str | None = None) -> None:
+    """Record the slide's MLflow run (nested in the batch's), then write its metadata and move it into place."""
+    from pipelines.infer_output import finalize_output
+
+    now = time.perf_counter()
+    seconds = now - job.started
+    megapixels = job.slide.height * job.slide.width / 1e6
+    job.stats |= {"megapixels": megapixels, "seconds": seconds, "mpx_per_s": megapixels / seconds}
+    if not context.batch:  # a single slide: its one-off start-up apart, and the whole job
+        job.stats |= {"startup_seconds": job.started - context.started, "total_seconds": now - context.started}
+    job.run_id = _track(job, context.config, parent_run_id)
+    lineage = {**job.lineage, "stats": job.stats, "mlflow_run_id": job.run_id}
+    if parent_run_id:
+        lineage["mlflow_batch_run_id"] = parent_run_id
+    finalize_output(job.staged, job.slide, lineage, overwrite=context.overwrite)
+    job.state = DONE
+
+
+def _track(job: SlideJob, config: Config, parent_run_id: str | None) -> str:
+    """An MLflow run recording one slide's inference: what went in, what came out, how fast."""
+    from pipelines import registry
+    from unet import storage
+
+    params = {k: job.lineage[k] for k in ("model_uri", "model_version", "input", "level", "code_version")}
+    params |= {"output": job.item.output, "chunk_size": config.infer.chunk}
+    tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
+    name = f"infer {storage.basename(job.item.output)}"
+    experiment = config.tracking.experiment
+    return registry.log_job_run(tracking_uri, experiment, "inference", name, params, job.stats, parent=parent_run_id)

@@ -1,0 +1,133 @@
+"""The chunks of every slide of a job as one bounded stream of Dask tasks.
+
+Predictions are submitted slide after slide, never more than ``window`` tasks in flight, so a cohort of
+thousands of slides never becomes one giant graph and workers never idle between slides. As soon as all of
+a slide's chunks are predicted, its seams are merged here and its label tasks go ahead of further
+predictions; when they are done the slide is handed to ``on_done`` (metadata, MLflow, rename). A task that
+fails fails its slide only: its other tasks are cancelled and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from pipelines.infer_slide import FAILED, SlideJob
+from unet.errors import first_line
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+LABEL_PRIORITY = 1  # a slide's label tasks run before further predictions, so it finishes early
+
+
+def stream(
+    client: Client,
+    jobs: list[SlideJob],
+    window: int,
+    resources: dict | None,
+    on_done: Callable[[SlideJob], None],
+    on_failed: Callable[[SlideJob, BaseException], None],
+) -> None:
+    """Predict and label every chunk of ``jobs`` (predictions ask for ``resources``); call ``on_done(job)``
+    when a slide is segmented, ``on_failed(job, error)`` when one of its tasks failed."""
+    ChunkStream(client, jobs, window, resources, on_done, on_failed).run()
+
+
+class ChunkStream:
+    """The state of ``stream``: what is in flight, what is ready to go, the progress bar."""
+
+    def __init__(self, client, jobs, window, resources, on_done, on_failed) -> None:
+        from distributed import as_completed
+
+        from pipelines.infer_tasks import predict_chunk
+
+        self.client, self.jobs, self.window = client, jobs, window
+        self.on_done, self.on_failed = on_done, on_failed
+        self.predictions: Iterator = (
+            (job, predict_chunk, (job.spec, key, key in job.tissue), 0, resources) for job in jobs for key in job.keys
+        )
+        self.ready: deque = deque()  # label tasks, submitted before further predictions
+        self.owners: dict[str, tuple] = {}  # in flight: future key -> (slide, chunk, predicted?, future)
+        self.segmented = self.failed = 0
+        self.completed = as_completed()
+        self.bar = None
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        interval = 0.1 if sys.stderr.isatty() else 30  # a log file gets a line every 30 s, not every chunk
+        units = sum(2 * len(job.keys) for job in self.jobs)  # every chunk is predicted, then labelled
+        with tqdm(total=units, desc="segment", unit="chunk", mininterval=interval) as self.bar:
+            self._submit_more()
+            for future in self.completed:
+                owner = self.owners.pop(future.key, None)
+                if owner is not None:  # None: cancelled with its slide
+                    self._handle(future, *owner[:3])
+                    self.bar.update()
+                    self.bar.set_postfix_str(self._slides(), refresh=False)
+                self._submit_more()
+
+    def _submit_more(self) -> None:
+        from pipelines.infer_tasks import predict_chunk
+
+        while len(self.owners) < self.window:
+            task = self.ready.popleft() if self.ready else next(self.predictions, None)
+            if task is None:
+                return
+            job, function, args, priority, resources = task
+            if job.state == FAILED:
+                continue
+            job.started = job.started or time.perf_counter()
+            future = self.client.submit(function, *args, pure=False, resources=resources, priority=priority)
+            self.owners[future.key] = (job, args[1], function is predict_chunk, future)
+            self.completed.add(future)
+
+    def _handle(self, future: Future, job: SlideJob, key: tuple[int, int], predicted: bool) -> None:
+        """One finished task: a prediction (the slide's last: queue its labels) or a label (the last: done)."""
+        from pipelines.infer_tasks import label_chunk_globally
+
+        try:
+            result = future.result()
+        except Exception as exc:  # a task's error fails its slide; the batch goes on
+            self._fail(job, exc)
+            return
+        job.units += 1
+        if predicted:
+            job.edges[key] = result
+            if len(job.edges) == len(job.keys):
+                self.ready.extend(_label_tasks(self.client, job, label_chunk_globally))
+        else:
+            job.labelled += 1
+            if job.labelled == len(job.keys):
+                self.segmented += 1
+                self.on_done(job)
+
+    def _fail(self, job: SlideJob, error: BaseException) -> None:
+        job.fail(f"{job.item.input}: {first_line(error)}")
+        self.failed += 1
+        mine = [key for key, owner in self.owners.items() if owner[0] is job]
+        self.client.cancel([self.owners.pop(key)[3] for key in mine])
+        self.bar.total -= 2 * len(job.keys) - job.units
+        self.on_failed(job, error)
+
+    def _slides(self) -> str:
+        failed = f", {self.failed} failed" if self.failed else ""
+        return f"slides {self.segmented}/{len(self.jobs)}{failed}"
+
+
+def _label_tasks(client: Client, job: SlideJob, function: Callable) -> list[tuple]:
+    """Merge the slide's seams (here: one small array) and describe its label tasks."""
+    from unet.instances import merge_ids, offsets, seam_pairs
+
+    edges = {key: job.edges[key] for key in job.keys}  # in grid order, whatever order they finished in
+    starts = offsets({key: edge.count for key, edge in edges.items()})
+    mapping = merge_ids(sum(edge.count for edge in edges.values()), seam_pairs(edges, starts))
+    job.stats |= {"chunks": len(job.keys), "chunks_skipped": len(job.keys) - len(job.tissue)}
+    job.stats["objects"] = int(mapping.max())
+    shared = client.scatter(mapping, broadcast=True)
+    job.edges = {}  # no longer needed: free them on large cohorts
+    return [(job, function, (job.spec, key, starts[key], shared), LABEL_PRIORITY, None) for key in job.keys]

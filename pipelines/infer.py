@@ -24,6 +24,7 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,9 +72,10 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     context, cohort = set_up(config, args)
     jobs = [plan(item, context) for item in cohort.items]  # opens each slide: metadata only
     to_do = [job for job in jobs if job.to_do]
-    batch_run = batch.start_run(config, context, cohort) if cohort.batch and to_do else None
+    batch_run = None
     if to_do:
-        segment(context, to_do, batch_run)
+        start_run = (lambda: batch.start_run(config, context, cohort)) if cohort.batch else None
+        batch_run = segment(context, to_do, start_run)
     if not cohort.batch:
         job = jobs[0]
         report(job, context)
@@ -138,8 +140,9 @@ def inference_settings(infer: InferConfig) -> InferenceSettings:
     )
 
 
-def segment(context: JobContext, jobs: list[SlideJob], batch_run: str | None) -> None:
-    """Start Dask (or use the scheduler), stream every slide's chunks, finish each slide as it completes."""
+def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], str] | None) -> str | None:
+    """Start Dask (or use the scheduler), stream every slide's chunks, finish each slide as it completes.
+    ``start_run`` opens the batch's MLflow run (returning its id, which this returns), off the critical path."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipelines.dask_cluster import dashboard, in_process, start_dask, task_resources
@@ -152,11 +155,12 @@ def segment(context: JobContext, jobs: list[SlideJob], batch_run: str | None) ->
     if in_process(infer, context.gpus):
         use_model(context.model_spec, context.model)  # the worker shares this process: no second load
     finishing = ThreadPoolExecutor(1)  # metadata, MLflow and rename, off the loop that feeds the workers
+    batch_run = finishing.submit(start_run) if start_run else None
     finished = []
 
     def finish_or_fail(job: SlideJob) -> None:
         try:
-            finish(job, context, batch_run)
+            finish(job, context, batch_run.result() if batch_run else None)
         except Exception as exc:
             if not context.batch:
                 raise
@@ -181,6 +185,7 @@ def segment(context: JobContext, jobs: list[SlideJob], batch_run: str | None) ->
         finishing.shutdown(wait=True)
     for future in finished:
         future.result()  # a single slide's error, raised here
+    return batch_run.result() if batch_run else None
 
 
 def report(job: SlideJob, context: JobContext) -> None:

@@ -149,23 +149,21 @@ def log_job_run(
     parent: str | None = None,
 ) -> str:
     """A finished MLflow run recording one job (inference, evaluation): what went in, what came out; nested
-    under run ``parent`` (a batch) if given."""
-    run_id = start_job_run(tracking_uri, experiment, job, run_name, params, parent)
-    end_job_run(tracking_uri, run_id, metrics, artifacts)
+    under run ``parent`` (a batch) if given. Few round trips: a batch logs one per slide."""
+    client = connect(tracking_uri)
+    run_id = _create_job_run(client, tracking_uri, experiment, job, run_name, parent)
+    _close_job_run(client, run_id, params, metrics, artifacts, "FINISHED")
     return run_id
 
 
 def start_job_run(
     tracking_uri: str, experiment: str, job: str, run_name: str, params: dict[str, Any], parent: str | None = None
 ) -> str:
-    """Open an MLflow run for a job and record its parameters; ``end_job_run`` closes it."""
-    from mlflow.entities import Param
-
+    """Open an MLflow run for a job that takes a while, recording its parameters; ``end_job_run`` closes it."""
     client = connect(tracking_uri)
-    tags = {"job": job} | ({"mlflow.parentRunId": parent} if parent else {})
-    run = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=run_name, tags=tags)
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    return run.info.run_id
+    run_id = _create_job_run(client, tracking_uri, experiment, job, run_name, parent)
+    _log(client, run_id, params=params)
+    return run_id
 
 
 def end_job_run(
@@ -176,12 +174,38 @@ def end_job_run(
     status: str = "FINISHED",
 ) -> None:
     """Record a job's results and artifacts and mark its run ``status`` (FINISHED or FAILED)."""
-    client = connect(tracking_uri)
-    log_metrics(client, run_id, metrics, step=0)
+    _close_job_run(connect(tracking_uri), run_id, {}, metrics, artifacts, status)
+
+
+def _create_job_run(
+    client: MlflowClient, tracking_uri: str, experiment: str, job: str, run_name: str, parent: str | None
+) -> str:
+    tags = {"job": job} | ({"mlflow.parentRunId": parent} if parent else {})
+    return client.create_run(experiment_id(client, experiment, tracking_uri), run_name=run_name, tags=tags).info.run_id
+
+
+def _close_job_run(client: MlflowClient, run_id: str, params: dict, metrics: dict, artifacts: tuple, status: str):
     for path in artifacts:
         client.log_artifact(run_id, str(path))
-    set_tags(client, run_id, {"finished": datetime.now(UTC).isoformat(timespec="seconds")})
+    finished = {"finished": datetime.now(UTC).isoformat(timespec="seconds")}
+    _log(client, run_id, params=params, metrics=metrics, tags=finished)
     client.set_terminated(run_id, status=status)
+
+
+def _log(client: MlflowClient, run_id: str, params: dict | None = None, metrics: dict | None = None,
+         tags: dict | None = None) -> None:  # fmt: skip
+    """Parameters, metrics (at step 0) and tags in one round trip."""
+    params, metrics, tags = params or {}, metrics or {}, tags or {}
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils.time import get_current_time_millis
+
+    now = get_current_time_millis()
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)) for k, v in params.items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
 
 
 def git_commit() -> str:

@@ -1,6 +1,7 @@
-"""pipelines.infer over a cohort: slides of several formats made from the real sample data, one corrupt store and
-one with the wrong channel count. Killed mid-batch and re-run, every good output equals a single-slide run byte
-for byte, the bad ones are reported with their reasons, a third run does nothing; MLflow nests a run per slide."""
+"""pipelines.infer over a cohort: slides of several formats made from the real sample data, a store with a
+corrupt chunk, one with the wrong channel count and one with a NaN pixel. Killed mid-batch and re-run, every
+good output equals a single-slide run byte for byte, the bad ones are reported with their reasons, a third run
+does nothing; MLflow nests a run per slide."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ GOOD = ("a", "b", "c", "d", "e")
 
 @pytest.fixture(scope="module")
 def cohort(cmu_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Zarr v2 (YXC), Zarr v3 (CYX), OME-Zarr 0.4 and 0.5, a TIFF, a store with a corrupt chunk, a 1-channel TIFF."""
+    """Zarr v2 (YXC), Zarr v3 (CYX), OME-Zarr 0.4 and 0.5, a TIFF; bad: a store with a corrupt chunk, a 1-channel
+    TIFF, a float store with a NaN pixel."""
     work = tmp_path_factory.mktemp("cohort")
     folder = work / "slides"
     folder.mkdir()
@@ -48,6 +50,9 @@ def cohort(cmu_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     zarr.create_array(folder / "f.zarr", data=cmu.read(0, 512, 0, 512), chunks=(3, 256, 256))
     next(p for p in (folder / "f.zarr" / "c").rglob("*") if p.is_file()).write_bytes(b"not a chunk")
     shutil.copy(he["fluo_nuclei"] / "images" / "dsb2018_0.tif", folder / "g.tif")
+    values = cmu.read(0, 256, 0, 256).astype(np.float32) / 255
+    values[1, 100, 100] = np.nan
+    zarr.create_array(folder / "h.zarr", data=values, chunks=(3, 128, 128))
     return folder
 
 
@@ -88,12 +93,13 @@ def test_killed_batch_resumes_equal_to_single_runs(trained_model_dir, cohort, tm
     # the re-run does what is missing; the bad slides are reported and the job fails at the end naming them
     assert infer(tmp_path, trained_model_dir, cohort, output, *SMALL) == 2
     err = capsys.readouterr()
-    assert "2 of 7 slides failed" in err.err.splitlines()[-1]
+    assert "3 of 8 slides failed" in err.err.splitlines()[-1]
     assert "f.zarr" in err.err and "g.tif has 1 channels but the model expects 3" in err.err
+    assert "h.zarr: NaN or infinite pixels" in err.err
     table = summary(output)
     assert {name: table[name]["status"] for name in finished_before} == dict.fromkeys(finished_before, "skipped")
     assert {table[name]["status"] for name in GOOD if name not in finished_before} <= {"done", "resumed"}
-    assert table["f"]["status"] == table["g"]["status"] == "failed" and "f.zarr" in table["f"]["reason"]
+    assert {table[name]["status"] for name in "fgh"} == {"failed"} and "f.zarr" in table["f"]["reason"]
     assert complete_outputs(output) == list(GOOD)
 
     # every output equals a single-slide run of the same slide, byte for byte
@@ -111,7 +117,7 @@ def test_killed_batch_resumes_equal_to_single_runs(trained_model_dir, cohort, tm
         [client.get_run(batch_run).info.experiment_id], f"tags.mlflow.parentRunId = '{batch_run}'"
     )
     assert len(nested) == len(GOOD) - len(finished_before)
-    assert client.get_run(batch_run).info.status == "FAILED"  # two slides failed
+    assert client.get_run(batch_run).info.status == "FAILED"  # three slides failed
     resumed = next(name for name in GOOD if name not in finished_before)
     lineage = zarr.open_group(output / f"{resumed}.ome.zarr").attrs["unet_inference"]
     assert lineage["mlflow_batch_run_id"] == batch_run and lineage["mlflow_run_id"] in {r.info.run_id for r in nested}

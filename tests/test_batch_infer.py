@@ -145,3 +145,49 @@ def test_overwrite_redoes_every_slide(trained_model_dir, cohort, tmp_path, capsy
     # a changed config is not mistaken for a complete output: it is refused, naming the way out
     assert infer(tmp_path, trained_model_dir, good, output, *SMALL, "infer.threshold=0.6") == 2
     assert "--overwrite replaces it" in capsys.readouterr().err
+
+
+def test_the_stream_keeps_a_bounded_number_of_tasks(trained_model_dir, cohort, tmp_path) -> None:
+    """However many chunks a cohort has, the scheduler holds a bounded number of tasks: no giant graph is built
+    up front."""
+    from argparse import Namespace
+
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from pipelines.dask_cluster import start_dask
+    from pipelines.infer import set_up
+    from pipelines.infer_slide import finish, plan
+    from pipelines.infer_stream import stream
+    from pipelines.infer_tasks import use_model
+    from unet.config import load_config
+
+    class PeakTasks(SchedulerPlugin):
+        def __init__(self, scheduler) -> None:
+            self.scheduler, self.peak = scheduler, 0
+
+        def transition(self, key, start, finish, *args, **kwargs) -> None:
+            self.peak = max(self.peak, len(self.scheduler.tasks))
+
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copytree(cohort / "b.zarr", good / "b.zarr")  # 4 x 3 chunks
+    shutil.copytree(cohort / "c.ome.zarr", good / "c.ome.zarr")  # 2 x 3 chunks
+    overrides = [f"infer.model={trained_model_dir}", f"infer.input={good}", f"infer.output={tmp_path / 'out'}",
+                 f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *SMALL]  # fmt: skip
+    config = load_config(ROOT / "configs" / "infer.yaml", overrides)
+    context, cohort_ = set_up(config, Namespace())
+    jobs = [plan(item, context) for item in cohort_.items]
+    chunks = sum(len(job.keys) for job in jobs)
+    client, cluster = start_dask(config.infer)
+    use_model(context.model_spec, context.model)
+    peak = PeakTasks(cluster.scheduler)
+    cluster.scheduler.add_plugin(peak)
+    try:
+        stream(client, jobs, 3, None, lambda job: finish(job, context), lambda job, error: pytest.fail(str(error)))
+    finally:
+        client.close()
+        cluster.close()
+    # 36 tasks in all; known to the scheduler at once: the 3 in flight, a slide's seam mapping, and finished
+    # tasks whose release is still on its way
+    assert chunks == 18 and 0 < peak.peak <= 2 * 3, peak.peak
+    assert complete_outputs(tmp_path / "out") == ["b", "c"]

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG, STORAGE_TAG = "ray.run_name", "ray.storage_path"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 MODEL_ARTIFACT = "model"
+CHAMPION, CANDIDATE = "champion", "candidate"  # the registered model's aliases
 
 
 @contextlib.contextmanager
@@ -71,15 +72,27 @@ def connect(uri: str) -> MlflowClient:
     """A client for ``uri``, checked to answer now: a clear error instead of a hang later."""
     from mlflow.tracking import MlflowClient
 
-    if urlparse(uri).scheme in {"http", "https"}:
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     client = MlflowClient(tracking_uri=uri)
-    try:
-        client.search_experiments(max_results=1)
-    except Exception as exc:  # any failure to talk to the store means we cannot track
-        raise UserError(f"MLflow tracking server unreachable at {uri}: {first_line(exc)[:200]}") from None
+    # fail fast on this one check only: later calls keep MLflow's retries for transient errors
+    fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    with _environment(fast if urlparse(uri).scheme in {"http", "https"} else {}):
+        try:
+            client.search_experiments(max_results=1)
+        except Exception as exc:  # any failure to talk to the store means we cannot track
+            raise UserError(f"MLflow tracking server unreachable at {uri}: {first_line(exc)[:200]}") from None
     return client
+
+
+@contextlib.contextmanager
+def _environment(defaults: dict[str, str]) -> Iterator[None]:
+    """Environment variables set (where the user has not set them) for the block only."""
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -263,18 +276,26 @@ def promote(
     client: MlflowClient, name: str, version: str, metric: str, value: float, higher_is_better: bool = True
 ) -> bool:
     """Alias ``candidate`` -> ``version``; ``champion`` too when ``value`` beats the champion's ``metric``."""
-    from mlflow.exceptions import MlflowException
-
-    client.set_registered_model_alias(name, "candidate", version)
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        champion = None
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    champion = current_champion(client, name)
     best = None if champion is None else champion.tags.get(metric)
     better = best is None or (float(value) > float(best) if higher_is_better else float(value) < float(best))
     if better:
-        client.set_registered_model_alias(name, "champion", version)
+        client.set_registered_model_alias(name, CHAMPION, version)
     return better
+
+
+def current_champion(client: MlflowClient, name: str):
+    """The version ``champion`` points to, or None when no version has the alias yet. Any other failure (a
+    server error, a lost connection) raises: it must never be read as "no champion" and crown a worse model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {CHAMPION} not found" in str(exc):
+            return None
+        raise UserError(f"cannot read the champion of {name} ({first_line(exc)[:200]}); nothing promoted") from None
 
 
 def load_model(uri: str, tracking_uri: str | None = None) -> UNet:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -17,6 +24,7 @@ from pipelines.registry import (
     resolve_tracking_uri,
     using_tracking_uri,
 )
+from tests.helpers import free_port, mlflow_server
 from unet.errors import UserError
 from unet.model import UNet
 from unet.training import save_weights
@@ -88,3 +96,64 @@ def test_registry_calls_leave_no_global_tracking_uri_behind(tracking_uri: str) -
     log_and_register(new_run(tracking_uri), UNet(3, 2, base_channels=4, depth=2), "unet-env", {}, tracking_uri)
     load_model("models:/unet-env/1", tracking_uri=tracking_uri)
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+@contextlib.contextmanager
+def failing_proxy(upstream: str, failing: str) -> Iterator[str]:
+    """An HTTP proxy to ``upstream`` that answers 503 to GET requests whose path contains ``failing`` (a server
+    having a bad moment) and passes every other request through."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def _forward(self) -> None:
+            if self.command == "GET" and failing in self.path:
+                self.send_response(503)
+                self.end_headers()
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+            request = urllib.request.Request(upstream + self.path, data=body, method=self.command)
+            request.add_header("Content-Type", self.headers.get("Content-Type", "application/json"))
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    status, payload = response.status, response.read()
+            except urllib.error.HTTPError as error:
+                status, payload = error.code, error.read()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_a_server_error_is_not_read_as_no_champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only "alias not found" means there is no champion; a 503 while reading it must not crown a worse model."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the 503 is for good here: no need to wait
+    with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path) as url:
+        client = connect(url)
+        first = log_and_register(new_run(url), UNet(3, 2, base_channels=4, depth=2), "unet-503", {"val/f1": 0.9}, url)
+        assert promote(client, "unet-503", first, "val/f1", 0.9)
+        worse = log_and_register(new_run(url), UNet(3, 2, base_channels=4, depth=2), "unet-503", {"val/f1": 0.1}, url)
+        failure = pytest.raises(UserError, match=r"cannot read the champion of unet-503 .*nothing promoted")
+        with failing_proxy(url, "/registered-models/alias") as proxy, failure:
+            promote(connect(proxy), "unet-503", worse, "val/f1", 0.1)
+        assert str(client.get_model_version_by_alias("unet-503", "champion").version) == str(first)
+
+
+def test_connect_leaves_the_environment_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    with pytest.raises(UserError, match="unreachable"):
+        connect(f"http://127.0.0.1:{free_port()}")
+    assert dict(os.environ) == before

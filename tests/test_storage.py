@@ -73,3 +73,14 @@ def test_unreachable_object_store_is_one_line_error_and_exit_2() -> None:
         'Could not connect to the endpoint URL: "http://127.0.0.1:9/bucket/slide.ome.zarr"'
     )
     assert "botocore" not in result.stderr  # no credential-lookup chatter
+
+
+def test_a_delete_that_fails_is_an_error_not_silence(tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    (gone / "sub").mkdir(parents=True)
+    storage.remove(gone)
+    storage.remove(gone)  # nothing there is fine
+    assert not gone.exists()
+    # entries of /proc cannot be deleted, even by root: the failure is reported, not swallowed
+    with pytest.raises(storage.StorageError, match="cannot delete /proc/self/fdinfo: Operation not permitted"):
+        storage.remove("/proc/self/fdinfo")

@@ -81,10 +81,15 @@ def remove(location: str | Path) -> None:
     """Delete ``location`` and everything below it; nothing there is fine."""
     if not is_url(location):
         path = Path(resolve(location))
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:  # removed meanwhile: what was asked
+            pass
+        except OSError as exc:  # a delete that failed must not pass for done
+            raise StorageError(f"cannot delete {location}: {exc.strerror or exc}") from None
         return
     fs, path = filesystem(location)
     if fs.exists(path):

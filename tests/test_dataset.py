@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 from pipelines.prepare import prepare
 from unet.config import DataConfig, load_config
 from unet.data.augment import augment, build_augmentation
-from unet.data.dataset import PatchDataset, crop_reflect
+from unet.data.dataset import PatchDataset
 from unet.data.store import TrainingStore
+from unet.tiling import mirrored_crop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,13 +67,16 @@ def test_images_are_normalised_and_splits_respected(store: TrainingStore) -> Non
     assert image.min() >= 0.0 and image.max() <= 1.0
 
 
-def test_patches_larger_than_the_image_are_mirror_padded() -> None:
+def test_patches_are_mirror_padded_by_the_inference_rule() -> None:
     array = np.arange(12).reshape(3, 4)
-    crop = crop_reflect(array, -2, -1, 6)
+    crop = mirrored_crop(array, -2, -1, 6)
     assert crop.shape == (6, 6)
     np.testing.assert_array_equal(crop[2:5, 1:5], array)  # the image sits inside, unchanged
-    np.testing.assert_array_equal(crop[1, 1:5], array[0])  # mirrored about the top edge
-    np.testing.assert_array_equal(crop_reflect(array, 0, 0, 2), array[:2, :2])
+    np.testing.assert_array_equal(crop[1, 1:5], array[1])  # mirrored about the top edge, the edge not repeated
+    np.testing.assert_array_equal(crop, np.pad(array, ((2, 1), (1, 1)), mode="reflect"))  # inference's rule
+    np.testing.assert_array_equal(mirrored_crop(array, 0, 0, 2), array[:2, :2])
+    image = np.stack([array, array + 100])  # channels first, as training images are stored
+    np.testing.assert_array_equal(mirrored_crop(image, -2, -1, 6)[1], crop + 100)
 
 
 def labelled_example(seed: int = 0, size: int = 96) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

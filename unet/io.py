@@ -82,7 +82,9 @@ def intensity_ranges(image: Any) -> tuple[tuple[float, float], ...]:
     images (from a histogram; Dask merges per-chunk percentiles of floating-point images: close, not exact)."""
     if np.dtype(image.dtype) == np.uint8:  # nothing to read
         return ((0.0, 255.0),) * image.shape[0]
-    import dask.array as da  # here, not at module level: the library stays importable without a scheduler
+    if isinstance(image, np.ndarray):  # in memory already: NumPy alone, no Dask
+        return tuple(_channel_range(channel) for channel in image)
+    import dask.array as da  # lazy images only: the library stays importable without a scheduler
 
     image = image.to_dask() if hasattr(image, "to_dask") else da.asarray(image)
     ranges = []
@@ -96,6 +98,17 @@ def intensity_ranges(image: Any) -> tuple[tuple[float, float], ...]:
             lo, hi = da.percentile(channel.ravel().astype(np.float64), [1.0, 99.8]).compute()
             ranges.append((float(lo), float(max(hi, lo + 1e-6))))
     return tuple(ranges)
+
+
+def _channel_range(channel: np.ndarray) -> tuple[float, float]:
+    """``intensity_ranges``' rule for one in-memory channel."""
+    if channel.dtype.kind in "iu":
+        values = channel.ravel().astype(np.int64)
+        shift = int(values.min())
+        lo, hi = intensity_range_from_histogram(np.bincount(values - shift))
+        return lo + shift, hi + shift
+    lo, hi = np.percentile(channel.ravel().astype(np.float64), [1.0, 99.8])
+    return float(lo), float(max(hi, lo + 1e-6))
 
 
 def scale_intensity(image: Any, ranges: Sequence[tuple[float, float]] | np.ndarray) -> Any:

@@ -89,9 +89,10 @@ def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
 def read_mirrored(
     read: Callable[[int, int, int, int], np.ndarray], height: int, width: int, region: Region
 ) -> np.ndarray:
-    """``region`` of a (C, height, width) slide, mirror-padded where it leaves the slide.
+    """``region`` of a (..., height, width) image, mirror-padded where it leaves the image (the edge pixel is
+    not repeated, as ``numpy.pad(mode="reflect")``): the one padding rule of training crops and inference.
 
-    ``read(y0, y1, x0, x1)`` must return the in-bounds window (C, y1-y0, x1-x0); only the
+    ``read(y0, y1, x0, x1)`` must return the in-bounds window (..., y1-y0, x1-x0); only the
     bounding box of the needed source pixels is read.
     """
     rows = reflect_indices(region.y0, region.y1, height)
@@ -99,10 +100,18 @@ def read_mirrored(
     y0, y1, x0, x1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
     window = read(y0, y1, x0, x1)
     if region.y0 < 0 or region.y1 > height:  # mirrored rows: gather (inside the slide the window is the answer)
-        window = window[:, rows - y0]
+        window = window[..., rows - y0, :]
     if region.x0 < 0 or region.x1 > width:
-        window = window[:, :, cols - x0]
+        window = window[..., cols - x0]
     return window
+
+
+def mirrored_crop(array: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    """``array[..., top:top+size, left:left+size]`` of an in-memory image, mirror-padded by ``read_mirrored``'s
+    rule where it leaves the image (training patches)."""
+    height, width = array.shape[-2:]
+    return read_mirrored(lambda y0, y1, x0, x1: array[..., y0:y1, x0:x1], height, width,
+                         Region(top, top + size, left, left + size))  # fmt: skip
 
 
 def crop(prediction: np.ndarray, output: Region, input: Region) -> np.ndarray:

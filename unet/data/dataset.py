@@ -17,6 +17,7 @@ from unet.data.augment import augment as apply_augmentation
 from unet.data.store import Example, TrainingStore
 from unet.errors import UserError
 from unet.io import scale_intensity
+from unet.tiling import mirrored_crop
 
 FOREGROUND_STRIDE = 4  # foreground centres are drawn from a 1-in-4 grid: plenty, and small
 
@@ -29,16 +30,6 @@ class _Loaded:
     target: np.ndarray  # YX uint8
     weights: np.ndarray  # YX float32
     foreground: np.ndarray  # (N, 2) coordinates of foreground pixels (on the stride grid)
-
-
-def crop_reflect(array: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
-    """``array[..., top:top+size, left:left+size]``, mirror-padded where it leaves the image."""
-    height, width = array.shape[-2:]
-    y0, x0 = max(top, 0), max(left, 0)
-    y1, x1 = min(top + size, height), min(left + size, width)
-    window = array[..., y0:y1, x0:x1]
-    pad = [(0, 0)] * (array.ndim - 2) + [(y0 - top, top + size - y1), (x0 - left, left + size - x1)]
-    return np.pad(window, pad, mode="symmetric") if any(p != (0, 0) for p in pad) else window
 
 
 class PatchDataset(Dataset):
@@ -106,9 +97,9 @@ class PatchDataset(Dataset):
         else:
             cy, cx = rng.integers(height), rng.integers(width)
         top, left = int(cy) - self.patch_size // 2, int(cx) - self.patch_size // 2
-        image = crop_reflect(ex.image, top, left, self.patch_size)
-        target = crop_reflect(ex.target, top, left, self.patch_size)
-        weights = crop_reflect(ex.weights, top, left, self.patch_size)
+        image = mirrored_crop(ex.image, top, left, self.patch_size)
+        target = mirrored_crop(ex.target, top, left, self.patch_size)
+        weights = mirrored_crop(ex.weights, top, left, self.patch_size)
         if self.augmentation is not None:
             image_t, target_t, weights_t = apply_augmentation(
                 self.augmentation, image, target, weights, seed=int(rng.integers(2**31))

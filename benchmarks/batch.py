@@ -54,9 +54,8 @@ def pure_compute(cohort: str, model_dir: str) -> None:
     pixels already in memory; prints the seconds of the forward passes."""
     import torch
 
-    from pipelines.infer import inference_settings
     from unet.config import load_config
-    from unet.inference import ChunkPredictor
+    from unet.inference import ChunkPredictor, InferenceSettings
     from unet.io import intensity_ranges
     from unet.slide import open_slide
     from unet.tiling import grid
@@ -64,7 +63,7 @@ def pure_compute(cohort: str, model_dir: str) -> None:
 
     torch.set_num_threads(THREADS)
     infer = load_config(ROOT / "configs" / "infer.yaml").infer
-    predictor = ChunkPredictor(load_weights(model_dir), inference_settings(infer))
+    predictor = ChunkPredictor(load_weights(model_dir), InferenceSettings.from_config(infer))
     images = [open_slide(path) for path in sorted(Path(cohort).glob("*.zarr"))]
     images = [(s, s.read(0, s.height, 0, s.width)) for s in images]
     seconds = 0.0

@@ -25,10 +25,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipelines.prepare import prepare
-from unet.config import DataConfig, load_config
+from unet.config import DataConfig, InferConfig, load_config
 from unet.data.augment import build_augmentation
 from unet.data.dataset import PatchDataset
-from unet.io import intensity_ranges, scale_intensity
+from unet.inference import ChunkPredictor, InferenceSettings, predict_image
+from unet.io import intensity_ranges
 from unet.loss import WeightedLoss
 from unet.metrics import SegmentationTally
 from unet.samples import fetch_samples
@@ -37,7 +38,6 @@ from unet.training import (
     build_optimizer,
     build_scheduler,
     make_grad_scaler,
-    predict_foreground,
     train_step,
 )
 
@@ -50,9 +50,11 @@ def quadrants(array: np.ndarray) -> list[np.ndarray]:
     return [array[:h, :w], array[:h, w:], array[h:, :w], array[h:, w:]]
 
 
-def normalised(image: np.ndarray) -> np.ndarray:
-    """The test image scaled as prepare scales training images (exact 1/99.8 percentiles)."""
-    return scale_intensity(image[None], intensity_ranges(image[None]))
+def predicted(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
+    """Foreground probability of a test image, predicted as ``pipelines.infer`` predicts (in fp32)."""
+    infer = InferConfig(precision="fp32")
+    with ChunkPredictor(model, InferenceSettings.from_config(infer)) as predictor:
+        return predict_image(predictor, image[None], intensity_ranges(image[None]), infer.chunk)
 
 
 def train_fold(folder: Path, images, labels, w0: float, steps: int, seed: int) -> torch.nn.Module:
@@ -95,7 +97,7 @@ def run(steps: int = 300, seed: int = 0) -> dict:
                 model = train_fold(
                     Path(tmp), [images[i] for i in train], [label_parts[i] for i in train], w0, steps, seed
                 )
-            probability = predict_foreground(model, normalised(images[test]), device=torch.device("cpu"))
+            probability = predicted(model, images[test])
             tally.add(label_parts[test], probability > 0.5)
             print(f"{condition}: fold {test + 1}/4 done", flush=True)
         results[condition] = {**tally.scores(), "seconds": time.perf_counter() - started}

@@ -105,6 +105,8 @@ def end_to_end(slide: Path, model_dir: Path, device: str, folder: Path) -> dict:
     """``pipelines.infer`` on ``slide`` (Zarr in, OME-Zarr out) as a user runs it: its report and its wall time."""
     import zarr
 
+    from pipelines.infer_output import LINEAGE_KEY
+
     output = folder / "out.ome.zarr"
     command = [sys.executable, "-m", "pipelines.infer", "--config", str(ROOT / "configs" / "infer.yaml")]
     for item in (f"infer.input={slide}", f"infer.output={output}", f"infer.model={model_dir}",
@@ -113,7 +115,7 @@ def end_to_end(slide: Path, model_dir: Path, device: str, folder: Path) -> dict:
     started = time.perf_counter()
     _run(command)
     wall = time.perf_counter() - started
-    stats = zarr.open_group(output, mode="r").attrs["unet_inference"]["stats"]
+    stats = zarr.open_group(output, mode="r").attrs[LINEAGE_KEY]["stats"]
     return {"mpx": stats["megapixels"], "segment_mpx_s": stats["mpx_per_s"], "wall_mpx_s": stats["megapixels"] / wall,
             "startup_s": stats["startup_seconds"], "wall_s": wall}  # fmt: skip
 

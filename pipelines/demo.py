@@ -84,6 +84,7 @@ def slide_overlay(slide_path: str, output: str, picture: Path, size: int = 768) 
     """A region from the middle of the slide with the predicted nuclei outlined."""
     import zarr
 
+    from pipelines.infer_tasks import LABELS
     from unet.io import write_png
     from unet.slide import open_slide
     from unet.visualize import outline
@@ -92,7 +93,7 @@ def slide_overlay(slide_path: str, output: str, picture: Path, size: int = 768) 
     y0, x0 = max(slide.height // 2 - size // 2, 0), max(slide.width // 2 - size // 2, 0)
     y1, x1 = min(y0 + size, slide.height), min(x0 + size, slide.width)
     rgb = np.moveaxis(slide.read(y0, y1, x0, x1), 0, -1)
-    labels = np.asarray(zarr.open_group(output, mode="r")["labels/nuclei/0"][0, y0:y1, x0:x1])
+    labels = np.asarray(zarr.open_group(output, mode="r")[LABELS][0, y0:y1, x0:x1])
     return write_png(picture, outline(np.ascontiguousarray(rgb), labels, color=(0, 255, 0)))
 
 
@@ -101,6 +102,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
 
     from pipelines import evaluate, infer, registry, train
     from pipelines.convert import convert
+    from pipelines.infer_output import LINEAGE_KEY
     from pipelines.prepare import prepare
     from unet import storage
     from unet.data.store import TrainingStore
@@ -122,7 +124,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
     steps.begin("train with Ray Train (2 workers)")
     model_uri = finished_model(config, storage.sha256(store.location))
     if model_uri is None:
-        trained = train.main(config, args)
+        trained = train.train(config)
         model_uri = trained["model_uri"]
         steps.done(f"{model_uri}, {trained['epochs']} epochs")
     else:
@@ -138,20 +140,18 @@ def main(config: Config, args: argparse.Namespace) -> None:
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     champion, _ = infer.resolve_model(config.infer.model, tracking_uri)
     output = Path(config.infer.output)
-    lineage = zarr.open_group(output, mode="r").attrs.get("unet_inference", {}) if output.exists() else {}
+    lineage = zarr.open_group(output, mode="r").attrs.get(LINEAGE_KEY, {}) if output.exists() else {}
     if lineage.get("complete") and lineage.get("model_uri") == champion:
         stats = lineage["stats"]
         steps.done(f"{output} by {champion} (reused): {stats['objects']} nuclei")
     else:
-        stats = infer.main(
-            config.model_copy(update={"infer": config.infer.model_copy(update={"overwrite": True})}), args
-        )
+        stats = infer.infer(config.model_copy(update={"infer": config.infer.model_copy(update={"overwrite": True})}))
         steps.done(f"{output}: {stats['objects']} nuclei, {stats['mpx_per_s']:.2f} Mpx/s")
 
     steps.begin("evaluate on held-out images")
-    scores = evaluate.main(config, args)
+    scores = evaluate.evaluate(config)
     steps.done(
-        f"F1@0.5 {scores['f1']:.3f}, Dice {scores['dice']:.3f}, IoU {scores['iou']:.3f}, "
+        f"F1@{config.evaluate.iou_threshold:g} {scores['f1']:.3f}, Dice {scores['dice']:.3f}, IoU {scores['iou']:.3f}, "
         f"merged {scores['merged']:.0f}, split {scores['split']:.0f} ({scores['images']} images)"
     )
 

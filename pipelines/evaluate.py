@@ -21,49 +21,56 @@ log = logging.getLogger("evaluate")
 SUMMARY_KEYS = ("iou", "dice", "precision", "recall", "f1", "merged", "split", "n_true", "n_pred")
 
 
-def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[dict[str, float], list[dict]]:
-    """Pooled scores and one row per image of ``evaluate.split`` of the store."""
-    import torch
-
+def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[dict[str, float], list[dict], list]:
+    """Pooled scores, one row per image of ``evaluate.split`` of the store, and each image's foreground
+    probability, predicted exactly as ``pipelines.infer`` predicts a slide with the same ``infer`` settings."""
     from pipelines import registry
     from unet.data.store import TrainingStore
+    from unet.inference import ChunkPredictor, InferenceSettings, predict_image
     from unet.io import write_png
     from unet.metrics import SegmentationTally, pixel_scores
-    from unet.training import load_validation, predict_foreground
+    from unet.training import load_validation
     from unet.visualize import prediction_panel
 
-    settings = config.evaluate
-    device = torch.device(settings.device)
+    settings, infer = config.evaluate, config.infer
     store = TrainingStore(settings.store or config.data.store)
     examples = load_validation(store, settings.split)
     if not examples:
         raise UserError(f"{store.location} has no {settings.split!r} examples to evaluate on")
-    model = registry.load_model(model_uri, tracking_uri=tracking_uri).to(device)
+    model = registry.load_model(model_uri, tracking_uri=tracking_uri)
     if store.attrs["channels"] != model.n_channels:
         raise UserError(
             f"{store.location} has {store.attrs['channels']}-channel images; the model expects {model.n_channels}"
         )
-    tally, rows = SegmentationTally(settings.iou_threshold), []
+    tally, rows, probabilities = SegmentationTally(settings.iou_threshold), [], []
     out_dir = Path(settings.output)
-    for ex in examples:
-        probability = predict_foreground(model, ex.image, device=device, precision=settings.precision)
-        foreground = probability > settings.threshold
-        scores = tally.add(ex.labels, foreground)
-        rows.append({"image": ex.name, **pixel_scores(foreground, ex.labels), **scores.as_dict()})
-        write_png(out_dir / f"{ex.name}.png", prediction_panel(ex.image, ex.target, probability, settings.threshold))
-    return tally.scores(), rows
+    with ChunkPredictor(model, InferenceSettings.from_config(infer)) as predictor:
+        for ex in examples:
+            probability = predict_image(predictor, ex.pixels, ex.intensity_range, infer.chunk)
+            foreground = probability > infer.threshold
+            scores = tally.add(ex.labels, foreground)
+            rows.append({"image": ex.name, **pixel_scores(foreground, ex.labels), **scores.as_dict()})
+            panel = prediction_panel(ex.image, ex.target, probability, infer.threshold)
+            write_png(out_dir / f"{ex.name}.png", panel)
+            probabilities.append(probability)
+    return tally.scores(), rows, probabilities
 
 
 def main(config: Config, args: argparse.Namespace) -> dict:
+    return evaluate(config)
+
+
+def evaluate(config: Config) -> dict:
+    """Score ``evaluate.model`` on ``evaluate.split`` of the store; write the table and pictures, log an MLflow run."""
     from pipelines import registry
     from pipelines.infer import resolve_model
     from unet import storage
     from unet.devices import check_device
 
-    check_device("evaluate.device", config.evaluate.device, config.evaluate.precision)
+    check_device("infer.device", config.infer.device, config.infer.precision)
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     model_uri, version = resolve_model(config.evaluate.model, tracking_uri)
-    summary, rows = evaluate_model(config, model_uri, tracking_uri)
+    summary, rows, _ = evaluate_model(config, model_uri, tracking_uri)
     out_dir = Path(config.evaluate.output)
     table = out_dir / "per_image.csv"
     out_dir.mkdir(parents=True, exist_ok=True)

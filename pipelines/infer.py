@@ -29,20 +29,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.cli import make_parser, run
-from unet.config import Config, InferConfig, flatten_config
+from unet.config import Config, flatten_config
 from unet.errors import UserError, first_line
 
 if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
     from pipelines.cohort import Cohort
     from pipelines.infer_slide import JobContext, SlideJob
-    from unet.inference import InferenceSettings
 
 log = logging.getLogger("infer")
 
 
 def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str | None]:
     """(URI pinned to a version or an absolute folder, version or None); clear errors if missing."""
-    from unet.training import ARCHITECTURE_FILE
+    from unet.training import ARCHITECTURE_FILE, BEST_MODEL_DIR
 
     if uri.startswith("models:/") and "@" in uri:
         from pipelines import registry
@@ -57,19 +56,25 @@ def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str | None]:
     if uri.startswith(("models:/", "runs:/")):
         return uri, uri.rstrip("/").rsplit("/", 1)[-1] if uri.startswith("models:/") else None
     path = Path(uri).expanduser().resolve()
-    if (path / "best_model").is_dir():  # a Ray Train checkpoint folder
-        path = path / "best_model"
+    if (path / BEST_MODEL_DIR).is_dir():  # a Ray Train checkpoint folder
+        path = path / BEST_MODEL_DIR
     if not (path / ARCHITECTURE_FILE).is_file():
         raise UserError(f"model not found: {uri} (expected models:/NAME@ALIAS, models:/NAME/VERSION or a folder)")
     return str(path), None
 
 
 def main(config: Config, args: argparse.Namespace) -> dict:
+    """The command line: ``--overwrite`` and ``--resume`` join ``infer.overwrite`` and ``infer.resume``."""
+    update = {"overwrite": config.infer.overwrite or args.overwrite, "resume": config.infer.resume or args.resume}
+    return infer(config.model_copy(update={"infer": config.infer.model_copy(update=update)}))
+
+
+def infer(config: Config) -> dict:
     """Segment every slide ``infer.input`` names; return the single slide's stats, or the batch's counts."""
     from pipelines import infer_batch as batch
     from pipelines.infer_slide import plan
 
-    context, cohort = set_up(config, args)
+    context, cohort = set_up(config)
     jobs = [plan(item, context) for item in cohort.items]  # opens each slide: metadata only
     to_do = [job for job in jobs if job.to_do]
     batch_run = None
@@ -84,7 +89,7 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     return batch.finish(config, context, cohort, jobs, batch_run)
 
 
-def set_up(config: Config, args: argparse.Namespace) -> tuple[JobContext, Cohort]:
+def set_up(config: Config) -> tuple[JobContext, Cohort]:
     """Check the request, find the slides and load the model once for all of them."""
     from pipelines import registry
     from pipelines.cohort import expand
@@ -93,12 +98,12 @@ def set_up(config: Config, args: argparse.Namespace) -> tuple[JobContext, Cohort
     from pipelines.infer_tasks import ModelSpec
     from unet import __version__
     from unet.devices import check_device, visible_gpus
+    from unet.inference import InferenceSettings
 
     started = time.perf_counter()
     infer = config.infer
     check_device("infer.device", infer.device, infer.precision)
-    overwrite = infer.overwrite or getattr(args, "overwrite", False)
-    resume = infer.resume or getattr(args, "resume", False)
+    overwrite, resume = infer.overwrite, infer.resume
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other")
     if not infer.input or not infer.output:
@@ -119,25 +124,8 @@ def set_up(config: Config, args: argparse.Namespace) -> tuple[JobContext, Cohort
         "unet_wsi": __version__,
         "config": flatten_config(config),
     }
-    spec = ModelSpec(model_uri, tracking_uri, inference_settings(infer), threads)
+    spec = ModelSpec(model_uri, tracking_uri, InferenceSettings.from_config(infer), threads)
     return JobContext(config, model, spec, lineage, cohort.batch, overwrite, resume, gpus, started), cohort
-
-
-def inference_settings(infer: InferConfig) -> InferenceSettings:
-    """How each chunk is predicted, from the ``infer`` section."""
-    from unet.inference import InferenceSettings
-
-    return InferenceSettings(
-        tile=infer.tile_size,
-        batch_size=infer.batch_size,
-        precision=infer.precision,
-        channels_last=infer.channels_last,
-        tta=infer.tta,
-        blend=infer.blend,
-        device=infer.device,
-        pass_memory_mb=infer.pass_memory_mb,
-        compile=infer.compile,
-    )
 
 
 def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], str] | None) -> str | None:
@@ -190,11 +178,13 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
 
 def report(job: SlideJob, context: JobContext) -> None:
     """What a single-slide job did."""
+    from pipelines.infer_tasks import LABELS, PROBABILITY
+
     stats, slide = job.stats, job.slide
     print()
     print(f"  input           {job.item.input} (level {job.item.level}, {slide.width} x {slide.height} px)")
     print(f"  model           {job.lineage['model_uri']}")
-    print(f"  output          {job.item.output}  (probability: /0, instance labels: /labels/nuclei/0)")
+    print(f"  output          {job.item.output}  (probability: /{PROBABILITY}, instance labels: /{LABELS})")
     print(f"  chunks          {stats['chunks']} ({stats['chunks_skipped']} without tissue), {stats['objects']} objects")
     print(f"  throughput      {stats['mpx_per_s']:.2f} Mpx/s ({stats['seconds']:.1f} s segmenting)")
     print(f"  start-up        {stats['startup_seconds']:.1f} s (model, input, output, Dask)")

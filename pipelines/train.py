@@ -12,11 +12,13 @@ registered as a new version (alias ``candidate``) and promoted to ``champion`` i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -146,9 +148,13 @@ def build_trainer(config: Config, loop_config: dict):
 
 
 def main(config: Config, args: argparse.Namespace) -> dict:
+    return train(config)
+
+
+def train(config: Config) -> dict:
+    """Set up (checks, MLflow run), train and register; the run is marked FAILED if anything after its start fails."""
     from pipelines import registry
     from unet import storage
-    from unet.training import load_weights
 
     config = config.model_copy(deep=True)
     config.data.store = storage.resolve(config.data.store)
@@ -180,13 +186,40 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     )
 
     loop_config = {"config": config.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
+    with failed_run_on_error(client, run_id):
+        return fit_and_register(config, client, run_id, loop_config, tags, resumed)
+
+
+@contextlib.contextmanager
+def failed_run_on_error(client, run_id: str) -> Iterator[None]:
+    """Mark the MLflow run FAILED when the block fails or is interrupted (Ctrl-C); a failure becomes one line."""
     try:
-        result = build_trainer(config, loop_config).fit()
-    except Exception as exc:
-        client.set_terminated(run_id, status="FAILED")
-        raise RuntimeError(f"training failed: {exc}") from exc
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # the tracking server may be what failed
+            client.set_terminated(run_id, status="FAILED")
+        if isinstance(exc, KeyboardInterrupt | UserError):
+            raise
+        log.debug("training failed", exc_info=True)  # the whole traceback with -v
+        raise UserError(f"training failed: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for a failure: Ray's worker errors open with a heading ("...: ") and end with the cause."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    reason = f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return reason[:400]
+
+
+def fit_and_register(config: Config, client, run_id: str, loop_config: dict, tags: dict, resumed: bool) -> dict:
+    """Run the trainer, register the best model (promoting it if it beats the champion) and report."""
+    from pipelines import registry
+    from unet.training import BEST_MODEL_DIR, load_weights
+
+    tracking_uri = config.tracking.tracking_uri
+    result = build_trainer(config, loop_config).fit()
     if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
+        raise UserError("training finished without a checkpoint")
 
     metric = config.tracking.champion_metric
     epoch = int(result.metrics["epoch"])
@@ -197,14 +230,14 @@ def main(config: Config, args: argparse.Namespace) -> dict:
         print(f"run {config.train.run_name!r} already finished; its model is {model_uri}")
         return {"run_id": run_id, "model_uri": model_uri, "epochs": epoch + 1, "resumed": True}
     with result.checkpoint.as_directory() as directory:
-        model = load_weights(Path(directory) / "best_model")
+        model = load_weights(Path(directory) / BEST_MODEL_DIR)
     best = result.metrics[f"best/{metric}"]
     version_tags = {
         metric: best,
         "best_epoch": result.metrics["best/epoch"],
-        "data.store_sha256": store_sha,
+        "data.store_sha256": tags["data.store_sha256"],
         "git_commit": tags["git_commit"],
-        "ray.run_name": config.train.run_name,
+        registry.RUN_NAME_TAG: config.train.run_name,
         "mlflow.run_id": run_id,
         **{k: v for k, v in result.metrics.items() if k.startswith("val/")},
     }
@@ -216,15 +249,22 @@ def main(config: Config, args: argparse.Namespace) -> dict:
     )
     client.set_terminated(run_id, status="FINISHED")
 
-    print()
-    print(f"  epochs          {epoch + 1} (best: epoch {int(result.metrics['best/epoch']) + 1})")
-    print(f"  {metric:<15} {best:.4f} (best epoch)")
-    print(f"  MLflow run      {run_id} in {tracking_uri}")
-    print(f"  model           models:/{name}/{version} (alias candidate{', champion' if champion else ''})")
-    print(f"  checkpoints     {config.train.storage_path}/{config.train.run_name}")
-    print(f"  MLflow UI       mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
     summary = {"run_id": run_id, "model_uri": f"models:/{name}/{version}", "epochs": epoch + 1, "resumed": resumed}
+    report(config, result.metrics, {**summary, metric: best, "champion": champion})
     return {**summary, metric: best, "champion": champion}
+
+
+def report(config: Config, metrics: dict, summary: dict) -> None:
+    metric = config.tracking.champion_metric
+    aliases = "candidate, champion" if summary["champion"] else "candidate"
+    print()
+    print(f"  epochs          {summary['epochs']} (best: epoch {int(metrics['best/epoch']) + 1})")
+    print(f"  {metric:<15} {summary[metric]:.4f} (best epoch)")
+    uri = config.tracking.tracking_uri
+    print(f"  MLflow run      {summary['run_id']} in {uri}")
+    print(f"  model           {summary['model_uri']} (alias {aliases})")
+    print(f"  checkpoints     {config.train.storage_path}/{config.train.run_name}")
+    print(f"  MLflow UI       mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -24,9 +24,11 @@ from unet.data.augment import build_augmentation
 from unet.data.dataset import PatchDataset
 from unet.data.store import TrainingStore
 from unet.devices import check_device
+from unet.inference import InferenceSettings
 from unet.io import write_png
 from unet.loss import WeightedLoss
 from unet.training import (
+    BEST_MODEL_DIR,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -42,8 +44,6 @@ from unet.training import (
     unwrap,
 )
 from unet.visualize import prediction_panel
-
-BEST_DIR = "best_model"
 
 
 def _restore(model, optimizer, scheduler, scaler) -> dict[str, Any]:
@@ -94,6 +94,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     store = TrainingStore(config.data.store)
     dataset, loader = _patches(config, store, rank, device)
     validation = load_validation(store) if rank == 0 else []
+    settings = InferenceSettings.from_config(config.infer, device=str(device))  # validated as inference predicts
     tracker = None
     if rank == 0:
         from mlflow.tracking import MlflowClient
@@ -142,15 +143,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                scores, probabilities = evaluate(unwrap(model), validation, device=device, precision=train.precision)
+                scores, probabilities = evaluate(unwrap(model), validation, settings, config.infer.chunk,
+                                                 config.infer.threshold, config.evaluate.iou_threshold)  # fmt: skip
                 metrics.update({f"val/{k}": v for k, v in scores.items()})
                 value = metrics[metric_name]
                 if best is None or value > best:
                     best, best_epoch = value, epoch
-                    save_weights(unwrap(model), Path(tmp) / BEST_DIR)
+                    save_weights(unwrap(model), Path(tmp) / BEST_MODEL_DIR)
                 elif previous := ray.train.get_checkpoint():  # carry the best model forward
                     with previous.as_directory() as directory:
-                        shutil.copytree(Path(directory) / BEST_DIR, Path(tmp) / BEST_DIR)
+                        shutil.copytree(Path(directory) / BEST_MODEL_DIR, Path(tmp) / BEST_MODEL_DIR)
                 metrics.update({"best/epoch": best_epoch, f"best/{metric_name}": best})
                 log_metrics(tracker, run_id, metrics, epoch)
                 if validation:
@@ -161,7 +163,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 save_state(state, tmp)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 # Straight to the process's stdout, which Ray forwards to the driver once (print is teed).
-                sys.__stdout__.write(_epoch_line(epoch, train.epochs, metrics, seconds) + "\n")
+                line = _epoch_line(epoch, train.epochs, metrics, seconds, config.evaluate.iou_threshold)
+                sys.__stdout__.write(line + "\n")
                 sys.__stdout__.flush()
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -201,9 +204,9 @@ def _log_picture(tracker, run_id: str, panel: np.ndarray, name: str) -> None:
         tracker.log_artifact(run_id, str(write_png(Path(tmp) / name, panel)), artifact_path="predictions")
 
 
-def _epoch_line(epoch: int, epochs: int, m: dict[str, float], seconds: float) -> str:
+def _epoch_line(epoch: int, epochs: int, m: dict[str, float], seconds: float, iou_threshold: float) -> str:
     return (
         f"epoch {epoch + 1}/{epochs} | loss {m['train/loss']:.4f} | val dice {m['val/dice']:.3f} "
-        f"iou {m['val/iou']:.3f} f1@0.5 {m['val/f1']:.3f} merged {m['val/merged']:.0f} | "
+        f"iou {m['val/iou']:.3f} f1@{iou_threshold:g} {m['val/f1']:.3f} merged {m['val/merged']:.0f} | "
         f"{m['throughput/img_per_s']:.1f} img/s | {seconds:.1f} s"
     )

@@ -150,8 +150,6 @@ def test_overwrite_redoes_every_slide(trained_model_dir, cohort, tmp_path, capsy
 def test_the_stream_keeps_a_bounded_number_of_tasks(trained_model_dir, cohort, tmp_path) -> None:
     """However many chunks a cohort has, the scheduler holds a bounded number of tasks: no giant graph is built
     up front."""
-    from argparse import Namespace
-
     from distributed.diagnostics.plugin import SchedulerPlugin
 
     from pipelines.dask_cluster import start_dask
@@ -175,7 +173,7 @@ def test_the_stream_keeps_a_bounded_number_of_tasks(trained_model_dir, cohort, t
     overrides = [f"infer.model={trained_model_dir}", f"infer.input={good}", f"infer.output={tmp_path / 'out'}",
                  f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *SMALL]  # fmt: skip
     config = load_config(ROOT / "configs" / "infer.yaml", overrides)
-    context, cohort_ = set_up(config, Namespace())
+    context, cohort_ = set_up(config)
     jobs = [plan(item, context) for item in cohort_.items]
     chunks = sum(len(job.keys) for job in jobs)
     client, cluster = start_dask(config.infer)

@@ -31,7 +31,7 @@ needs_cpu_only_torch = pytest.mark.skipif(not CPU_ONLY, reason="checks the error
 
 
 @needs_cpu_only_torch
-@pytest.mark.parametrize("setting", ["infer.device", "evaluate.device"])
+@pytest.mark.parametrize("setting", ["infer.device", "model_config device"])
 def test_cuda_on_a_cpu_only_build_is_one_clear_error(setting: str) -> None:
     with pytest.raises(DeviceError, match=rf"^{setting} is cuda but PyTorch .* is a CPU-only build; install a CUDA"):
         check_device(setting, "cuda", "bf16")
@@ -151,10 +151,10 @@ def test_the_pyfunc_model_runs_where_its_model_config_says(tmp_path: Path) -> No
 @needs_cpu_only_torch
 def test_evaluation_on_cuda_stops_with_one_line(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "pipelines.evaluate", "--config", str(ROOT / "configs" / "train.yaml"),
-               "--set", "evaluate.device=cuda", "--set", f"evaluate.model={tmp_path}"]  # fmt: skip
+               "--set", "infer.device=cuda", "--set", f"evaluate.model={tmp_path}"]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
-    assert "evaluate.device is cuda but PyTorch" in result.stderr
+    assert "infer.device is cuda but PyTorch" in result.stderr  # evaluation predicts with the infer settings
 
 
 def test_compiled_training_models_save_the_plain_weights() -> None:

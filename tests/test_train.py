@@ -19,6 +19,7 @@ from pipelines.prepare import prepare
 from pipelines.registry import load_model
 from tests.helpers import ROOT, environment, get_json, mlflow_server, train_command, wait_for_checkpoint
 from unet.config import load_config
+from unet.errors import UserError
 from unet.training import load_weights
 
 pytestmark = pytest.mark.slow
@@ -103,7 +104,7 @@ def test_registered_version_loads_back_by_alias_and_version(workspace: Path, res
         assert model.architecture() == best.architecture()
         for (name, a), b in zip(model.state_dict().items(), best.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
-    with pytest.raises(Exception, match="alias nope not found"):
+    with pytest.raises(UserError, match="alias nope not found"):
         load_model("models:/unet-test@nope", tracking_uri=uri)
 
 
@@ -130,6 +131,42 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(workspace: Path) -> 
         [client.get_experiment_by_name("unet").experiment_id], "tags.`ray.run_name` = 'worker-failure'"
     )[0]
     assert set(epoch_history(client, run.info.run_id)) == {0, 1, 2}
+
+
+def test_a_failed_or_interrupted_run_is_one_line_and_marked_failed(workspace: Path) -> None:
+    """A worker lost with no failures allowed fails the job: one line, exit 2. Ctrl-C: exit 130. Either way the
+    MLflow run says FAILED, not RUNNING forever."""
+    cmd = train_command(workspace, "fails", 3, "train.max_failures=0", "tracking.promote=false")
+    proc = subprocess.Popen(cmd, cwd=workspace, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        wait_for_checkpoint(workspace / "runs" / "fails", proc)
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        workers[-1].send_signal(signal.SIGKILL)
+        _, errors = proc.communicate(timeout=600)
+        interrupted = subprocess.Popen(train_command(workspace, "interrupted", 3), cwd=workspace, env=environment(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       start_new_session=True)  # fmt: skip
+        for line in interrupted.stdout:
+            if "started MLflow run" in line:
+                break
+        os.killpg(interrupted.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole job
+        output, _ = interrupted.communicate(timeout=300)
+    finally:
+        for process in (proc, locals().get("interrupted")):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        stop_ray_leftovers()
+    # one line, whatever Ray's own processes print around it
+    failures = [line for line in errors.splitlines() if line.startswith("python -m pipelines.train: error: ")]
+    assert proc.returncode == 2 and len(failures) == 1 and "training failed: Training failed" in failures[0], errors
+    assert "actor is dead" in failures[0] or "died" in failures[0], failures[0]  # the cause, not just a heading
+    assert interrupted.returncode == 130 and "interrupted" in output.strip().splitlines()[-1], output[-2000:]
+    client = tracking(workspace)
+    for name in ("fails", "interrupted"):
+        (run,) = client.search_runs([client.get_experiment_by_name("unet").experiment_id],
+                                    f"tags.`ray.run_name` = '{name}'")  # fmt: skip
+        assert run.info.status == "FAILED", name
 
 
 @pytest.mark.parametrize(

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from unet.config import InferConfig
 from unet.errors import UserError
 from unet.fused import inference_model
 from unet.geometry import round_up
 from unet.io import scale_intensity
 from unet.model import UNet, autocast_context
-from unet.tiling import Region, crop, input_region, read_mirrored, tiles_of
+from unet.tiling import Region, crop, grid, input_region, read_mirrored, tiles_of
 
 Reader = Callable[[int, int, int, int], np.ndarray]
 Ranges = Sequence[tuple[float, float]]
@@ -53,6 +54,22 @@ class InferenceSettings:
     pass_memory_mb: int = 2048  # largest estimated memory of one forward pass; 0: no limit
     compile: bool = False  # torch.compile the model
 
+    @classmethod
+    def from_config(cls, infer: InferConfig, device: str | None = None) -> InferenceSettings:
+        """The settings of the ``infer`` section: the one place they are built, for every predicting job
+        (inference, evaluation, validation during training); ``device`` overrides ``infer.device``."""
+        return cls(
+            tile=infer.tile_size,
+            batch_size=infer.batch_size,
+            precision=infer.precision,
+            channels_last=infer.channels_last,
+            tta=infer.tta,
+            blend=infer.blend,
+            device=device or infer.device,
+            pass_memory_mb=infer.pass_memory_mb,
+            compile=infer.compile,
+        )
+
 
 def pass_memory_mb(model: UNet, height: int, width: int, batch: int, precision: str) -> float:
     """Estimated peak memory (MB) of one forward pass over ``batch`` inputs of ``height`` x ``width`` pixels."""
@@ -78,6 +95,16 @@ class ChunkPredictor:
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet-model")
         self._fallback_lock = threading.Lock()
         self._copy_streams = threading.local()  # CUDA: each calling thread copies its inputs on its own stream
+
+    def close(self) -> None:
+        """Stop the model thread (a predictor made for one validation pass is not kept)."""
+        self._model_thread.shutdown(wait=True)
+
+    def __enter__(self) -> ChunkPredictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def probabilities(self, batch: np.ndarray, intensity_range: Ranges | None = None) -> np.ndarray:
         """Foreground probability (N, H, W) of images (N, C, H, W), normalised already or by ``intensity_range``
@@ -226,3 +253,15 @@ class ChunkPredictor:
             padding_mode="reflect",
         )
         return crop(probability[0, 0].numpy(), chunk, window_region)
+
+
+def predict_image(predictor: ChunkPredictor, image: np.ndarray, intensity_range: Ranges, chunk: int) -> np.ndarray:
+    """Foreground probability (H, W) of a whole (C, H, W) image as stored (not normalised), predicted chunk by
+    chunk exactly as ``pipelines.infer`` predicts a slide with ``infer.chunk_size`` = ``chunk``: the one
+    prediction path of validation, evaluation and inference."""
+    height, width = image.shape[-2:]
+    probability = np.empty((height, width), np.float32)
+    read = lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1]  # noqa: E731
+    for _, region in grid(height, width, chunk):
+        probability[region.slices] = predictor.predict_chunk(read, height, width, region, intensity_range)
+    return probability

@@ -13,18 +13,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unet.config import ModelConfig, TrainConfig
 from unet.data.store import TrainingStore
+from unet.inference import ChunkPredictor, InferenceSettings, predict_image
 from unet.io import scale_intensity
 from unet.metrics import SegmentationTally
 from unet.model import UNet, autocast_context
 
 WEIGHTS_FILE = "weights.safetensors"
 ARCHITECTURE_FILE = "model.json"
+BEST_MODEL_DIR = "best_model"  # in a training checkpoint: the weights of the best epoch so far
 
 
 def build_model(config: ModelConfig) -> UNet:
@@ -113,62 +114,49 @@ def train_step(
 
 
 @torch.no_grad()
-def predict_foreground(
-    model: UNet, image: np.ndarray, *, device: torch.device, precision: str = "fp32", channels_last: bool = False
-) -> np.ndarray:
-    """Foreground probability (H, W) of a normalised CYX image, mirror-padded to the size multiple."""
-    was_training = model.training
-    model.eval()
-    multiple = model.size_multiple
-    height, width = image.shape[-2:]
-    pad_y, pad_x = (-height) % multiple, (-width) % multiple
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
-    if pad_y or pad_x:
-        x = F.pad(x, (0, pad_x, 0, pad_y), mode="reflect")
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast_context(device.type, precision):
-        logits = model(x)
-    probability = logits.float().softmax(dim=1)[0, 1:].sum(0)[:height, :width]
-    model.train(was_training)
-    return probability.cpu().numpy()
-
-
 @dataclass
 class ValidationExample:
     name: str
-    image: np.ndarray  # CYX float32, normalised
+    pixels: np.ndarray  # CYX as stored
+    intensity_range: tuple[tuple[float, float], ...]  # the training rule's normalisation range
     labels: np.ndarray  # YX instance ids
     target: np.ndarray  # YX 0/1
 
+    @property
+    def image(self) -> np.ndarray:
+        """The normalised image (CYX float32), as the model sees it."""
+        return scale_intensity(self.pixels, self.intensity_range)
+
 
 def load_validation(store: TrainingStore, split: str = "val") -> list[ValidationExample]:
-    """Whole validation images of a store, normalised as for training."""
+    """Whole validation images of a store, as stored, with their normalisation ranges."""
     examples = []
     for name in store.names_in(split):
         ex = store.example(name)
-        image = scale_intensity(np.asarray(ex.image[:]), ex.attrs["intensity_range"])
-        examples.append(ValidationExample(name, image, np.asarray(ex.labels[:]), np.asarray(ex.target[:])))
+        ranges = tuple(tuple(map(float, pair)) for pair in ex.attrs["intensity_range"])
+        examples.append(
+            ValidationExample(name, np.asarray(ex.image[:]), ranges, np.asarray(ex.labels[:]), np.asarray(ex.target[:]))
+        )
     return examples
 
 
 def evaluate(
     model: UNet,
     examples: Iterable[ValidationExample],
-    *,
-    device: torch.device,
-    precision: str = "fp32",
+    settings: InferenceSettings,
+    chunk: int,
     threshold: float = 0.5,
     iou_threshold: float = 0.5,
 ) -> tuple[dict[str, float], list[np.ndarray]]:
-    """Scores over all ``examples`` (pixel IoU/Dice, instance F1 at ``iou_threshold``, merges,
-    splits) and the foreground probability of each."""
+    """Scores over all ``examples`` (pixel IoU/Dice, instance F1 at ``iou_threshold``, merges, splits) and the
+    foreground probability of each, predicted the way ``pipelines.infer`` predicts a slide (``predict_image``)."""
     tally = SegmentationTally(iou_threshold)
     probabilities = []
-    for ex in examples:
-        probability = predict_foreground(model, ex.image, device=device, precision=precision)
-        tally.add(ex.labels, probability > threshold)
-        probabilities.append(probability)
+    with ChunkPredictor(model, settings) as predictor:
+        for ex in examples:
+            probability = predict_image(predictor, ex.pixels, ex.intensity_range, chunk)
+            tally.add(ex.labels, probability > threshold)
+            probabilities.append(probability)
     return tally.scores(), probabilities
 
 

@@ -169,7 +169,9 @@ class InferConfig(Section):
         description="Chunks in flight per worker: one in the model while the others are read or written. null: 2 "
         "on CPU, 8 on CUDA (a GPU predicts faster than one thread reads and writes).",
     )
-    threshold: float = Field(0.5, gt=0, lt=1, description="Foreground probability threshold.")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Foreground probability threshold (also of evaluation and training validation)."
+    )
     overwrite: bool = Field(False, description="Replace an existing output.")
     resume: bool = Field(False, description="Continue an interrupted run into an existing output.")
 
@@ -195,16 +197,16 @@ class InferConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """Evaluation of a model on held-out labelled images of a training store."""
+    """Evaluation of a model on held-out labelled images of a training store. The model predicts as
+    ``pipelines.infer`` does, with the ``infer`` section's settings (device, precision, chunk size, threshold)."""
 
     model: str = Field("models:/unet@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or a folder.")
     store: str | None = Field(None, description="Training store to evaluate on (null: data.store).")
     split: Literal["val", "train"] = Field("val", description="Which examples of the store.")
-    threshold: float = Field(0.5, gt=0, lt=1, description="Foreground probability threshold.")
-    iou_threshold: float = Field(0.5, ge=0.5, lt=1, description="IoU above which a prediction matches an object.")
+    iou_threshold: float = Field(
+        0.5, ge=0.5, lt=1, description="IoU above which a prediction matches an object (also in training validation)."
+    )
     output: str = Field("outputs/evaluate", description="Folder for the per-image table and pictures.")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the model runs.")
-    precision: Precision = Field("fp32", description="Autocast precision of the predictions.")
 
 
 class TrackingConfig(Section):

@@ -239,7 +239,7 @@ def signature_for(model: UNet) -> ModelSignature:
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.n_channels, -1, -1), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.n_classes, -1, -1), "probabilities")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "foreground_probability")]),
     )
 
 

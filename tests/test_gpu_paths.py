@@ -140,7 +140,7 @@ def test_the_pyfunc_model_runs_where_its_model_config_says(tmp_path: Path) -> No
     torch.manual_seed(0)
     folder = save_weights(UNet(3, 2, base_channels=4, depth=2).eval(), tmp_path / "m")
     batch = np.random.default_rng(0).random((1, 3, 32, 32)).astype(np.float32)
-    exact = _load_pyfunc(str(folder)).predict(batch)  # no config: a GPU when there is one, fp32
+    exact = _load_pyfunc(str(folder), {"precision": "fp32"}).predict(batch)  # no device: a GPU when there is one
     fast = _load_pyfunc(str(folder), {"device": "cpu", "precision": "bf16"}).predict({"image": batch})
     assert fast.dtype == np.float32 and fast.shape == exact.shape and np.abs(fast - exact).max() < 0.05
     if CPU_ONLY:

@@ -255,10 +255,13 @@ class ChunkPredictor:
         return crop(probability[0, 0].numpy(), chunk, window_region)
 
 
-def predict_image(predictor: ChunkPredictor, image: np.ndarray, intensity_range: Ranges, chunk: int) -> np.ndarray:
-    """Foreground probability (H, W) of a whole (C, H, W) image as stored (not normalised), predicted chunk by
-    chunk exactly as ``pipelines.infer`` predicts a slide with ``infer.chunk_size`` = ``chunk``: the one
-    prediction path of validation, evaluation and inference."""
+def predict_image(
+    predictor: ChunkPredictor, image: np.ndarray, intensity_range: Ranges | None, chunk: int
+) -> np.ndarray:
+    """Foreground probability (H, W) of a whole (C, H, W) image, predicted chunk by chunk exactly as
+    ``pipelines.infer`` predicts a slide with ``infer.chunk_size`` = ``chunk``: the one prediction path of
+    validation, evaluation, the MLflow model and inference. ``intensity_range`` normalises the pixels as stored
+    (None: they are normalised already)."""
     height, width = image.shape[-2:]
     probability = np.empty((height, width), np.float32)
     read = lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1]  # noqa: E731

@@ -14,36 +14,35 @@ from typing import Any
 import numpy as np
 import torch
 
+from unet.config import InferConfig
 from unet.devices import check_device
-from unet.model import UNet, autocast_context
+from unet.inference import ChunkPredictor, InferenceSettings, predict_image
+from unet.model import UNet
 from unet.training import load_weights
 
 
 class UNetPredictor:
-    """``predict(batch)``: NCHW float32 array (normalised images) to NCHW class probabilities (float32, on the CPU).
+    """``predict(batch)``: NCHW float32 images, normalised to (0, 1) by the training rule, to their NHW foreground
+    probability (float32), predicted as ``pipelines.infer`` predicts a slide (``unet.inference.predict_image``).
 
-    ``device`` and ``precision`` say where and how the model runs; with MLflow, pass them as the model config:
-    ``mlflow.pyfunc.load_model(uri, model_config={"device": "cuda", "precision": "bf16"})``. Without one the
-    model runs on a GPU when PyTorch sees one, in fp32.
+    ``model_config`` holds ``infer`` settings (``device``, ``precision``, ``chunk_size``, ``tta``, ...), e.g.
+    ``mlflow.pyfunc.load_model(uri, model_config={"device": "cuda", "precision": "bf16"})``; unset ones take
+    the ``infer`` defaults, except the device: a GPU when PyTorch sees one.
     """
 
-    def __init__(self, model: UNet, device: str = "cpu", precision: str = "fp32") -> None:
-        check_device("model_config device", device, precision)
-        self.device, self.precision = torch.device(device), precision
-        self.model = model.eval().to(self.device)
+    def __init__(self, model: UNet, infer: InferConfig) -> None:
+        check_device("model_config device", infer.device, infer.precision)
+        self.chunk = infer.chunk
+        self.predictor = ChunkPredictor(model, InferenceSettings.from_config(infer))
 
-    @torch.inference_mode()
     def predict(self, model_input: np.ndarray | dict[str, np.ndarray], params: dict | None = None) -> np.ndarray:
         if isinstance(model_input, dict):  # MLflow passes named tensors as {"image": array}
             model_input = model_input["image"]
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32)).to(self.device)
-        with autocast_context(self.device.type, self.precision):
-            logits = self.model(x)
-        return logits.float().softmax(dim=1).cpu().numpy()
+        batch = np.asarray(model_input, dtype=np.float32)
+        return np.stack([predict_image(self.predictor, image, None, self.chunk) for image in batch])
 
 
 def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> UNetPredictor:
-    """MLflow's entry point for ``loader_module`` models (``model_config``: ``device``, ``precision``)."""
-    settings = dict(model_config or {})
-    device = settings.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return UNetPredictor(load_weights(Path(data_path)), device=device, precision=settings.get("precision", "fp32"))
+    """MLflow's entry point for ``loader_module`` models (``model_config``: keys of the ``infer`` section)."""
+    settings = {"device": "cuda" if torch.cuda.is_available() else "cpu", **(model_config or {})}
+    return UNetPredictor(load_weights(Path(data_path)), InferConfig(**settings))

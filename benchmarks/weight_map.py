@@ -15,7 +15,7 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
-from tests.reference import reference_border_weights
+from benchmarks.reference import reference_border_weights
 from unet.samples import fetch_samples
 from unet.weights import border_weights, separate_touching
 

@@ -120,7 +120,7 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
         if failed:
             raise DataError(message)
 
-    params = WeightMapParams(w0=config.loss.w0, sigma=config.loss.sigma, class_balance=config.loss.class_balance)
+    params = WeightMapParams.from_config(config.loss)
     splits = split_names([ex.pair.name for ex in examples], data.val_fraction, config.train.seed)
     with StoreWriter(data.store, overwrite=overwrite) as writer:
         sources, targets = [], []

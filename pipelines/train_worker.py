@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from pipelines.registry import log_metrics
 from unet.config import Config
-from unet.data.augment import build_augmentation
 from unet.data.dataset import PatchDataset
 from unet.data.store import TrainingStore
 from unet.devices import check_device
@@ -172,17 +171,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _patches(config: Config, store: TrainingStore, rank: int, device: torch.device) -> tuple[PatchDataset, DataLoader]:
     """This rank's patch stream and its loader: worker processes sample and augment while the model trains (on
     a GPU), batches land in pinned memory for asynchronous copies."""
-    train, data = config.train, config.data
-    dataset = PatchDataset(
-        store,
-        "train",
-        patch_size=data.patch_size,
-        length=train.steps_per_epoch * train.batch_size,
-        foreground_bias=data.foreground_bias,
-        augmentation=build_augmentation(data),
-        seed=train.seed,
-        rank=rank,
-    )
+    train = config.train
+    dataset = PatchDataset.from_config(store, config, rank)
     workers = train.loader_workers if train.loader_workers is not None else (4 if device.type == "cuda" else 0)
     # not persistent: each epoch's loader processes must see the epoch that set_epoch gave the dataset
     loader = DataLoader(dataset, batch_size=train.batch_size, num_workers=workers, pin_memory=device.type == "cuda")

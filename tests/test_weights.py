@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from scipy import ndimage as ndi
 
-from tests.reference import reference_border_weights, reference_separation
+from benchmarks.reference import reference_border_weights, reference_separation
 from unet.samples import fetch_samples
 from unet.weights import (
     WeightMapParams,

@@ -33,6 +33,7 @@ FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 PASS_BYTES_PER_PIXEL_AND_CHANNEL = {"bf16": 16, "fp16": 16, "fp32": 32}
 
 log = logging.getLogger(__name__)
+_INFER = InferConfig.model_fields
 
 
 class InputDataError(UserError):
@@ -41,18 +42,19 @@ class InputDataError(UserError):
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """How a chunk is predicted (see ``InferConfig`` for the meaning of each field)."""
+    """How a chunk is predicted (see ``InferConfig`` for the meaning of each field; its defaults are the
+    ``infer`` section's, and ``from_config`` builds the settings from a config)."""
 
-    tile: int | None = None  # output tile side; None: the whole chunk in one pass
-    batch_size: int = 1
-    precision: str = "bf16"
-    channels_last: bool = True
-    tta: bool = False
-    blend: str = "none"
-    overlap: float = 0.25  # Gaussian blending only
-    device: str = "cpu"
-    pass_memory_mb: int = 2048  # largest estimated memory of one forward pass; 0: no limit
-    compile: bool = False  # torch.compile the model
+    tile: int | None = _INFER["tile_size"].default  # output tile side; None: the whole chunk in one pass
+    batch_size: int = _INFER["batch_size"].default
+    precision: str = _INFER["precision"].default
+    channels_last: bool = _INFER["channels_last"].default
+    tta: bool = _INFER["tta"].default
+    blend: str = _INFER["blend"].default
+    overlap: float = _INFER["blend_overlap"].default  # Gaussian blending only
+    device: str = _INFER["device"].default
+    pass_memory_mb: int = _INFER["pass_memory_mb"].default  # largest estimated memory of one pass; 0: no limit
+    compile: bool = _INFER["compile"].default  # torch.compile the model
 
     @classmethod
     def from_config(cls, infer: InferConfig, device: str | None = None) -> InferenceSettings:
@@ -65,6 +67,7 @@ class InferenceSettings:
             channels_last=infer.channels_last,
             tta=infer.tta,
             blend=infer.blend,
+            overlap=infer.blend_overlap,
             device=device or infer.device,
             pass_memory_mb=infer.pass_memory_mb,
             compile=infer.compile,

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from unet.config import LossConfig
+
 __all__ = [
     "WeightMapParams",
     "border_weights",
@@ -40,14 +42,22 @@ __all__ = [
 ]
 
 
+_LOSS = LossConfig.model_fields
+
+
 @dataclass(frozen=True)
 class WeightMapParams:
-    """Parameters of eq. 2: ``w0`` and ``sigma`` (pixels) of the border term, class balancing."""
+    """Parameters of eq. 2: ``w0`` and ``sigma`` (pixels) of the border term, class balancing. Defaults are the
+    ``loss`` section's (one source); ``from_config`` builds them from a config."""
 
-    w0: float = 10.0
-    sigma: float = 5.0
-    class_balance: bool = True
+    w0: float = _LOSS["w0"].default
+    sigma: float = _LOSS["sigma"].default
+    class_balance: bool = _LOSS["class_balance"].default
     tolerance: float = 1e-6  # border-term values below this may be dropped (speed)
+
+    @classmethod
+    def from_config(cls, loss: LossConfig) -> WeightMapParams:
+        return cls(w0=loss.w0, sigma=loss.sigma, class_balance=loss.class_balance)
 
 
 def separate_touching(labels: np.ndarray) -> np.ndarray:

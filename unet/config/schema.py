@@ -154,6 +154,9 @@ class InferConfig(Section):
     precision: Precision = Field("bf16", description="Autocast precision.")
     channels_last: bool = Field(True, description="Use the channels_last memory format.")
     blend: Literal["none", "gaussian"] = Field("none", description="Blend overlapping tiles.")
+    blend_overlap: float = Field(
+        0.25, ge=0, lt=1, description="Overlap of the windows blended with infer.blend: gaussian (MONAI's overlap)."
+    )
     tta: bool = Field(False, description="Mirroring test-time augmentation.")
     tissue_mask: bool = Field(False, description="Skip chunks without tissue.")
     scheduler: str | None = Field(None, description="Dask scheduler address (null: a local cluster).")

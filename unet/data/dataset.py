@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from unet.config import Config, DataConfig
 from unet.data.augment import augment as apply_augmentation
+from unet.data.augment import build_augmentation
 from unet.data.store import Example, TrainingStore
 from unet.errors import UserError
 from unet.io import scale_intensity
@@ -30,6 +32,9 @@ class _Loaded:
     target: np.ndarray  # YX uint8
     weights: np.ndarray  # YX float32
     foreground: np.ndarray  # (N, 2) coordinates of foreground pixels (on the stride grid)
+
+
+_DATA = DataConfig.model_fields
 
 
 class PatchDataset(Dataset):
@@ -49,9 +54,9 @@ class PatchDataset(Dataset):
         self,
         store: TrainingStore | str,
         split: str = "train",
-        patch_size: int = 256,
+        patch_size: int = _DATA["patch_size"].default,
         length: int = 1000,
-        foreground_bias: float = 0.5,
+        foreground_bias: float = _DATA["foreground_bias"].default,
         augmentation=None,
         seed: int = 0,
         rank: int = 0,
@@ -66,6 +71,22 @@ class PatchDataset(Dataset):
         areas = np.array([np.prod(self.store.example(n).labels.shape) for n in self.names], dtype=np.float64)
         self.probabilities = areas / areas.sum()
         self._loaded: dict[str, _Loaded] = {}  # filled lazily, per DataLoader worker process
+
+    @classmethod
+    def from_config(cls, store: TrainingStore | str, config: Config, rank: int = 0) -> PatchDataset:
+        """The training split as ``data`` and ``train`` describe it: patch size and bias, augmentation, one
+        epoch of ``train.steps_per_epoch`` batches, ``train.seed``."""
+        data, train = config.data, config.train
+        return cls(
+            store,
+            "train",
+            patch_size=data.patch_size,
+            length=train.steps_per_epoch * train.batch_size,
+            foreground_bias=data.foreground_bias,
+            augmentation=build_augmentation(data),
+            seed=train.seed,
+            rank=rank,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -56,10 +56,10 @@ def pure_compute(cohort: str, model_dir: str) -> None:
 
     from unet.config import load_config
     from unet.inference import ChunkPredictor, InferenceSettings
-    from unet.io import intensity_ranges
+    from unet.intensity import intensity_ranges
+    from unet.model_files import load_weights
     from unet.slide import open_slide
     from unet.tiling import grid
-    from unet.training import load_weights
 
     torch.set_num_threads(THREADS)
     infer = load_config(ROOT / "configs" / "infer.yaml").infer

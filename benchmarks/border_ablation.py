@@ -29,7 +29,7 @@ from unet.config import DataConfig, InferConfig, load_config
 from unet.data.augment import build_augmentation
 from unet.data.dataset import PatchDataset
 from unet.inference import ChunkPredictor, InferenceSettings, predict_image
-from unet.io import intensity_ranges
+from unet.intensity import intensity_ranges
 from unet.loss import WeightedLoss
 from unet.metrics import SegmentationTally
 from unet.samples import fetch_samples

@@ -200,7 +200,7 @@ def ray_training(store: str, sizes: dict, device: str, folder: Path) -> dict:
 def run(device: str = "cuda", quick: bool = False) -> dict:
     from unet.config import InferConfig
     from unet.model import UNet
-    from unet.training import save_weights
+    from unet.model_files import save_weights
 
     sizes = SIZES[quick]
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:

@@ -77,8 +77,8 @@ def in_memory(kind: str, slide: str, model_dir: str, device: str = "cpu") -> Non
     from monai.inferers import sliding_window_inference
 
     from unet.model import autocast_context
+    from unet.model_files import load_weights
     from unet.slide import open_slide
-    from unet.training import load_weights
 
     torch.set_num_threads(THREADS)
     model = load_weights(model_dir).eval().to(device, memory_format=torch.channels_last)

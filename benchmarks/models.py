@@ -17,7 +17,8 @@ def briefly_trained(folder: Path, base_channels: int = 8, steps: int = 40) -> Pa
     from unet.config import load_config
     from unet.data.dataset import PatchDataset
     from unet.loss import WeightedLoss
-    from unet.training import build_model, build_optimizer, make_grad_scaler, save_weights, train_step
+    from unet.model_files import save_weights
+    from unet.training import build_model, build_optimizer, make_grad_scaler, train_step
 
     config = load_config(
         ROOT / "configs" / "prepare.yaml", [f"data.store={folder / 'he.zarr'}", f"model.base_channels={base_channels}"]

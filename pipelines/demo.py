@@ -84,7 +84,7 @@ def slide_overlay(slide_path: str, output: str, picture: Path, size: int = 768) 
     """A region from the middle of the slide with the predicted nuclei outlined."""
     import zarr
 
-    from pipelines.infer_tasks import LABELS
+    from pipelines.infer_output import LABELS
     from unet.io import write_png
     from unet.slide import open_slide
     from unet.visualize import outline

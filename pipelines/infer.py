@@ -41,7 +41,7 @@ log = logging.getLogger("infer")
 
 def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str | None]:
     """(URI pinned to a version or an absolute folder, version or None); clear errors if missing."""
-    from unet.training import ARCHITECTURE_FILE, BEST_MODEL_DIR
+    from unet.model_files import ARCHITECTURE_FILE, BEST_MODEL_DIR
 
     if uri.startswith("models:/") and "@" in uri:
         from pipelines import registry
@@ -178,7 +178,7 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
 
 def report(job: SlideJob, context: JobContext) -> None:
     """What a single-slide job did."""
-    from pipelines.infer_tasks import LABELS, PROBABILITY
+    from pipelines.infer_output import LABELS, PROBABILITY
 
     stats, slide = job.stats, job.slide
     print()

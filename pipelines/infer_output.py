@@ -5,12 +5,21 @@ metadata, and ``complete: true`` in its lineage, are written only at the end."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import zarr
 
-from pipelines.infer_tasks import DONE_LABELS, DONE_PREDICT, LABELS, LOCAL, PROBABILITY, WORK, JobSpec
 from unet import storage
 from unet.errors import UserError
 from unet.slide import Slide
+
+if TYPE_CHECKING:
+    from pipelines.infer_tasks import JobSpec
+
+# the store's layout
+PROBABILITY, LABELS = "0", "labels/nuclei/0"  # the image (foreground probability) and its NGFF label image
+WORK = "_work"  # the job's own arrays, deleted when it completes
+LOCAL, DONE_PREDICT, DONE_LABELS = f"{WORK}/local", f"{WORK}/done_predict", f"{WORK}/done_labels"
 
 LINEAGE_KEY = "unet_inference"
 # what must not change between an interrupted run and its --resume

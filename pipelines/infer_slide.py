@@ -118,7 +118,7 @@ def intensity_range(slide: Slide) -> tuple[tuple[float, float], ...]:
     read, identical for every chunk; none at all for 8-bit images)."""
     import math
 
-    from unet.io import intensity_ranges
+    from unet.intensity import intensity_ranges
     from unet.slide import SlideError, open_slide
 
     ranges = intensity_ranges(open_slide(slide.path, slide.levels - 1))

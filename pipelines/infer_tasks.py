@@ -17,16 +17,13 @@ import numpy as np
 import torch
 import zarr
 
+from pipelines.infer_output import DONE_LABELS, DONE_PREDICT, LABELS, LOCAL, PROBABILITY
 from unet.chunk_writes import write_block
 from unet.inference import ChunkPredictor, InferenceSettings
 from unet.instances import ChunkEdges, label_chunk, relabel
 from unet.model import UNet
 from unet.slide import Slide, open_slide
 from unet.tiling import Region
-
-PROBABILITY, LABELS = "0", "labels/nuclei/0"
-WORK = "_work"  # deleted when the job completes
-LOCAL, DONE_PREDICT, DONE_LABELS = f"{WORK}/local", f"{WORK}/done_predict", f"{WORK}/done_labels"
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,8 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
     from unet import storage
     from unet.data.sources import DataError, find_pairs
     from unet.data.store import StoreWriter
-    from unet.io import intensity_ranges, pixel_size_um
+    from unet.intensity import intensity_ranges
+    from unet.io import pixel_size_um
     from unet.samples import resolve_location
     from unet.weights import WeightMapParams
 

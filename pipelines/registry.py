@@ -252,7 +252,7 @@ def log_and_register(
     import torch
     from mlflow.tracking import MlflowClient
 
-    from unet.training import save_weights
+    from unet.model_files import save_weights
 
     with using_tracking_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         data = save_weights(model, Path(tmp) / "unet")
@@ -300,7 +300,7 @@ def current_champion(client: MlflowClient, name: str):
 
 def load_model(uri: str, tracking_uri: str | None = None) -> UNet:
     """The ``UNet`` behind ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a folder."""
-    from unet.training import load_weights
+    from unet.model_files import load_weights
 
     local = Path(uri)
     if not local.exists():

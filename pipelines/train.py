@@ -214,7 +214,7 @@ def _reason(exc: BaseException) -> str:
 def fit_and_register(config: Config, client, run_id: str, loop_config: dict, tags: dict, resumed: bool) -> dict:
     """Run the trainer, register the best model (promoting it if it beats the champion) and report."""
     from pipelines import registry
-    from unet.training import BEST_MODEL_DIR, load_weights
+    from unet.model_files import BEST_MODEL_DIR, load_weights
 
     tracking_uri = config.tracking.tracking_uri
     result = build_trainer(config, loop_config).fit()

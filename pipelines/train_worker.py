@@ -26,8 +26,8 @@ from unet.devices import check_device
 from unet.inference import InferenceSettings
 from unet.io import write_png
 from unet.loss import WeightedLoss
+from unet.model_files import BEST_MODEL_DIR, save_weights
 from unet.training import (
-    BEST_MODEL_DIR,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -37,7 +37,6 @@ from unet.training import (
     make_grad_scaler,
     restore_scaler,
     save_state,
-    save_weights,
     train_step,
     training_state,
     unwrap,

@@ -21,10 +21,11 @@ from tests.helpers import ROOT, environment
 from unet.config import InferConfig, load_config
 from unet.devices import DeviceError, check_device, visible_gpus
 from unet.errors import UserError
-from unet.io import scale_intensity
+from unet.intensity import scale_intensity
 from unet.model import UNet
+from unet.model_files import save_weights
 from unet.serving import _load_pyfunc
-from unet.training import make_grad_scaler, restore_scaler, save_weights, training_state, unwrap
+from unet.training import make_grad_scaler, restore_scaler, training_state, unwrap
 
 CPU_ONLY = torch.version.cuda is None
 needs_cpu_only_torch = pytest.mark.skipif(not CPU_ONLY, reason="checks the errors of a CPU-only PyTorch build")

@@ -25,8 +25,8 @@ from pipelines.registry import connect, log_and_register, promote
 from tests.helpers import ROOT, environment, free_port
 from tests.test_tiling import same_partition, whole_image_probability
 from unet.config import load_config
+from unet.model_files import load_weights
 from unet.slide import open_slide
-from unet.training import load_weights
 
 pytestmark = pytest.mark.slow
 

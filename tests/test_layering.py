@@ -14,7 +14,7 @@ FRAMEWORKS = {"ray", "dask", "distributed", "mlflow"}
 
 
 # the only framework imports the library makes, each inside the one function that needs it
-ALLOWED = {("unet/slide.py", "dask"), ("unet/io.py", "dask")}  # Slide.to_dask, intensity_ranges of lazy arrays
+ALLOWED = {("unet/slide.py", "dask"), ("unet/intensity.py", "dask")}  # Slide.to_dask, intensity_ranges of lazy arrays
 
 
 def test_the_library_imports_frameworks_only_where_allowed() -> None:
@@ -42,7 +42,7 @@ def _is_type_checking(node: ast.AST) -> bool:
 
 def test_intensity_ranges_of_numpy_images_need_no_dask() -> None:
     code = (
-        "import sys, numpy as np\nfrom unet.io import intensity_ranges\n"
+        "import sys, numpy as np\nfrom unet.intensity import intensity_ranges\n"
         "rng = np.random.default_rng(0)\n"
         "print(intensity_ranges(rng.integers(0, 4000, (2, 64, 64)).astype(np.uint16)))\n"
         "print(intensity_ranges(rng.random((1, 64, 64)).astype(np.float32)))\n"
@@ -56,7 +56,7 @@ def test_numpy_and_dask_inputs_give_the_same_ranges() -> None:
     import dask.array as da
     import numpy as np
 
-    from unet.io import intensity_ranges
+    from unet.intensity import intensity_ranges
 
     rng = np.random.default_rng(1)
     for image in (rng.integers(-50, 4000, (2, 96, 80)).astype(np.int16), rng.random((1, 96, 80)).astype(np.float32)):

@@ -17,8 +17,8 @@ from pipelines.registry import connect, load_model
 from tests.helpers import ROOT, environment, mlflow_server, objects, train_command, wait_for_checkpoint
 from tests.test_train import stop_ray_leftovers
 from unet.config import load_config
+from unet.model_files import ARCHITECTURE_FILE, WEIGHTS_FILE, load_weights
 from unet.storage import filesystem
-from unet.training import ARCHITECTURE_FILE, WEIGHTS_FILE, load_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 

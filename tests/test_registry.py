@@ -29,7 +29,7 @@ from unet.config import InferConfig
 from unet.errors import UserError
 from unet.inference import ChunkPredictor, InferenceSettings, predict_image
 from unet.model import UNet
-from unet.training import save_weights
+from unet.model_files import save_weights
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pipelines.registry import load_model
 from tests.helpers import ROOT, environment, get_json, mlflow_server, train_command, wait_for_checkpoint
 from unet.config import load_config
 from unet.errors import UserError
-from unet.training import load_weights
+from unet.model_files import load_weights
 
 pytestmark = pytest.mark.slow
 

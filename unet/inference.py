@@ -21,7 +21,7 @@ from unet.config import InferConfig
 from unet.errors import UserError
 from unet.fused import inference_model
 from unet.geometry import round_up
-from unet.io import scale_intensity
+from unet.intensity import scale_intensity
 from unet.model import UNet, autocast_context
 from unet.tiling import Region, crop, grid, input_region, read_mirrored, tiles_of
 
@@ -165,7 +165,7 @@ class ChunkPredictor:
         """Foreground probability (chunk.height, chunk.width) of one chunk of a (C, height, width) slide.
 
         ``intensity_range`` (per channel, lo and hi) is mapped to (0, 1) by the training rule
-        (``unet.io.scale_intensity``): on a CPU right after reading, on a GPU after the copy (8-bit pixels
+        (``unet.intensity.scale_intensity``): on a CPU right after reading, on a GPU after the copy (8-bit pixels
         cross the bus as they are stored); None uses the pixels as they are.
         """
         window_region = input_region(chunk, self.halo, self.multiple)

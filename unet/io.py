@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tifffile
@@ -63,74 +61,6 @@ def write_png(location: str | Path, rgb: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return storage.write_bytes(location, buffer.getvalue())
-
-
-def intensity_range_from_histogram(counts: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
-    """Exact (``low``, ``high``) percentiles of an integer channel from its value histogram."""
-    cumulative = np.cumsum(counts)
-    total = cumulative[-1]
-    if total == 0:
-        return 0.0, 1.0
-    lo = int(np.searchsorted(cumulative, total * low / 100.0))
-    hi = int(np.searchsorted(cumulative, total * high / 100.0))
-    return float(lo), float(max(hi, lo + 1))
-
-
-def intensity_ranges(image: Any) -> tuple[tuple[float, float], ...]:
-    """Per-channel normalisation range of a CYX image (NumPy, lazy Dask, or a ``unet.slide.Slide``), the same
-    rule for training and inference: 8-bit images 0..255, others their (1, 99.8) percentiles, exact for integer
-    images (from a histogram; Dask merges per-chunk percentiles of floating-point images: close, not exact)."""
-    if np.dtype(image.dtype) == np.uint8:  # nothing to read
-        return ((0.0, 255.0),) * image.shape[0]
-    if isinstance(image, np.ndarray):  # in memory already: NumPy alone, no Dask
-        return tuple(_channel_range(channel) for channel in image)
-    import dask.array as da  # lazy images only: the library stays importable without a scheduler
-
-    image = image.to_dask() if hasattr(image, "to_dask") else da.asarray(image)
-    ranges = []
-    for channel in image:
-        if image.dtype.kind in "iu":
-            values = channel.ravel().astype(np.int64)
-            shift = int(values.min().compute())
-            lo, hi = intensity_range_from_histogram(da.bincount(values - shift).compute())
-            ranges.append((lo + shift, hi + shift))
-        else:
-            lo, hi = da.percentile(channel.ravel().astype(np.float64), [1.0, 99.8]).compute()
-            ranges.append((float(lo), float(max(hi, lo + 1e-6))))
-    return tuple(ranges)
-
-
-def _channel_range(channel: np.ndarray) -> tuple[float, float]:
-    """``intensity_ranges``' rule for one in-memory channel."""
-    if channel.dtype.kind in "iu":
-        values = channel.ravel().astype(np.int64)
-        shift = int(values.min())
-        lo, hi = intensity_range_from_histogram(np.bincount(values - shift))
-        return lo + shift, hi + shift
-    lo, hi = np.percentile(channel.ravel().astype(np.float64), [1.0, 99.8])
-    return float(lo), float(max(hi, lo + 1e-6))
-
-
-def scale_intensity(image: Any, ranges: Sequence[tuple[float, float]] | np.ndarray) -> Any:
-    """Image(s) ``(..., C, Y, X)`` to float32 with channel ``c`` mapped from ``ranges[c]`` = (lo, hi) to (0, 1).
-
-    The one normalisation rule of training and inference. ``image`` is a NumPy array, or a PyTorch tensor (on any
-    device, so that inference can scale 8-bit pixels after copying them to a GPU); both compute in float32.
-    """
-    ranges = np.asarray(ranges, np.float32).reshape(-1, 2)
-    lo = ranges[:, 0].reshape(-1, 1, 1)
-    span = np.maximum(ranges[:, 1].reshape(-1, 1, 1) - lo, np.float32(1e-6))
-    if isinstance(image, np.ndarray):
-        scaled = image.astype(np.float32)  # one new array, then in place: this runs on every inference chunk
-        scaled -= lo
-        scaled /= span
-        return scaled
-    import torch  # a tensor was given: PyTorch is already loaded
-
-    scaled = image.to(torch.float32, copy=True)
-    scaled -= torch.as_tensor(lo, device=image.device)
-    scaled /= torch.as_tensor(span, device=image.device)
-    return scaled
 
 
 def pixel_size_um(path: str | Path) -> float | None:

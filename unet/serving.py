@@ -18,7 +18,7 @@ from unet.config import InferConfig
 from unet.devices import check_device
 from unet.inference import ChunkPredictor, InferenceSettings, predict_image
 from unet.model import UNet
-from unet.training import load_weights
+from unet.model_files import load_weights
 
 
 class UNetPredictor:

@@ -4,7 +4,6 @@ Ray Train; ``benchmarks`` runs the same step in a plain loop."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,19 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unet.config import ModelConfig, TrainConfig
 from unet.data.store import TrainingStore
 from unet.inference import ChunkPredictor, InferenceSettings, predict_image
-from unet.io import scale_intensity
+from unet.intensity import scale_intensity
 from unet.metrics import SegmentationTally
 from unet.model import UNet, autocast_context
-
-WEIGHTS_FILE = "weights.safetensors"
-ARCHITECTURE_FILE = "model.json"
-BEST_MODEL_DIR = "best_model"  # in a training checkpoint: the weights of the best epoch so far
 
 
 def build_model(config: ModelConfig) -> UNet:
@@ -113,7 +107,6 @@ def train_step(
     return StepResult(loss=loss.detach(), grad_norm=norm.detach())
 
 
-@torch.no_grad()
 @dataclass
 class ValidationExample:
     name: str
@@ -161,25 +154,6 @@ def evaluate(
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
-def save_weights(model: UNet, directory: str | Path) -> Path:
-    """Weights as safetensors plus the architecture as JSON: loadable without unpickling anything."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, directory / WEIGHTS_FILE)
-    (directory / ARCHITECTURE_FILE).write_text(json.dumps(model.architecture(), indent=2))
-    return directory
-
-
-def load_weights(directory: str | Path, map_location: str = "cpu") -> UNet:
-    """Rebuild the ``UNet`` saved by ``save_weights``."""
-    directory = Path(directory)
-    architecture = json.loads((directory / ARCHITECTURE_FILE).read_text())
-    model = UNet(**architecture)
-    model.load_state_dict(load_file(directory / WEIGHTS_FILE, device=map_location))
-    return model.eval()
-
-
 def unwrap(model: nn.Module) -> UNet:
     """The UNet inside a DistributedDataParallel and/or ``torch.compile`` wrapper (or the model itself)."""
     while True:

@@ -18,7 +18,7 @@ from unet.data.augment import augment as apply_augmentation
 from unet.data.augment import build_augmentation
 from unet.data.store import Example, TrainingStore
 from unet.errors import UserError
-from unet.io import scale_intensity
+from unet.intensity import scale_intensity
 from unet.tiling import mirrored_crop
 
 FOREGROUND_STRIDE = 4  # foreground centres are drawn from a 1-in-4 grid: plenty, and small

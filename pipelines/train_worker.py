@@ -7,6 +7,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,103 +69,133 @@ def _mean_across_workers(value: float, device: torch.device) -> float:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    config = Config.model_validate(loop_config["config"])
-    train = config.train
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    if train.use_gpu:  # the driver saw GPUs in the cluster; this checks the one this worker got
-        check_device("train.use_gpu", "cuda", train.precision)
-    torch.manual_seed(train.seed)  # identical initial weights on every rank
+    """Ray Train's entry point on every worker: set up, then per epoch train, validate and checkpoint."""
+    worker = Worker.set_up(loop_config)
+    for epoch in range(worker.progress["epoch"] + 1, worker.config.train.epochs):
+        loss, seconds = worker.train_epoch(epoch)
+        metrics = {"epoch": epoch, "train/loss": loss, "throughput/img_per_s": worker.images / seconds}
+        worker.validate_and_checkpoint(epoch, metrics, seconds)
 
-    model = build_model(config.model).to(device)
-    if train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, train)
-    scheduler = build_scheduler(optimizer, train)
-    scaler = make_grad_scaler(train.precision, device)
-    progress = _restore(model, optimizer, scheduler, scaler)
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
-    if train.compile:
-        model = torch.compile(model)
-    loss_fn = WeightedLoss(config.loss.dice_weight)
 
-    store = TrainingStore(config.data.store)
-    dataset, loader = _patches(config, store, rank, device)
-    validation = load_validation(store) if rank == 0 else []
-    settings = InferenceSettings.from_config(config.infer, device=str(device))  # validated as inference predicts
-    tracker = None
-    if rank == 0:
-        from mlflow.tracking import MlflowClient
+@dataclass
+class Worker:
+    """One training worker's state: its model and optimiser, its patches, and (on rank 0) validation and MLflow."""
 
-        tracker = MlflowClient(tracking_uri=loop_config["tracking_uri"])
-    run_id = loop_config["mlflow_run_id"]
-    step, best, best_epoch = progress["step"], progress["best"], progress["best_epoch"]
-    nodes = _worker_nodes(world)
-    if tracker is not None:  # where this attempt's workers run (a restart after a node loss may differ)
-        log_metrics(tracker, run_id, {"ray/worker_nodes": len(nodes)}, step)
-        tracker.set_tag(run_id, "ray.worker_nodes", ",".join(nodes))
-    metric_name = config.tracking.champion_metric
+    config: Config
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    dataset: PatchDataset
+    loader: DataLoader
+    progress: dict[str, Any]  # epoch, step, best, best_epoch: restored from the last checkpoint
+    run_id: str
+    tracker: Any = None  # rank 0: an MlflowClient
+    validation: list = field(default_factory=list)  # rank 0: the validation images
 
-    for epoch in range(progress["epoch"] + 1, train.epochs):
-        dataset.set_epoch(epoch)
-        model.train()
-        started, loss_sum, logging = time.perf_counter(), torch.zeros((), device=device), []
-        for batch in loader:
-            result = train_step(
-                model,
-                batch,
-                optimizer,
-                loss_fn,
-                scaler,
-                device=device,
-                precision=train.precision,
-                channels_last=train.channels_last,
-                grad_clip=train.grad_clip,
-            )
-            scheduler.step()
-            step += 1
+    @classmethod
+    def set_up(cls, loop_config: dict[str, Any]) -> Worker:
+        config = Config.model_validate(loop_config["config"])
+        train = config.train
+        context = ray.train.get_context()
+        rank, world, device = context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+        if train.use_gpu:  # the driver saw GPUs in the cluster; this checks the one this worker got
+            check_device("train.use_gpu", "cuda", train.precision)
+        torch.manual_seed(train.seed)  # identical initial weights on every rank
+        model = build_model(config.model).to(device)
+        if train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, train)
+        scheduler = build_scheduler(optimizer, train)
+        scaler = make_grad_scaler(train.precision, device)
+        progress = _restore(model, optimizer, scheduler, scaler)
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+        if train.compile:
+            model = torch.compile(model)
+        store = TrainingStore(config.data.store)
+        dataset, loader = _patches(config, store, rank, device)
+        worker = cls(config, rank, world, device, model, optimizer, scheduler, scaler, dataset, loader, progress,
+                     loop_config["mlflow_run_id"])  # fmt: skip
+        nodes = _worker_nodes(world)
+        if rank == 0:
+            from mlflow.tracking import MlflowClient
+
+            worker.tracker = MlflowClient(tracking_uri=loop_config["tracking_uri"])
+            worker.validation = load_validation(store)
+            # where this attempt's workers run (a restart after a node loss may differ)
+            log_metrics(worker.tracker, worker.run_id, {"ray/worker_nodes": len(nodes)}, progress["step"])
+            worker.tracker.set_tag(worker.run_id, "ray.worker_nodes", ",".join(nodes))
+        return worker
+
+    @property
+    def images(self) -> int:
+        """Patches per epoch over all workers."""
+        return self.world * len(self.dataset)
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """One pass over this epoch's patches; (mean loss over all workers, seconds)."""
+        train, loss_fn = self.config.train, WeightedLoss(self.config.loss.dice_weight)
+        self.dataset.set_epoch(epoch)
+        self.model.train()
+        started, loss_sum, logging = time.perf_counter(), torch.zeros((), device=self.device), []
+        for batch in self.loader:
+            result = train_step(self.model, batch, self.optimizer, loss_fn, self.scaler, device=self.device,
+                                precision=train.precision, channels_last=train.channels_last,
+                                grad_clip=train.grad_clip)  # fmt: skip
+            self.scheduler.step()
+            self.progress["step"] += 1
             loss_sum += result.loss  # stays on the device: no wait for the GPU
-            if tracker is not None and step % train.log_every_steps == 0:
-                step_metrics = {"train/step_loss": float(result.loss), "train/grad_norm": float(result.grad_norm)}
-                step_metrics["train/lr"] = scheduler.get_last_lr()[0]
-                logging.append(log_metrics(tracker, run_id, step_metrics, step, synchronous=False))
+            if self.tracker is not None and self.progress["step"] % train.log_every_steps == 0:
+                logging.append(self._log_step(result))
         seconds = time.perf_counter() - started
         for operation in logging:  # MLflow wrote these in the background; they must land before the checkpoint
             operation.wait()
-        epoch_loss = _mean_across_workers(float(loss_sum) / len(loader), device)
-        metrics: dict[str, float] = {
-            "epoch": epoch,
-            "train/loss": epoch_loss,
-            "throughput/img_per_s": world * len(dataset) / seconds,
-        }
+        return _mean_across_workers(float(loss_sum) / len(self.loader), self.device), seconds
+
+    def _log_step(self, result):
+        metrics = {"train/step_loss": float(result.loss), "train/grad_norm": float(result.grad_norm)}
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        return log_metrics(self.tracker, self.run_id, metrics, self.progress["step"], synchronous=False)
+
+    def validate_and_checkpoint(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        """Rank 0 scores the validation images as inference predicts them, keeps the best model and logs; every
+        rank reports the epoch, rank 0 with the checkpoint."""
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0:
-                scores, probabilities = evaluate(unwrap(model), validation, settings, config.infer.chunk,
-                                                 config.infer.threshold, config.evaluate.iou_threshold)  # fmt: skip
-                metrics.update({f"val/{k}": v for k, v in scores.items()})
-                value = metrics[metric_name]
-                if best is None or value > best:
-                    best, best_epoch = value, epoch
-                    save_weights(unwrap(model), Path(tmp) / BEST_MODEL_DIR)
-                elif previous := ray.train.get_checkpoint():  # carry the best model forward
-                    with previous.as_directory() as directory:
-                        shutil.copytree(Path(directory) / BEST_MODEL_DIR, Path(tmp) / BEST_MODEL_DIR)
-                metrics.update({"best/epoch": best_epoch, f"best/{metric_name}": best})
-                log_metrics(tracker, run_id, metrics, epoch)
-                if validation:
-                    panel = prediction_panel(validation[0].image, validation[0].target, probabilities[0])
-                    _log_picture(tracker, run_id, panel, f"epoch_{epoch:03d}.png")
-                state = training_state(model, optimizer, scheduler, scaler, epoch=epoch, step=step, best=best,
-                                       best_epoch=best_epoch)  # fmt: skip
+            if self.rank == 0:
+                self._validate(epoch, metrics, Path(tmp))
+                state = training_state(self.model, self.optimizer, self.scheduler, self.scaler, epoch=epoch,
+                                       step=self.progress["step"], best=self.progress["best"],
+                                       best_epoch=self.progress["best_epoch"])  # fmt: skip
                 save_state(state, tmp)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 # Straight to the process's stdout, which Ray forwards to the driver once (print is teed).
-                line = _epoch_line(epoch, train.epochs, metrics, seconds, config.evaluate.iou_threshold)
-                sys.__stdout__.write(line + "\n")
+                train, iou = self.config.train, self.config.evaluate.iou_threshold
+                sys.__stdout__.write(_epoch_line(epoch, train.epochs, metrics, seconds, iou) + "\n")
                 sys.__stdout__.flush()
             ray.train.report(metrics, checkpoint=checkpoint)
+
+    def _validate(self, epoch: int, metrics: dict[str, float], folder: Path) -> None:
+        """Score, keep the best model in ``folder`` (carried forward from the last checkpoint otherwise), log."""
+        infer, metric = self.config.infer, self.config.tracking.champion_metric
+        settings = InferenceSettings.from_config(infer, device=str(self.device))
+        scores, probabilities = evaluate(unwrap(self.model), self.validation, settings, infer.chunk,
+                                         infer.threshold, self.config.evaluate.iou_threshold)  # fmt: skip
+        metrics.update({f"val/{k}": v for k, v in scores.items()})
+        if self.progress["best"] is None or metrics[metric] > self.progress["best"]:
+            self.progress["best"], self.progress["best_epoch"] = metrics[metric], epoch
+            save_weights(unwrap(self.model), folder / BEST_MODEL_DIR)
+        elif previous := ray.train.get_checkpoint():
+            with previous.as_directory() as directory:
+                shutil.copytree(Path(directory) / BEST_MODEL_DIR, folder / BEST_MODEL_DIR)
+        metrics.update({"best/epoch": self.progress["best_epoch"], f"best/{metric}": self.progress["best"]})
+        log_metrics(self.tracker, self.run_id, metrics, epoch)
+        if self.validation:
+            panel = prediction_panel(self.validation[0].image, self.validation[0].target, probabilities[0])
+            _log_picture(self.tracker, self.run_id, panel, f"epoch_{epoch:03d}.png")
 
 
 def _patches(config: Config, store: TrainingStore, rank: int, device: torch.device) -> tuple[PatchDataset, DataLoader]:

@@ -75,8 +75,8 @@ def finished_model(config: Config, store_sha: str) -> str | None:
     storage_path = storage.resolve(config.train.storage_path)
     for found in registry.ray_run_runs(client, experiment.experiment_id, config.train.run_name, storage_path):
         tags = found.data.tags
-        if tags.get("registered_version") and tags.get("data.store_sha256") == store_sha:
-            return f"models:/{tags['registered_model']}/{tags['registered_version']}"
+        if tags.get(registry.STORE_SHA_TAG) == store_sha and (uri := registry.registered_model_uri(tags)):
+            return uri
     return None
 
 

@@ -34,6 +34,14 @@ RUN_NAME_TAG, STORAGE_TAG = "ray.run_name", "ray.storage_path"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 MODEL_ARTIFACT = "model"
 CHAMPION, CANDIDATE = "champion", "candidate"  # the registered model's aliases
+# tags of a training run (and of the versions it registers)
+STORE_SHA_TAG, GIT_COMMIT_TAG, WORKER_NODES_TAG = "data.store_sha256", "git_commit", "ray.worker_nodes"
+REGISTERED_MODEL_TAG, REGISTERED_VERSION_TAG, REGISTERED_EPOCH_TAG = (
+    "registered_model",
+    "registered_version",
+    "registered_epoch",
+)
+JOB_TAG = "job"  # inference, inference-batch, evaluation
 
 
 @contextlib.contextmanager
@@ -193,7 +201,7 @@ def end_job_run(
 def _create_job_run(
     client: MlflowClient, tracking_uri: str, experiment: str, job: str, run_name: str, parent: str | None
 ) -> str:
-    tags = {"job": job} | ({"mlflow.parentRunId": parent} if parent else {})
+    tags = {JOB_TAG: job} | ({"mlflow.parentRunId": parent} if parent else {})
     return client.create_run(experiment_id(client, experiment, tracking_uri), run_name=run_name, tags=tags).info.run_id
 
 
@@ -219,6 +227,19 @@ def _log(client: MlflowClient, run_id: str, params: dict | None = None, metrics:
         params=[Param(k, str(v)) for k, v in params.items()],
         tags=[RunTag(k, str(v)) for k, v in tags.items()],
     )
+
+
+def record_registration(client: MlflowClient, run_id: str, name: str, version: str, epoch: int) -> None:
+    """Tag a training run with the model version it registered (and after which epoch)."""
+    tags = {REGISTERED_MODEL_TAG: name, REGISTERED_VERSION_TAG: version, REGISTERED_EPOCH_TAG: epoch}
+    set_tags(client, run_id, tags)
+
+
+def registered_model_uri(tags: dict[str, str]) -> str | None:
+    """``models:/NAME/VERSION`` a training run registered, from its tags (None if it registered none)."""
+    if not tags.get(REGISTERED_VERSION_TAG):
+        return None
+    return f"models:/{tags[REGISTERED_MODEL_TAG]}/{tags[REGISTERED_VERSION_TAG]}"
 
 
 def git_commit() -> str:

@@ -169,7 +169,11 @@ def train(config: Config) -> dict:
     check_resources(config, local=not os.environ.get("RAY_ADDRESS"))
 
     store_sha = storage.sha256(store.location)
-    tags = {"data.store": store.location, "data.store_sha256": store_sha, "git_commit": registry.git_commit()}
+    tags = {
+        "data.store": store.location,
+        registry.STORE_SHA_TAG: store_sha,
+        registry.GIT_COMMIT_TAG: registry.git_commit(),
+    }
     run_id, resumed = registry.start_or_resume_run(client, config, tracking_uri, flatten_config(config), tags)
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "config.yaml"
@@ -224,9 +228,9 @@ def fit_and_register(config: Config, client, run_id: str, loop_config: dict, tag
     metric = config.tracking.champion_metric
     epoch = int(result.metrics["epoch"])
     previous = client.get_run(run_id).data.tags
-    if previous.get("registered_epoch") == str(epoch):  # a re-run of a finished run: nothing new
+    if previous.get(registry.REGISTERED_EPOCH_TAG) == str(epoch):  # a re-run of a finished run: nothing new
         client.set_terminated(run_id, status="FINISHED")
-        model_uri = f"models:/{previous['registered_model']}/{previous['registered_version']}"
+        model_uri = registry.registered_model_uri(previous)
         print(f"run {config.train.run_name!r} already finished; its model is {model_uri}")
         return {"run_id": run_id, "model_uri": model_uri, "epochs": epoch + 1, "resumed": True}
     with result.checkpoint.as_directory() as directory:
@@ -235,8 +239,8 @@ def fit_and_register(config: Config, client, run_id: str, loop_config: dict, tag
     version_tags = {
         metric: best,
         "best_epoch": result.metrics["best/epoch"],
-        "data.store_sha256": tags["data.store_sha256"],
-        "git_commit": tags["git_commit"],
+        registry.STORE_SHA_TAG: tags[registry.STORE_SHA_TAG],
+        registry.GIT_COMMIT_TAG: tags[registry.GIT_COMMIT_TAG],
         registry.RUN_NAME_TAG: config.train.run_name,
         "mlflow.run_id": run_id,
         **{k: v for k, v in result.metrics.items() if k.startswith("val/")},
@@ -244,9 +248,7 @@ def fit_and_register(config: Config, client, run_id: str, loop_config: dict, tag
     name = config.tracking.registered_model
     version = registry.log_and_register(run_id, model, name, version_tags, tracking_uri)
     champion = config.tracking.promote and registry.promote(client, name, version, metric, best)
-    registry.set_tags(
-        client, run_id, {"registered_model": name, "registered_version": version, "registered_epoch": epoch}
-    )
+    registry.record_registration(client, run_id, name, version, epoch)
     client.set_terminated(run_id, status="FINISHED")
 
     summary = {"run_id": run_id, "model_uri": f"models:/{name}/{version}", "epochs": epoch + 1, "resumed": resumed}

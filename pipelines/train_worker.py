@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from pipelines.registry import log_metrics
+from pipelines.registry import WORKER_NODES_TAG, log_metrics
 from unet.config import Config
 from unet.data.dataset import PatchDataset
 from unet.data.store import TrainingStore
@@ -127,7 +127,7 @@ class Worker:
             worker.validation = load_validation(store)
             # where this attempt's workers run (a restart after a node loss may differ)
             log_metrics(worker.tracker, worker.run_id, {"ray/worker_nodes": len(nodes)}, progress["step"])
-            worker.tracker.set_tag(worker.run_id, "ray.worker_nodes", ",".join(nodes))
+            worker.tracker.set_tag(worker.run_id, WORKER_NODES_TAG, ",".join(nodes))
         return worker
 
     @property

@@ -55,25 +55,22 @@ def pure_compute(cohort: str, model_dir: str) -> None:
     import torch
 
     from unet.config import load_config
-    from unet.inference import ChunkPredictor, InferenceSettings
+    from unet.inference import ChunkPredictor, InferenceSettings, predict_image
     from unet.intensity import intensity_ranges
     from unet.model_files import load_weights
     from unet.slide import open_slide
-    from unet.tiling import grid
 
     torch.set_num_threads(THREADS)
     infer = load_config(ROOT / "configs" / "infer.yaml").infer
     predictor = ChunkPredictor(load_weights(model_dir), InferenceSettings.from_config(infer))
-    images = [open_slide(path) for path in sorted(Path(cohort).glob("*.zarr"))]
-    images = [(s, s.read(0, s.height, 0, s.width)) for s in images]
+    slides = [open_slide(path) for path in sorted(Path(cohort).glob("*.zarr"))]
+    images = [s.read(0, s.height, 0, s.width) for s in slides]
+    ranges = [intensity_ranges(pixels) for pixels in images]
     seconds = 0.0
-    for slide, pixels in images:
-        read = lambda y0, y1, x0, x1, p=pixels: p[:, y0:y1, x0:x1]  # noqa: E731
-        ranges = intensity_ranges(pixels)
-        for _, region in grid(slide.height, slide.width, infer.chunk):
-            started = time.perf_counter()
-            predictor.predict_chunk(read, slide.height, slide.width, region, ranges)
-            seconds += time.perf_counter() - started
+    for pixels, intensity_range in zip(images, ranges, strict=True):
+        started = time.perf_counter()
+        predict_image(predictor, pixels, intensity_range, infer.chunk)  # the job's forward passes, nothing else
+        seconds += time.perf_counter() - started
     print(json.dumps({"compute_seconds": seconds}))
 
 

@@ -145,26 +145,28 @@ def _prepare_output(job: SlideJob, context: JobContext) -> str:
 
     staged, lineage = job.staged, job.lineage
     resume = context.resume or context.batch
-    recorded = recorded_lineage(staged.final) if storage.exists(staged.final) else None
-    complete = storage.exists(staged.final) and not (staged.in_place and recorded and not recorded.get("complete"))
+    final_exists = storage.exists(staged.final)
+    final_lineage = recorded_lineage(staged.final) if final_exists else None
     if staged.in_place:  # object store: an interrupted output sits at the final location, marked incomplete
-        partial = recorded is not None and not recorded.get("complete")
+        partial = final_lineage is not None and not final_lineage.get("complete")
+        partial_lineage = final_lineage if partial else None
     else:
         partial = storage.exists(staged.partial)
-        recorded = recorded_lineage(staged.partial) if partial else recorded
+        partial_lineage = recorded_lineage(staged.partial) if partial else None
+    complete = final_exists and not (staged.in_place and partial)
     if context.overwrite:
         storage.remove(staged.partial)
         if staged.in_place:  # no rename to replace it atomically: the old output goes first
             storage.remove(staged.final)
     elif complete and context.batch:
-        if recorded and recorded.get("complete") and lineage_matches(recorded, lineage):
-            job.stats = recorded.get("stats", {})
+        if final_lineage and final_lineage.get("complete") and lineage_matches(final_lineage, lineage):
+            job.stats = final_lineage.get("stats", {})
             return SKIPPED
         raise UserError(f"{staged.final} exists, not made with this model, input and config; --overwrite replaces it")
     elif complete and not resume:
         raise UserError(f"{staged.final} already exists; pass --overwrite to replace it or --resume to continue")
     elif partial and resume:
-        if recorded is None or not lineage_matches(recorded, lineage):
+        if partial_lineage is None or not lineage_matches(partial_lineage, lineage):
             raise UserError(f"{staged.partial} was started with another model, input or config; use --overwrite")
         log.info("resuming into %s", staged.partial)
         return RESUMED

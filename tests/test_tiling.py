@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage as ndi
 
 from unet.fused import inference_model
-from unet.inference import ChunkPredictor, InferenceSettings, InputDataError, pass_memory_mb
+from unet.inference import ChunkPredictor, InferenceSettings, InputDataError, pass_memory_mb, predict_image
 from unet.instances import ChunkEdges, label_chunk, merge_ids, offsets, relabel, seam_pairs
 from unet.model import UNet, autocast_context
 from unet.tiling import Region, grid, padded_reference_shape, read_mirrored, reflect_indices, tiles_of
@@ -59,14 +59,8 @@ def whole_image_probability(model: UNet, image: np.ndarray, precision: str = "fp
 
 
 def tiled_probability(model: UNet, image: np.ndarray, chunk: int, settings: InferenceSettings) -> np.ndarray:
-    predictor = ChunkPredictor(model, settings)
-    height, width = image.shape[1:]
-    out = np.zeros((height, width), np.float32)
-    for _, region in grid(height, width, chunk):
-        out[region.slices] = predictor.predict_chunk(
-            lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], height, width, region
-        )
-    return out
+    with ChunkPredictor(model, settings) as predictor:
+        return predict_image(predictor, image, None, chunk)
 
 
 @pytest.fixture(scope="module")

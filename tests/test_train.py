@@ -141,7 +141,8 @@ def test_a_failed_or_interrupted_run_is_one_line_and_marked_failed(workspace: Pa
                             text=True, start_new_session=True)  # fmt: skip
     try:
         wait_for_checkpoint(workspace / "runs" / "fails", proc)
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        job = psutil.Process(proc.pid).children(recursive=True)  # this job's local Ray, not an earlier test's
+        workers = [p for p in job if "RayTrainWorker" in " ".join(p.cmdline())]
         workers[-1].send_signal(signal.SIGKILL)
         _, errors = proc.communicate(timeout=600)
         interrupted = subprocess.Popen(train_command(workspace, "interrupted", 3), cwd=workspace, env=environment(),

@@ -1,6 +1,12 @@
-"""Convert a TIFF / OME-TIFF / Aperio SVS slide into an OME-Zarr multiscale image, chunk by chunk.
+"""Convert a whole-slide image (TIFF, OME-TIFF, SVS, any OpenSlide format) into OME-Zarr, chunk by chunk.
 
     python -m pipelines.convert INPUT OUTPUT [--chunk 512] [--ngff 0.4|0.5] [--overwrite]
+
+INPUT is whatever ``unet.slide.open_slide`` reads, chosen by content rather than by name: TIFF, OME-TIFF and
+Aperio SVS through tifffile (any channel count and bit depth), and through OpenSlide, as 8-bit RGB, the other
+vendor formats it reads: Hamamatsu .ndpi/.vms/.vmu, Leica .scn, MIRAX .mrxs (the index file beside its
+folder), Philips .tiff, Sakura .svslide, Trestle .tif, Ventana .bif/.tif, Zeiss .czi and DICOM; also OME-Zarr
+or plain Zarr. Areas outside an OpenSlide slide's scanned region come out white.
 
 Level 0 is read lazily and written as CYX with chunks (C, chunk, chunk); each further level halves the
 previous one (2x2 mean) until the longest side fits in one chunk. NGFF 0.4 is written as Zarr v2, NGFF 0.5
@@ -37,7 +43,7 @@ OTHER_COLORS = ("FFFFFF", "00FFFF", "FF00FF", "FFFF00")
 
 
 def convert(input: str | Path, output: str | Path, chunk: int = 512, ngff: str = "0.5", overwrite: bool = False) -> str:
-    """Write ``input`` (TIFF/SVS, or anything ``open_slide`` reads) as an OME-Zarr image at ``output``."""
+    """Write ``input`` (TIFF/SVS, an OpenSlide format, or anything ``open_slide`` reads) as OME-Zarr at ``output``."""
     import zarr
 
     from unet import storage
@@ -120,21 +126,9 @@ def write_metadata(root: zarr.Group, slide: Slide, shapes: list[tuple[int, ...]]
     """NGFF multiscales (axes, per-level scale and translation) and an omero rendering block."""
     from ome_zarr.writer import write_multiscales_metadata
 
-    pixel = slide.pixel_size_um or 1.0  # without a known size, scales are in level-0 pixels
-    datasets = []
-    for index in range(len(shapes)):
-        factor = 2.0**index
-        # a 2x2 mean's pixel centre sits half a source pixel in from the source's first pixel centre
-        size, offset = round(pixel * factor, 9), round(pixel * (factor - 1) / 2, 9)  # no 0.74849999999
-        datasets.append(
-            {
-                "path": str(index),
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0, size, size]},
-                    {"type": "translation", "translation": [0.0, offset, offset]},
-                ],
-            }
-        )
+    from unet.pyramid import ngff_datasets
+
+    datasets = ngff_datasets(len(shapes), slide.pixel_size_um)
     units = {"y": "micrometer", "x": "micrometer"} if slide.pixel_size_um else None
     write_multiscales_metadata(
         root,
@@ -192,7 +186,12 @@ def main(config: Config, args: argparse.Namespace) -> None:
 def cli(argv: list[str] | None = None) -> int:
     parser = make_parser("python -m pipelines.convert", __doc__.splitlines()[0])
     # optional for argparse so that --print-config works alone; main() insists on both
-    parser.add_argument("input", nargs="?", help="TIFF, OME-TIFF or SVS slide (or samples:SET/FILE)")
+    parser.add_argument(
+        "input",
+        nargs="?",
+        help="slide file: TIFF, OME-TIFF, SVS or any OpenSlide format (.ndpi, .mrxs, .scn, .bif, .czi, ...), "
+        "told apart by content; or Zarr, or samples:SET/FILE",
+    )
     parser.add_argument("output", nargs="?", help="OME-Zarr to write: a folder (slide.ome.zarr) or s3://... URL")
     parser.add_argument("--chunk", type=int, default=512, help="pixels per chunk side (default 512)")
     parser.add_argument("--ngff", choices=sorted(NGFF_FORMATS), default="0.5", help="OME-NGFF version (default 0.5)")

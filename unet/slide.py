@@ -1,7 +1,11 @@
-"""Lazy access to (whole-slide) images: OME-Zarr (NGFF 0.4/0.5), plain Zarr arrays and TIFF/SVS files.
+"""Lazy access to (whole-slide) images: OME-Zarr (NGFF 0.4/0.5), plain Zarr arrays, TIFF files and every
+slide format OpenSlide reads.
 
-Zarr may be local or on an object store (``s3://bucket/slide.ome.zarr``, see ``unet.storage``); TIFF/SVS
-files must be local (``pipelines.convert`` turns them into OME-Zarr, which it can write to object storage).
+A local file is read by its content, not its name: TIFF, OME-TIFF and Aperio SVS through tifffile (which also
+reads multi-channel and 16-bit images), the other vendor formats OpenSlide detects (Hamamatsu, Leica, MIRAX,
+Philips, Sakura, Trestle, Ventana, Zeiss, DICOM) through OpenSlide as 8-bit RGB. Zarr may be local or on an
+object store (``s3://bucket/slide.ome.zarr``, see ``unet.storage``); slide files must be local
+(``pipelines.convert`` turns them into OME-Zarr, which it can write to object storage).
 
 ``open_slide(path, level)`` reads only metadata; ``Slide.read(y0, y1, x0, x1)`` reads one window as CYX and
 ``Slide.to_dask(chunk)`` gives the whole level as a lazy CYX Dask array.
@@ -30,6 +34,14 @@ KNOWN_AXES = "tczyx"
 # NGFF spatial units we can express in micrometres (the spec allows more; these cover microscopy)
 UNIT_TO_UM = {"nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6}
 _ZARR_ERRORS = (OSError, ValueError, TypeError, KeyError, zarr.errors.BaseZarrError)
+_TIFF_ERRORS = (OSError, ValueError, IndexError, tifffile.TiffFileError, zarr.errors.BaseZarrError)
+# OpenSlide vendors left to tifffile: it reads these as well and also handles OME-TIFF, many channels and 16 bits
+TIFFFILE_VENDORS = frozenset({"aperio", "generic-tiff"})
+READABLE = (
+    "OME-Zarr, Zarr, TIFF/OME-TIFF, and OpenSlide formats (Aperio .svs/.tif, DICOM .dcm, Hamamatsu "
+    ".ndpi/.vms/.vmu, Leica .scn, MIRAX .mrxs, Philips .tiff, Sakura .svslide, Trestle .tif, Ventana .bif/.tif, "
+    "Zeiss .czi, generic tiled TIFF)"
+)
 
 
 class SlideError(UserError):
@@ -75,12 +87,15 @@ class Slide:
         chunks = tuple(sizes.get(axis, 1) for axis in self.axes)
         import dask.array as da
 
-        whole = da.from_zarr(self.array, chunks=chunks)
+        if isinstance(self.array, zarr.Array):
+            whole = da.from_zarr(self.array, chunks=chunks)
+        else:  # an OpenSlide level; OpenSlide handles are thread-safe, so no lock; name=False: nothing to hash
+            whole = da.from_array(self.array, chunks=chunks, lock=False, name=False, meta=np.empty((0,) * 3, np.uint8))
         return self._to_cyx(whole[self._selection(slice(None), slice(None))])
 
     def close(self) -> None:
-        """Release the file handle a TIFF-backed slide keeps open (harmless for Zarr)."""
-        close = getattr(self.array.store, "close", None)
+        """Release the file handle a TIFF- or OpenSlide-backed slide keeps open (harmless for Zarr)."""
+        close = getattr(self.array, "close", None) or getattr(getattr(self.array, "store", None), "close", None)
         if callable(close):
             close()
 
@@ -102,7 +117,7 @@ class Slide:
 
 
 def open_slide(path: str | Path, level: int = 0) -> Slide:
-    """Open resolution ``level`` of a slide: an OME-Zarr image, a plain Zarr array, or a TIFF/SVS file."""
+    """Open resolution ``level`` of a slide: an OME-Zarr image, a plain Zarr array, a TIFF or an OpenSlide file."""
     path = storage.resolve(path)
     level = operator.index(level)
     if not storage.exists(path):
@@ -110,31 +125,46 @@ def open_slide(path: str | Path, level: int = 0) -> Slide:
     if storage.is_file(path):
         if storage.is_url(path):
             raise SlideError(
-                f"{path}: TIFF/SVS slides must be local files; convert it to OME-Zarr with "
-                "`python -m pipelines.convert SLIDE s3://...` and read that"
+                f"{path}: TIFF/SVS slides must be local files, as must other OpenSlide formats; convert it to "
+                "OME-Zarr with `python -m pipelines.convert SLIDE s3://...` and read that"
             )
-        return _open_tiff(Path(path), level)
+        return _open_file(Path(path), level)
     try:
         node = zarr.open(path, mode="r")
     except _ZARR_ERRORS:
-        raise SlideError(f"{path} is neither a Zarr array or group nor a TIFF file") from None
+        raise SlideError(f"{path} is neither a Zarr array or group nor a TIFF file; readable: {READABLE}") from None
     if isinstance(node, zarr.Array):
         _check_level(path, level, 1)
         return _make_slide(path, level, 1, _guess_axes(path, node), node, None)
     return _open_ngff(path, node, level)
 
 
+def _open_file(path: Path, level: int) -> Slide:
+    """A local slide file, by content: OpenSlide's other vendors through OpenSlide, TIFF through tifffile."""
+    vendor = openslide_vendor(path)
+    if vendor is None or vendor in TIFFFILE_VENDORS:
+        try:
+            return _open_tiff(path, level)
+        except _TIFF_ERRORS as exc:
+            if vendor is None:
+                reason = " ".join(str(exc).split())  # one line, whatever tifffile says
+                detail = "" if reason.startswith("not a TIFF") else f" ({reason})"  # a broken TIFF says why
+                raise SlideError(
+                    f"{path} is neither a readable TIFF nor a slide OpenSlide reads{detail}; readable: {READABLE}"
+                ) from None
+            # an Aperio or tiled TIFF that tifffile cannot read: OpenSlide may
+    return open_openslide(path, level)
+
+
 def _open_tiff(path: Path, level: int) -> Slide:
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            levels = len(series.levels)
-            _check_level(str(path), level, levels)
-            axes = _tiff_axes(series.levels[level].axes)
-            width0 = series.levels[0].shape[series.levels[0].axes.index("X")]
-        array = zarr.open_array(tifffile.imread(path, aszarr=True, level=level), mode="r")
-    except (OSError, ValueError, IndexError, tifffile.TiffFileError, zarr.errors.BaseZarrError) as exc:
-        raise SlideError(f"{path} is neither a readable TIFF file nor a Zarr array or group ({exc})") from None
+    """Open with tifffile; its own errors (``_TIFF_ERRORS``) are left to the caller."""
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        levels = len(series.levels)
+        _check_level(str(path), level, levels)
+        axes = _tiff_axes(series.levels[level].axes)
+        width0 = series.levels[0].shape[series.levels[0].axes.index("X")]
+    array = zarr.open_array(tifffile.imread(path, aszarr=True, level=level), mode="r")
     pixel_size = tiff_pixel_size_um(path)
     if pixel_size is not None and "x" in axes:
         pixel_size *= width0 / array.shape[axes.index("x")]  # lower levels have proportionally larger pixels
@@ -243,3 +273,92 @@ def _make_slide(path: str, level: int, levels: int, axes: str, array: Any, pixel
         pixel_size_um=pixel_size,
         array=array,
     )
+
+
+def openslide_vendor(path: str | Path) -> str | None:
+    """The format OpenSlide detects in a local file by its content ("aperio", "mirax", ...), or None."""
+    import openslide  # here, not at the top: loading the library would slow every command's start
+
+    try:
+        return openslide.OpenSlide.detect_format(path)
+    except (OSError, openslide.OpenSlideError):
+        return None
+
+
+def open_openslide(path: str | Path, level: int = 0) -> Slide:
+    """Open ``level`` of a slide through OpenSlide, whatever its format, as 8-bit RGB (axes yxc)."""
+    import openslide
+
+    try:
+        handle = openslide.OpenSlide(path)
+    except (OSError, openslide.OpenSlideError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise SlideError(f"{path}: OpenSlide cannot read it ({reason}); readable: {READABLE}") from None
+    try:
+        _check_level(str(path), level, handle.level_count)
+        try:
+            mpp = float(handle.properties[openslide.PROPERTY_NAME_MPP_X])
+        except (KeyError, ValueError):
+            mpp = 0.0
+        pixel_size = mpp * handle.level_downsamples[level] if mpp > 0 else None
+        level_array = OpenSlideLevel(handle, level, str(path))
+        return _make_slide(str(path), level, handle.level_count, "yxc", level_array, pixel_size)
+    except BaseException:
+        handle.close()
+        raise
+
+
+class OpenSlideLevel:
+    """One level of an OpenSlide slide as a read-only (H, W, 3) uint8 array, indexed ``[y0:y1, x0:x1, :]``.
+
+    OpenSlide's RGBA is composited over white: pixels outside the scanned area (alpha 0) become white glass.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, handle: Any, level: int, path: str) -> None:
+        self.handle, self.level, self.path, self.closed = handle, level, path, False
+        width, height = handle.level_dimensions[level]
+        self.shape = (int(height), int(width), 3)
+        self.downsample = float(handle.level_downsamples[level])
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        if not isinstance(key, tuple) or not 2 <= len(key) <= 3 or not all(isinstance(k, slice) for k in key[:2]):
+            raise IndexError(f"an OpenSlide level takes [y0:y1, x0:x1(, channels)], not {key!r}")
+        (y0, y1, ystep), (x0, x1, xstep) = (k.indices(n) for k, n in zip(key[:2], self.shape, strict=False))
+        if ystep != 1 or xstep != 1:
+            raise IndexError("an OpenSlide level is read in unit steps")
+        height, width = max(y1 - y0, 0), max(x1 - x0, 0)
+        if height and width:
+            # read_region takes its corner in level-0 pixels, which OpenSlide divides by its float downsample: at a
+            # downsample like 4.0001 it draws the window at a sub-pixel offset, i.e. resampled (a known OpenSlide
+            # behaviour, openslide/openslide#256); level 0 and exact downsamples (2, 4, ...) read exact pixels
+            corner = (round(x0 * self.downsample), round(y0 * self.downsample))
+            rgb = _over_white(np.asarray(self._read_region(corner, (width, height))))
+        else:
+            rgb = np.full((height, width, 3), 255, np.uint8)  # read_region has nothing to give
+        return rgb[:, :, key[2]] if len(key) == 3 else rgb
+
+    def _read_region(self, corner: tuple[int, int], size: tuple[int, int]) -> Any:
+        import openslide
+
+        try:
+            return self.handle.read_region(corner, self.level, size)
+        except openslide.OpenSlideError as exc:  # a corrupt tile: OpenSlide's handle is unusable after it
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise SlideError(f"{self.path}: OpenSlide cannot read level {self.level} at {corner} ({reason})") from None
+
+    def close(self) -> None:
+        if not self.closed:  # OpenSlide refuses a second close; Slide.close may come from both a with and a finally
+            self.closed = True
+            self.handle.close()
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite (non-premultiplied, as openslide-python returns it) RGBA over white, rounded to uint8."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint32)
+    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)

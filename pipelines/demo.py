@@ -3,7 +3,8 @@
 1. fetch the real sample data (sha256-verified);  2. prepare the training store (weight maps);
 3. train with Ray Train (local Ray, 2 CPU workers) logging to MLflow and registering a model;
 4. convert the real Aperio slide to OME-Zarr;  5. segment it with Dask using ``models:/...@champion``;
-6. evaluate on the held-out images;  7. draw the predicted outlines on a region of the slide.
+6. evaluate on the held-out images;  7. show the results from the output's pyramid: a zoomed-out overview and
+a zoomed-in crop with the outlines, and the first rows of the objects table;  8. export the outlines for QuPath.
 
 A second run reuses what it can: the store, a finished training run, the converted slide and an
 inference output made by the current champion.
@@ -25,7 +26,7 @@ from unet.errors import UserError
 # heavy modules and the other pipelines are imported where they are used, so that --help answers at once
 
 log = logging.getLogger("demo")
-STEPS = 7
+STEPS = 8
 
 
 class Steps:
@@ -80,29 +81,40 @@ def finished_model(config: Config, store_sha: str) -> str | None:
     return None
 
 
-def slide_overlay(slide_path: str, output: str, picture: Path, size: int = 768) -> str:
-    """A region from the middle of the slide with the predicted nuclei outlined."""
+def result_pictures(slide_path: str, output: str, folder: Path, size: int = 768) -> tuple[str, str]:
+    """From the pyramids: the whole slide zoomed out (the output's lowest level and the slide's level of the same
+    size, never level 0) and a crop from the middle at full resolution, nuclei outlined in green."""
     import zarr
 
-    from pipelines.infer_output import LABELS
+    from pipelines.infer_output import labels_level
     from unet.io import write_png
     from unet.slide import open_slide
     from unet.visualize import outline
 
+    labels = zarr.open_group(output, mode="r")
+    level = open_slide(output).levels - 1
+    low = open_slide(slide_path, min(level, open_slide(slide_path).levels - 1))  # convert's and ours: same halving
+    overview_labels = np.asarray(labels[labels_level(level)][0, : low.height, : low.width])
+    height, width = overview_labels.shape
+    overview = np.moveaxis(low.read(0, height, 0, width), 0, -1)
+    pictures = [write_png(folder / "slide_overview.png", outline(np.ascontiguousarray(overview), overview_labels))]
     slide = open_slide(slide_path)
     y0, x0 = max(slide.height // 2 - size // 2, 0), max(slide.width // 2 - size // 2, 0)
     y1, x1 = min(y0 + size, slide.height), min(x0 + size, slide.width)
     rgb = np.moveaxis(slide.read(y0, y1, x0, x1), 0, -1)
-    labels = np.asarray(zarr.open_group(output, mode="r")[LABELS][0, y0:y1, x0:x1])
-    return write_png(picture, outline(np.ascontiguousarray(rgb), labels, color=(0, 255, 0)))
+    crop_labels = np.asarray(labels[labels_level(0)][0, y0:y1, x0:x1])
+    pictures.append(write_png(folder / "slide_overlay.png", outline(np.ascontiguousarray(rgb), crop_labels)))
+    return pictures[0], pictures[1]
 
 
 def main(config: Config, args: argparse.Namespace) -> None:
+    import pandas as pd
     import zarr
 
     from pipelines import evaluate, infer, registry, train
     from pipelines.convert import convert
-    from pipelines.infer_output import LINEAGE_KEY
+    from pipelines.export import export
+    from pipelines.infer_output import LINEAGE_KEY, OBJECTS
     from pipelines.prepare import prepare
     from unet import storage
     from unet.data.store import TrainingStore
@@ -155,12 +167,21 @@ def main(config: Config, args: argparse.Namespace) -> None:
         f"merged {scores['merged']:.0f}, split {scores['split']:.0f} ({scores['images']} images)"
     )
 
-    steps.begin("draw predicted outlines on the slide")
-    picture = slide_overlay(str(slide_zarr), str(output), Path(config.evaluate.output).parent / "slide_overlay.png")
-    steps.done(str(picture))
+    steps.begin("show the results: pyramid pictures, objects table")
+    folder = Path(config.evaluate.output).parent
+    overview, crop = result_pictures(str(slide_zarr), str(output), folder)
+    table = pd.read_parquet(output / OBJECTS)
+    steps.done(f"{overview} (zoomed out), {crop} (full resolution), {output / OBJECTS} ({len(table)} rows)")
+
+    steps.begin("export the outlines for QuPath")
+    geojson = folder / f"{output.name.removesuffix('.ome.zarr')}.qupath.geojson"
+    exported, count = export(output, "qupath", destination=geojson, overwrite=True)
+    steps.done(f"{exported}: {count} nuclei (QuPath: File > Import objects from file)")
 
     print("\nSummary (real data; the model is small and briefly trained, see configs/demo.yaml)\n")
     print(steps.table())
+    print(f"\n  objects     {output / OBJECTS} (first rows; pixels and micrometres)\n")
+    print(table.head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"\n  MLflow UI   mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
     print(f"  napari      napari --plugin napari-ome-zarr {output}")
     print(f"  champion    {champion}  (load: pipelines.registry.load_model('{config.infer.model}'))")

@@ -1,5 +1,6 @@
 """The inference output store: an OME-Zarr (NGFF 0.5) image of foreground probability with an
-NGFF ``labels/nuclei`` label image. Locally it is written under a hidden name and renamed when
+NGFF ``labels/nuclei`` label image, both multiscale (``unet.pyramid``), and ``objects.parquet``, one row per
+object (``unet.objects``). Locally it is written under a hidden name and renamed when
 complete; on object stores it is written in place (see ``unet.storage``). Either way its NGFF
 metadata, and ``complete: true`` in its lineage, are written only at the end."""
 
@@ -11,15 +12,33 @@ import zarr
 
 from unet import storage
 from unet.errors import UserError
+from unet.pyramid import ngff_datasets
 from unet.slide import Slide
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from pipelines.infer_tasks import JobSpec
 
 # the store's layout
-PROBABILITY, LABELS = "0", "labels/nuclei/0"  # the image (foreground probability) and its NGFF label image
+PROBABILITY, LABELS = "0", "labels/nuclei/0"  # level 0 of the image (foreground probability) and of its labels
+OBJECTS = "objects.parquet"  # the objects table, inside the output folder so it moves and is replaced with it
 WORK = "_work"  # the job's own arrays, deleted when it completes
 LOCAL, DONE_PREDICT, DONE_LABELS = f"{WORK}/local", f"{WORK}/done_predict", f"{WORK}/done_labels"
+
+
+def probability_level(level: int) -> str:
+    return str(level)
+
+
+def labels_level(level: int) -> str:
+    return f"labels/nuclei/{level}"
+
+
+def done_level(level: int) -> str:
+    """The completion records of pyramid level ``level`` (1, 2, ...): one element per chunk."""
+    return f"{WORK}/done_level_{level}"
+
 
 LINEAGE_KEY = "unet_inference"
 # what must not change between an interrupted run and its --resume
@@ -36,11 +55,6 @@ def _axes(slide: Slide, channel: bool = True) -> list[dict]:
     return ([{"name": "c", "type": "channel"}] if channel else []) + space
 
 
-def _datasets(slide: Slide) -> list[dict]:
-    size = slide.pixel_size_um or 1.0
-    return [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, size, size]}]}]
-
-
 def output_staging(output: str) -> storage.Staging:
     """Where the job writes: ``.NAME.partial`` beside a local output (a fixed name, so ``--resume`` finds it)."""
     return storage.staging(output, unique=False)
@@ -49,13 +63,17 @@ def output_staging(output: str) -> storage.Staging:
 def create_output(location: str, slide: Slide, spec: JobSpec, lineage: dict) -> None:
     """Create the (partial) output group with empty arrays and completion records."""
     root = zarr.open_group(location, mode="w-", zarr_format=3)
-    shape, chunks = (1, slide.height, slide.width), (1, spec.chunk, spec.chunk)
-    root.create_array(PROBABILITY, shape=shape, chunks=chunks, dtype=spec.probability_dtype, fill_value=0)
-    root.create_array(LABELS, shape=shape, chunks=chunks, dtype="int32", fill_value=0)
-    root.create_array(LOCAL, shape=shape[1:], chunks=chunks[1:], dtype="int32", fill_value=0)
-    grid_shape = (-(-slide.height // spec.chunk), -(-slide.width // spec.chunk))
-    for name in (DONE_PREDICT, DONE_LABELS):
-        root.create_array(name, shape=grid_shape, chunks=(1, 1), dtype="uint8", fill_value=0)
+    chunks = (1, spec.chunk, spec.chunk)
+    for level, (height, width) in enumerate(spec.levels):
+        shape = (1, height, width)
+        root.create_array(probability_level(level), shape=shape, chunks=chunks, dtype=spec.probability_dtype,
+                          fill_value=0)  # fmt: skip
+        root.create_array(labels_level(level), shape=shape, chunks=chunks, dtype="int32", fill_value=0)
+        records = (DONE_PREDICT, DONE_LABELS) if level == 0 else (done_level(level),)
+        for name in records:
+            grid_shape = (-(-height // spec.chunk), -(-width // spec.chunk))
+            root.create_array(name, shape=grid_shape, chunks=(1, 1), dtype="uint8", fill_value=0)
+    root.create_array(LOCAL, shape=(slide.height, slide.width), chunks=chunks[1:], dtype="int32", fill_value=0)
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": False}
 
 
@@ -77,8 +95,17 @@ def lineage_matches(recorded: dict, lineage: dict) -> bool:
     return all(before.get(k) == now.get(k) for k in keys)
 
 
-def finalize_output(staged: storage.Staging, slide: Slide, lineage: dict, overwrite: bool) -> str:
-    """Write the NGFF metadata and lineage, drop the work arrays, move the output into place."""
+def write_objects(location: str, table: pd.DataFrame) -> None:
+    """The objects table as Parquet inside the (partial) output ``location``."""
+    import io
+
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    storage.write_bytes(f"{location.rstrip('/')}/{OBJECTS}", buffer.getvalue())
+
+
+def finalize_output(staged: storage.Staging, slide: Slide, levels: int, lineage: dict, overwrite: bool) -> str:
+    """Write the NGFF metadata (``levels`` levels) and lineage, drop the work arrays, move the output into place."""
     if not (staged.in_place or overwrite) and storage.exists(staged.final):  # appeared while the job ran
         raise UserError(f"{staged.final} was created while this job ran; its result stays in {staged.partial}")
     from ome_zarr.format import FormatV05  # about half a second to import: only here, at the end
@@ -86,9 +113,10 @@ def finalize_output(staged: storage.Staging, slide: Slide, lineage: dict, overwr
 
     fmt = FormatV05()
     root = zarr.open_group(staged.partial, mode="r+")
-    write_multiscales_metadata(root, _datasets(slide), fmt=fmt, axes=_axes(slide), name="foreground probability")
+    datasets = ngff_datasets(levels, slide.pixel_size_um)
+    write_multiscales_metadata(root, datasets, fmt=fmt, axes=_axes(slide), name="foreground probability")
     labels_root = root["labels"]
-    write_multiscales_metadata(labels_root["nuclei"], _datasets(slide), fmt=fmt, axes=_axes(slide), name="nuclei")
+    write_multiscales_metadata(labels_root["nuclei"], datasets, fmt=fmt, axes=_axes(slide), name="nuclei")
     write_label_metadata(labels_root, "nuclei", fmt=fmt, source={"image": "../../"})
     del root[WORK]
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": True}

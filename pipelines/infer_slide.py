@@ -58,10 +58,12 @@ class SlideJob:
     keys: list[tuple[int, int]] = field(default_factory=list)
     tissue: set[tuple[int, int]] = field(default_factory=set)
     edges: dict[tuple[int, int], ChunkEdges] = field(default_factory=dict)
+    parts: list[dict] = field(default_factory=list)  # the objects' partial sums, chunk by chunk
     stats: dict = field(default_factory=dict)
     started: float = 0.0  # when its first task was submitted
-    labelled: int = 0  # chunks of the label pass done
-    units: int = 0  # tasks done, of both passes
+    stage: int = 0  # the pass under way: 0 predict, 1 label, 2... pyramid level 1...
+    left: int = 0  # its tasks not yet done
+    units: int = 0  # tasks done, of all passes
     resumed: bool = False  # its output was started by an earlier, interrupted run
     run_id: str | None = None
 
@@ -92,6 +94,7 @@ def plan(item: Item, context: JobContext) -> SlideJob:
 def _open(job: SlideJob, context: JobContext) -> None:
     from pipelines.infer_output import output_staging
     from pipelines.infer_tasks import JobSpec
+    from unet.pyramid import level_shapes
     from unet.slide import open_slide
 
     item, infer, model = job.item, context.config.infer, context.model
@@ -99,6 +102,7 @@ def _open(job: SlideJob, context: JobContext) -> None:
     if job.slide.channels != model.n_channels:
         raise UserError(f"{item.input} has {job.slide.channels} channels but the model expects {model.n_channels}")
     job.staged = output_staging(item.output)
+    shape = (job.slide.height, job.slide.width)
     config = {**context.lineage["config"], "infer.input": item.input, "infer.output": item.output}
     job.lineage = {**context.lineage, "input": item.input, "level": item.level, "config": config}
     job.spec = JobSpec(
@@ -110,6 +114,8 @@ def _open(job: SlideJob, context: JobContext) -> None:
         threshold=infer.threshold,
         intensity_range=intensity_range(job.slide),
         probability_dtype=infer.probability_dtype,
+        levels=tuple(level_shapes(*shape, infer.chunk) if infer.pyramid else [shape]),
+        objects=infer.objects,
     )
 
 
@@ -179,9 +185,12 @@ def _prepare_output(job: SlideJob, context: JobContext) -> str:
 
 
 def finish(job: SlideJob, context: JobContext, parent_run_id: str | None = None) -> None:
-    """Record the slide's MLflow run (nested in the batch's), then write its metadata and move it into place."""
+    """Write its objects table, record its MLflow run (nested in the batch's), write its metadata and move it
+    into place."""
     from pipelines.infer_output import finalize_output
 
+    if job.spec.objects:
+        _write_objects(job)
     now = time.perf_counter()
     seconds = now - job.started
     megapixels = job.slide.height * job.slide.width / 1e6
@@ -192,8 +201,21 @@ def finish(job: SlideJob, context: JobContext, parent_run_id: str | None = None)
     lineage = {**job.lineage, "stats": job.stats, "mlflow_run_id": job.run_id}
     if parent_run_id:
         lineage["mlflow_batch_run_id"] = parent_run_id
-    finalize_output(job.staged, job.slide, lineage, overwrite=context.overwrite)
+    finalize_output(job.staged, job.slide, len(job.spec.levels), lineage, overwrite=context.overwrite)
     job.state = DONE
+
+
+def _write_objects(job: SlideJob) -> None:
+    """Add up the objects' partial sums into the table, write it, and keep its summary in the stats."""
+    from pipelines.infer_output import write_objects
+    from unet.objects import objects_table, summary
+
+    table = objects_table(job.parts, job.slide.pixel_size_um, job.slide.channels)
+    job.parts = []
+    if len(table) != job.stats["objects"]:  # both count the merged objects: a difference is a bug, not bad input
+        raise RuntimeError(f"{job.item.input}: {len(table)} objects measured but {job.stats['objects']} labelled")
+    write_objects(job.staged.partial, table)
+    job.stats |= summary(table)
 
 
 def _track(job: SlideJob, config: Config, parent_run_id: str | None) -> str:

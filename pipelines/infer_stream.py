@@ -1,9 +1,11 @@
 """The chunks of every slide of a job as one bounded stream of Dask tasks.
 
 Predictions are submitted slide after slide, never more than ``window`` tasks in flight, so a cohort of
-thousands of slides never becomes one giant graph and workers never idle between slides. As soon as all of
-a slide's chunks are predicted, its seams are merged here and its label tasks go ahead of further
-predictions; when they are done the slide is handed to ``on_done`` (metadata, MLflow, rename). A task that
+thousands of slides never becomes one giant graph and workers never idle between slides. Each slide then
+goes through its further passes, each started when the one before is complete and ahead of further
+predictions: as soon as all its chunks are predicted, its seams are merged here and its label tasks run
+(each also measuring its objects); then each pyramid level is computed from the one above. When the last
+pass is done the slide is handed to ``on_done`` (objects table, metadata, MLflow, rename). A task that
 fails fails its slide only: its other tasks are cancelled and the stream goes on.
 """
 
@@ -21,7 +23,8 @@ from unet.errors import first_line
 if TYPE_CHECKING:
     from distributed import Client, Future
 
-LABEL_PRIORITY = 1  # a slide's label tasks run before further predictions, so it finishes early
+LATER_PRIORITY = 1  # a slide's label and pyramid tasks run before further predictions, so it finishes early
+PREDICT, LABEL = 0, 1  # SlideJob.stage; stage 1 + k computes pyramid level k
 
 
 def stream(
@@ -50,8 +53,10 @@ class ChunkStream:
         self.predictions: Iterator = (
             (job, predict_chunk, (job.spec, key, key in job.tissue), 0, resources) for job in jobs for key in job.keys
         )
-        self.ready: deque = deque()  # label tasks, submitted before further predictions
-        self.owners: dict[str, tuple] = {}  # in flight: future key -> (slide, chunk, predicted?, future)
+        self.ready: deque = deque()  # label and pyramid tasks, submitted before further predictions
+        self.owners: dict[str, tuple] = {}  # in flight: future key -> (slide, task arguments, future)
+        for job in jobs:
+            job.left = len(job.keys)
         self.segmented = self.failed = 0
         self.completed = as_completed()
         self.bar = None
@@ -60,20 +65,18 @@ class ChunkStream:
         from tqdm import tqdm
 
         interval = 0.1 if sys.stderr.isatty() else 30  # a log file gets a line every 30 s, not every chunk
-        units = sum(2 * len(job.keys) for job in self.jobs)  # every chunk is predicted, then labelled
+        units = sum(_units(job) for job in self.jobs)
         with tqdm(total=units, desc="segment", unit="chunk", mininterval=interval) as self.bar:
             self._submit_more()
             for future in self.completed:
                 owner = self.owners.pop(future.key, None)
                 if owner is not None:  # None: cancelled with its slide
-                    self._handle(future, *owner[:3])
+                    self._handle(future, *owner[:2])
                     self.bar.update()
                     self.bar.set_postfix_str(self._slides(), refresh=False)
                 self._submit_more()
 
     def _submit_more(self) -> None:
-        from pipelines.infer_tasks import predict_chunk
-
         while len(self.owners) < self.window:
             task = self.ready.popleft() if self.ready else next(self.predictions, None)
             if task is None:
@@ -83,35 +86,36 @@ class ChunkStream:
                 continue
             job.started = job.started or time.perf_counter()
             future = self.client.submit(function, *args, pure=False, resources=resources, priority=priority)
-            self.owners[future.key] = (job, args[1], function is predict_chunk, future)
+            self.owners[future.key] = (job, args, future)
             self.completed.add(future)
 
-    def _handle(self, future: Future, job: SlideJob, key: tuple[int, int], predicted: bool) -> None:
-        """One finished task: a prediction (the slide's last: queue its labels) or a label (the last: done)."""
-        from pipelines.infer_tasks import label_chunk_globally
-
+    def _handle(self, future: Future, job: SlideJob, args: tuple) -> None:
+        """One finished task; the last of a pass queues the slide's next pass, or hands the slide on."""
         try:
             result = future.result()
         except Exception as exc:  # a task's error fails its slide; the batch goes on
             self._fail(job, exc)
             return
-        job.units += 1
-        if predicted:
-            job.edges[key] = result
-            if len(job.edges) == len(job.keys):
-                self.ready.extend(_label_tasks(self.client, job, label_chunk_globally))
+        job.units, job.left = job.units + 1, job.left - 1
+        if job.stage == PREDICT:  # args: (spec, key, has_tissue)
+            job.edges[args[1]] = result
+        elif job.stage == LABEL and result is not None:
+            job.parts.append(result)
+        if job.left:
+            return
+        tasks = _next_pass(self.client, job)
+        if tasks:
+            self.ready.extend(tasks)
         else:
-            job.labelled += 1
-            if job.labelled == len(job.keys):
-                self.segmented += 1
-                self.on_done(job)
+            self.segmented += 1
+            self.on_done(job)
 
     def _fail(self, job: SlideJob, error: BaseException) -> None:
         job.fail(f"{job.item.input}: {first_line(error)}")
         self.failed += 1
         mine = [key for key, owner in self.owners.items() if owner[0] is job]
-        self.client.cancel([self.owners.pop(key)[3] for key in mine])
-        self.bar.total -= 2 * len(job.keys) - job.units
+        self.client.cancel([self.owners.pop(key)[2] for key in mine])
+        self.bar.total -= _units(job) - job.units
         self.on_failed(job, error)
 
     def _slides(self) -> str:
@@ -119,8 +123,32 @@ class ChunkStream:
         return f"slides {self.segmented}/{len(self.jobs)}{failed}"
 
 
-def _label_tasks(client: Client, job: SlideJob, function: Callable) -> list[tuple]:
+def _units(job: SlideJob) -> int:
+    """Tasks of all of a slide's passes: every chunk predicted and labelled, then each pyramid level's chunks."""
+    return 2 * len(job.keys) + sum(-(-h // job.spec.chunk) * -(-w // job.spec.chunk) for h, w in job.spec.levels[1:])
+
+
+def _next_pass(client: Client, job: SlideJob) -> list[tuple]:
+    """The tasks of the slide's next pass (none: it is segmented)."""
+    from pipelines.infer_tasks import downsample_chunk
+    from unet.tiling import grid
+
+    job.stage += 1
+    if job.stage == LABEL:
+        tasks = _label_tasks(client, job)
+    elif job.stage - LABEL < len(job.spec.levels):
+        level = job.stage - LABEL
+        keys = [key for key, _ in grid(*job.spec.levels[level], job.spec.chunk)]
+        tasks = [(job, downsample_chunk, (job.spec, level, key), LATER_PRIORITY, None) for key in keys]
+    else:
+        tasks = []
+    job.left = len(tasks)
+    return tasks
+
+
+def _label_tasks(client: Client, job: SlideJob) -> list[tuple]:
     """Merge the slide's seams (here: one small array) and describe its label tasks."""
+    from pipelines.infer_tasks import label_chunk_globally
     from unet.instances import merge_ids, offsets, seam_pairs
 
     edges = {key: job.edges[key] for key in job.keys}  # in grid order, whatever order they finished in
@@ -130,4 +158,4 @@ def _label_tasks(client: Client, job: SlideJob, function: Callable) -> list[tupl
     job.stats["objects"] = int(mapping.max())
     shared = client.scatter(mapping, broadcast=True)
     job.edges = {}  # no longer needed: free them on large cohorts
-    return [(job, function, (job.spec, key, starts[key], shared), LABEL_PRIORITY, None) for key in job.keys]
+    return [(job, label_chunk_globally, (job.spec, key, starts[key], shared), LATER_PRIORITY, None) for key in job.keys]

@@ -17,11 +17,22 @@ import numpy as np
 import torch
 import zarr
 
-from pipelines.infer_output import DONE_LABELS, DONE_PREDICT, LABELS, LOCAL, PROBABILITY
+from pipelines.infer_output import (
+    DONE_LABELS,
+    DONE_PREDICT,
+    LABELS,
+    LOCAL,
+    PROBABILITY,
+    done_level,
+    labels_level,
+    probability_level,
+)
 from unet.chunk_writes import write_block
 from unet.inference import ChunkPredictor, InferenceSettings
 from unet.instances import ChunkEdges, label_chunk, relabel
 from unet.model import UNet
+from unet.objects import chunk_sums
+from unet.pyramid import mean_2x2, nearest_2x2, source_window
 from unet.slide import Slide, open_slide
 from unet.tiling import Region
 
@@ -48,6 +59,8 @@ class JobSpec:
     threshold: float
     intensity_range: tuple[tuple[float, float], ...]
     probability_dtype: str
+    levels: tuple[tuple[int, int], ...]  # (height, width) of each pyramid level, level 0 first
+    objects: bool  # measure every object for the objects table
 
     def region(self, key: tuple[int, int], height: int, width: int) -> Region:
         row, col = key
@@ -134,12 +147,44 @@ def _foreground(stored: np.ndarray, spec: JobSpec) -> np.ndarray:
     return stored.astype(np.float32) > spec.threshold
 
 
-def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray) -> int:
-    """Pass 2: write the chunk's final, slide-wide instance ids; returns the number of its objects."""
+def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray) -> dict | None:
+    """Pass 2: write the chunk's final, slide-wide instance ids; returns its objects' partial sums
+    (``unet.objects.chunk_sums``) when the job measures objects."""
     local_array, labels_array, done = _arrays(spec, LOCAL, LABELS, DONE_LABELS)
     region = spec.region(key, *local_array.shape)
     final = relabel(np.asarray(local_array[region.slices]), start, mapping)
     if not done[key]:
         write_block(labels_array, (slice(0, 1), *region.slices), final[None])
         write_block(done, _cell(key), np.ones((1, 1)))
-    return len(np.unique(final)) - 1
+    if not spec.objects:
+        return None
+    (probability_array,) = _arrays(spec, PROBABILITY)
+    probability = from_stored(np.asarray(probability_array[(0, *region.slices)]))
+    image = _slide(spec.input, spec.level).read(region.y0, region.y1, region.x0, region.x1)
+    return chunk_sums(final, probability, image, region.y0, region.x0)
+
+
+def from_stored(stored: np.ndarray) -> np.ndarray:
+    """Stored probability (``to_stored``) in [0, 1], as float64: object means are exact to the stored values."""
+    if stored.dtype == np.uint8:
+        return stored / 255.0
+    return stored.astype(np.float64)
+
+
+def downsample_chunk(spec: JobSpec, level: int, key: tuple[int, int]) -> None:
+    """Pass 3: one chunk of pyramid level ``level`` (1, 2, ...) from the level above (``unet.pyramid``)."""
+    names = (probability_level(level - 1), labels_level(level - 1), probability_level(level), labels_level(level))
+    source_probability, source_labels, probability, labels, done = _arrays(spec, *names, done_level(level))
+    if done[key]:
+        return
+    region = spec.region(key, *spec.levels[level])
+    height, width = spec.levels[level - 1]
+    source = (
+        0,
+        slice(*source_window(region.y0, region.y1, height)),
+        slice(*source_window(region.x0, region.x1, width)),
+    )
+    target = (slice(0, 1), *region.slices)
+    write_block(probability, target, mean_2x2(np.asarray(source_probability[source]), spec.probability_dtype)[None])
+    write_block(labels, target, nearest_2x2(np.asarray(source_labels[source]))[None])
+    write_block(done, _cell(key), np.ones((1, 1)))

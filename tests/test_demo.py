@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import zarr
 
@@ -31,12 +33,19 @@ def test_shortened_demo_runs_end_to_end_and_reuses_its_results(tmp_path: Path) -
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     output = first.stdout
     for step in ("fetch real sample data", "prepare the training store", "train with Ray Train", "convert the slide",
-                 "segment the slide with Dask", "evaluate on held-out images", "draw predicted outlines"):  # fmt: skip
+                 "segment the slide with Dask", "evaluate on held-out images", "show the results",
+                 "export the outlines for QuPath"):  # fmt: skip
         assert step in output
     assert "models:/unet-demo/1, 2 epochs" in output and "F1@0.5" in output and "mlflow ui" in output
     labels = zarr.open_group(tmp_path / "nuclei.ome.zarr", mode="r")["labels/nuclei/0"]
     assert labels.shape[1:] == (2967, 2220)
-    assert (tmp_path / "outputs" / "slide_overlay.png").stat().st_size > 10_000
+    for picture in ("slide_overview.png", "slide_overlay.png"):
+        assert (tmp_path / "outputs" / picture).stat().st_size > 10_000
+    table = pd.read_parquet(tmp_path / "nuclei.ome.zarr" / "objects.parquet")
+    first_rows = output[output.index("(first rows") :]
+    assert len(table) > 100 and "centroid_x_um" in first_rows and str(table["area"].iloc[0]) in first_rows
+    exported = json.loads((tmp_path / "outputs" / "nuclei.qupath.geojson").read_text())
+    assert len(exported["features"]) == len(table)
 
     second = subprocess.run(cmd, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

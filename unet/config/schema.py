@@ -175,6 +175,12 @@ class InferConfig(Section):
     threshold: float = Field(
         0.5, gt=0, lt=1, description="Foreground probability threshold (also of evaluation and training validation)."
     )
+    pyramid: bool = Field(
+        True, description="Write multiscale levels of probability (2x2 mean) and labels (nearest) down to one chunk."
+    )
+    objects: bool = Field(
+        True, description="Write objects.parquet in the output: one row per object (centroid, area, bbox, means)."
+    )
     overwrite: bool = Field(False, description="Replace an existing output.")
     resume: bool = Field(False, description="Continue an interrupted run into an existing output.")
 

@@ -1,0 +1,95 @@
+"""Per-object measurements of a chunked label image, computed chunk by chunk.
+
+Each chunk gives partial sums for the objects it contains (``chunk_sums``); an object crossing chunk seams
+has a part in each of its chunks, and ``objects_table`` adds the parts up into one row per object with its
+full extent. Nothing ever needs the whole label image in memory: a chunk at a time, then one small row per
+object part.
+
+Columns, one row per object, sorted by id:
+``id``; ``area`` (pixels); ``centroid_y``, ``centroid_x`` (pixels: the mean row and column, as
+``skimage.measure.regionprops``); ``centroid_y_um``, ``centroid_x_um``, ``area_um2`` (null when the pixel size
+is unknown); ``bbox_y0``, ``bbox_x0``, ``bbox_y1``, ``bbox_x1`` (half-open); ``mean_probability`` (of the
+stored foreground probability, in [0, 1]); ``mean_intensity_0`` ... (the input's pixel values, per channel).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import ndimage as ndi
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# partial sums added up over an object's chunks, and extents taken at their min / max
+SUMS = ("area", "sum_y", "sum_x", "sum_probability")
+MINIMA, MAXIMA = ("bbox_y0", "bbox_x0"), ("bbox_y1", "bbox_x1")
+
+
+def chunk_sums(labels: np.ndarray, probability: np.ndarray, image: np.ndarray, y0: int, x0: int) -> dict:
+    """Partial sums of every object in one chunk: ``labels`` (YX ids), ``probability`` (YX in [0, 1]),
+    ``image`` (CYX input pixels), the chunk's origin in the slide ``(y0, x0)``. One array per column."""
+    mask = labels > 0
+    rows, cols = np.nonzero(mask)
+    ids, index = np.unique(labels[mask], return_inverse=True)
+    compact = np.zeros(labels.shape, np.int32)  # ids 1..n: find_objects' list is as long as the largest id
+    compact[mask] = index + 1
+    boxes = ndi.find_objects(compact)
+    area = np.bincount(index, minlength=len(ids))
+    parts = {
+        "id": ids.astype(np.int64),
+        "area": area.astype(np.int64),
+        "sum_y": np.bincount(index, rows, len(ids)) + area * float(y0),
+        "sum_x": np.bincount(index, cols, len(ids)) + area * float(x0),
+        "sum_probability": np.bincount(index, probability[mask].astype(np.float64), len(ids)),
+        "bbox_y0": np.array([y0 + box[0].start for box in boxes], np.int64),
+        "bbox_x0": np.array([x0 + box[1].start for box in boxes], np.int64),
+        "bbox_y1": np.array([y0 + box[0].stop for box in boxes], np.int64),
+        "bbox_x1": np.array([x0 + box[1].stop for box in boxes], np.int64),
+    }
+    for channel, plane in enumerate(image):
+        parts[f"sum_intensity_{channel}"] = np.bincount(index, plane[mask].astype(np.float64), len(ids))
+    return parts
+
+
+def objects_table(parts: list[dict], pixel_size_um: float | None, channels: int) -> pd.DataFrame:
+    """One row per object from the partial sums of all chunks (see the module docstring for the columns)."""
+    import pandas as pd
+
+    intensities = [f"sum_intensity_{c}" for c in range(channels)]
+    if parts:
+        frame = pd.concat([pd.DataFrame(part) for part in parts], ignore_index=True)
+    else:
+        frame = pd.DataFrame({name: np.zeros(0, np.int64) for name in ("id", *SUMS, *MINIMA, *MAXIMA, *intensities)})
+    rules = dict.fromkeys((*SUMS, *intensities), "sum") | dict.fromkeys(MINIMA, "min") | dict.fromkeys(MAXIMA, "max")
+    grouped = frame.groupby("id", sort=True).agg(rules).reset_index()
+    area = grouped["area"].to_numpy(np.float64)
+    size = np.nan if pixel_size_um is None else pixel_size_um
+    table = pd.DataFrame({"id": grouped["id"].astype(np.int64), "area": grouped["area"].astype(np.int64)})
+    table["centroid_y"] = grouped["sum_y"] / area
+    table["centroid_x"] = grouped["sum_x"] / area
+    table["centroid_y_um"] = table["centroid_y"] * size
+    table["centroid_x_um"] = table["centroid_x"] * size
+    table["area_um2"] = area * size * size
+    for name in (*MINIMA, *MAXIMA):
+        table[name] = grouped[name].astype(np.int64)
+    table["mean_probability"] = grouped["sum_probability"] / area
+    for channel, name in enumerate(intensities):
+        table[f"mean_intensity_{channel}"] = grouped[name] / area
+    return table
+
+
+def summary(table: pd.DataFrame) -> dict[str, float]:
+    """A few numbers that describe a slide's objects (for its MLflow run)."""
+    if table.empty:
+        return {"objects": 0}
+    stats = {
+        "objects": len(table),
+        "object_area_px_median": float(table["area"].median()),
+        "object_area_px_mean": float(table["area"].mean()),
+        "object_mean_probability_median": float(table["mean_probability"].median()),
+    }
+    if table["area_um2"].notna().all():
+        stats["object_area_um2_median"] = float(table["area_um2"].median())
+    return stats

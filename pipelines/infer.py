@@ -178,20 +178,24 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
 
 def report(job: SlideJob, context: JobContext) -> None:
     """What a single-slide job did."""
-    from pipelines.infer_output import LABELS, PROBABILITY
+    from pipelines.infer_output import LABELS, OBJECTS, PROBABILITY
 
-    stats, slide = job.stats, job.slide
+    stats, slide, levels = job.stats, job.slide, job.spec.levels
     print()
     print(f"  input           {job.item.input} (level {job.item.level}, {slide.width} x {slide.height} px)")
     print(f"  model           {job.lineage['model_uri']}")
     print(f"  output          {job.item.output}  (probability: /{PROBABILITY}, instance labels: /{LABELS})")
     print(f"  chunks          {stats['chunks']} ({stats['chunks_skipped']} without tissue), {stats['objects']} objects")
+    print(f"  levels          {len(levels)} (the smallest {levels[-1][1]} x {levels[-1][0]} px)")
+    if job.spec.objects:
+        print(f"  objects table   {job.item.output}/{OBJECTS}")
     print(f"  throughput      {stats['mpx_per_s']:.2f} Mpx/s ({stats['seconds']:.1f} s segmenting)")
     print(f"  start-up        {stats['startup_seconds']:.1f} s (model, input, output, Dask)")
     total = stats["total_seconds"]
     print(f"  end to end      {total:.1f} s ({stats['megapixels'] / total:.2f} Mpx/s)")
     print(f"  MLflow run      {job.run_id}")
     print(f"  view            napari --plugin napari-ome-zarr {job.item.output}")
+    print(f"  QuPath          python -m pipelines.export {job.item.output} --format qupath")
 
 
 def cli(argv: list[str] | None = None) -> int:

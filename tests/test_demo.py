@@ -43,7 +43,7 @@ def test_shortened_demo_runs_end_to_end_and_reuses_its_results(tmp_path: Path) -
         assert (tmp_path / "outputs" / picture).stat().st_size > 10_000
     table = pd.read_parquet(tmp_path / "nuclei.ome.zarr" / "objects.parquet")
     first_rows = output[output.index("(first rows") :]
-    assert len(table) > 100 and "centroid_x_um" in first_rows and str(table["area"].iloc[0]) in first_rows
+    assert "centroid_x_um" in first_rows and all(str(area) in first_rows for area in table["area"][:5])
     exported = json.loads((tmp_path / "outputs" / "nuclei.qupath.geojson").read_text())
     assert len(exported["features"]) == len(table)
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import shapely
 import zarr
+from mlflow.tracking import MlflowClient
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Multiscales, Reader
 from skimage.measure import regionprops
@@ -95,6 +96,11 @@ def test_objects_table_agrees_with_regionprops_on_the_whole_label_image(segmente
     )
     assert crosses.sum() > 5  # objects across chunk seams are measured whole, once
     assert (table["mean_probability"] > 0.5).all()  # every object pixel is above the threshold
+    # summarised in the slide's MLflow run
+    run_id = root.attrs["unet_inference"]["mlflow_run_id"]
+    metrics = MlflowClient(f"sqlite:///{segmented.parent / 'mlflow.db'}").get_run(run_id).data.metrics
+    assert metrics["objects"] == len(table) and metrics["object_area_px_median"] == table["area"].median()
+    assert metrics["object_area_um2_median"] == pytest.approx(table["area_um2"].median())
 
 
 def test_outlines_of_the_real_slide_validate_rasterise_back_and_repeat(segmented: Path, tmp_path: Path) -> None:

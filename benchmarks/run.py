@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks import batch, chunk_size, inference, memory, startup, train_step, weight_map
+from benchmarks import batch, chunk_size, inference, memory, results, startup, train_step, weight_map
 
 BENCHMARKS = {
     "weight_map": weight_map,
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "chunk_size": chunk_size,
     "memory": memory,
     "batch": batch,
+    "results": results,
     "startup": startup,
 }
 PACKAGES = ("torch", "numpy", "scipy", "zarr", "dask", "ray", "mlflow", "monai")

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # MLflow (about a second to import) and PyTorch are imported 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG, STORAGE_TAG = "ray.run_name", "ray.storage_path"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"  # a server's account
 MODEL_ARTIFACT = "model"
 CHAMPION, CANDIDATE = "champion", "candidate"  # the registered model's aliases
 # tags of a training run (and of the versions it registers)
@@ -68,6 +69,8 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
 def resolve_tracking_uri(configured: str) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else the configured URI; relative sqlite/file paths made absolute
     (Ray workers and jobs run in other directories)."""
+    for candidate in (os.environ.get(TRACKING_ENV), configured):
+        refuse_credentials(candidate)
     uri = os.environ.get(TRACKING_ENV) or configured
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
@@ -76,19 +79,62 @@ def resolve_tracking_uri(configured: str) -> str:
     return uri
 
 
+def refuse_credentials(uri: str | None) -> None:
+    """A password in a tracking URI would be written to logs, run parameters and lineage: refuse it (the
+    message does not repeat the URI)."""
+    try:
+        parsed = urlparse(uri or "")
+        found = parsed.password is not None or (parsed.scheme in {"http", "https"} and bool(parsed.username))
+    except ValueError:  # not a URL at all: nothing to find in it
+        return
+    if found:
+        raise UserError(
+            "the tracking URI (MLFLOW_TRACKING_URI or tracking.tracking_uri) holds credentials, which would be "
+            f"recorded in logs, run parameters and lineage: give the server's account in {USERNAME_ENV} and "
+            f"{PASSWORD_ENV} instead (a database's password in PGPASSWORD or ~/.pgpass)"
+        )
+
+
 def connect(uri: str) -> MlflowClient:
     """A client for ``uri``, checked to answer now: a clear error instead of a hang later."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    with _sqlite_created_once(uri):
+        client = MlflowClient(tracking_uri=uri)
     # fail fast on this one check only: later calls keep MLflow's retries for transient errors
     fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     with _environment(fast if urlparse(uri).scheme in {"http", "https"} else {}):
         try:
             client.search_experiments(max_results=1)
         except Exception as exc:  # any failure to talk to the store means we cannot track
+            if refused := _refusal(getattr(exc, "error_code", None), uri, os.environ.get(USERNAME_ENV)):
+                raise UserError(refused) from None
             raise UserError(f"MLflow tracking server unreachable at {uri}: {first_line(exc)[:200]}") from None
     return client
+
+
+@contextlib.contextmanager
+def _sqlite_created_once(uri: str) -> Iterator[None]:
+    """One process at a time opens a sqlite tracking database: MLflow creates and migrates a new one on first use,
+    and jobs started at once on a fresh ``mlflow.db`` would all migrate it and fail (``pipelines.locks``)."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        yield
+        return
+    from pipelines.locks import locked
+
+    with locked(uri.removeprefix("sqlite:///"), lambda holder: holder, wait=True):
+        yield
+
+
+def _refusal(error_code: str | None, uri: str, account: str | None) -> str | None:
+    """What to tell the user when a server with accounts refuses the connection check (None: it did not)."""
+    if error_code == "PERMISSION_DENIED":
+        return f"the account {account!r} may not read the experiments of {uri}: ask an admin of the server for READ"
+    if error_code not in {"UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"}:
+        return None
+    if account:
+        return f"MLflow tracking server at {uri} refused the account {account!r}: no such account, or wrong password"
+    return f"MLflow tracking server at {uri} needs an account: set {USERNAME_ENV} and {PASSWORD_ENV}"
 
 
 @contextlib.contextmanager
@@ -296,13 +342,28 @@ def log_and_register(
 def promote(
     client: MlflowClient, name: str, version: str, metric: str, value: float, higher_is_better: bool = True
 ) -> bool:
-    """Alias ``candidate`` -> ``version``; ``champion`` too when ``value`` beats the champion's ``metric``."""
+    """Alias ``candidate`` -> ``version``; ``champion`` too when ``value`` beats the champion's ``metric`` and the
+    account may move it (on a server with accounts only MANAGE on the model may: else a warning and False)."""
     client.set_registered_model_alias(name, CANDIDATE, version)
     champion = current_champion(client, name)
     best = None if champion is None else champion.tags.get(metric)
     better = best is None or (float(value) > float(best) if higher_is_better else float(value) < float(best))
     if better:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        except MlflowException as exc:
+            if exc.error_code != "PERMISSION_DENIED":
+                raise
+            log.warning(  # a service account (EDIT) registers; a person with MANAGE on the model crowns
+                "version %s of %s would be the new %s, but this account may not move that alias (it needs MANAGE on "
+                "the registered model): someone who has it sets the alias",
+                version,
+                name,
+                CHAMPION,
+            )
+            return False
     return better
 
 

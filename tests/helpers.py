@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -59,26 +62,69 @@ def get_json(url: str, payload: dict | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, cwd: Path, *extra: str) -> Iterator[str]:
-    """A real `mlflow server` on a free loopback port; yields its URL once /health answers."""
+def mlflow_server(
+    backend_store_uri: str, cwd: Path, *extra: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port; yields its URL once /health answers. ``env``: the
+    server's environment (default: this process's); ``log``: a file for its output (default: discarded)."""
     port = free_port()
     command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1"]
     command += ["--port", str(port), "--workers", "1", *extra]
-    server = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as output:
+        server = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=2)
+                    break
+                except OSError:
+                    assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                    time.sleep(0.5)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def postgres_binary(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    if found is None:
+        pytest.fail(f"PostgreSQL server binary {name!r} not found: install the postgresql package (.ci/run does)")
+    return found
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (trust authentication, run as user postgres when we are
+    root, which PostgreSQL requires); yields the SQLAlchemy URL of its database ``postgres``."""
+    user = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
+    as_user = ["runuser", "-u", user, "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="unet-pg-"))  # outside pytest's root-only tmp tree
+    data, sockets = root / "data", root / "sockets"
+    data.mkdir()
+    sockets.mkdir()
+    if os.geteuid() == 0:
+        for path in (root, data, sockets):
+            shutil.chown(path, user)
+    initdb = [*as_user, postgres_binary("initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust"]
+    subprocess.run(initdb, check=True, capture_output=True)
+    port = free_port()
+    command = [*as_user, postgres_binary("postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1"]
+    server = subprocess.Popen([*command, "-k", str(sockets)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
-        yield url
+        ready = [postgres_binary("pg_isready"), "-h", "127.0.0.1", "-p", str(port)]
+        deadline = time.monotonic() + 60
+        while subprocess.run(ready, capture_output=True).returncode != 0:
+            assert server.poll() is None and time.monotonic() < deadline, "PostgreSQL did not start"
+            time.sleep(0.3)
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/postgres"
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 S3_BUCKET = "unet-test"

@@ -3,68 +3,24 @@ project's registry code to register a model version and load it back by alias.""
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipelines.registry import connect, load_model, log_and_register, promote
-from tests.helpers import free_port, get_json, mlflow_server
+from tests.helpers import get_json, mlflow_server, postgres_database
 from unet.model import UNet
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
-def postgres_binary(name: str) -> str:
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
-    if found is None:
-        pytest.fail(f"PostgreSQL server binary {name!r} not found: install the postgresql package (.ci/run does)")
-    return found
-
-
-def as_user(user: str, command: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: run it as ``user`` when we are root."""
-    return ["runuser", "-u", user, "--", *command] if os.geteuid() == 0 else command
-
-
 @pytest.fixture
-def postgres():
+def postgres() -> Iterator[str]:
     """A throw-away PostgreSQL cluster on 127.0.0.1; yields its SQLAlchemy URL."""
-    user = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
-    root = Path(tempfile.mkdtemp(prefix="unet-pg-"))  # outside pytest's root-only tmp tree
-    data, sockets = root / "data", root / "sockets"
-    data.mkdir()
-    sockets.mkdir()
-    if os.geteuid() == 0:
-        for path in (root, data, sockets):
-            shutil.chown(path, user)
-    subprocess.run(as_user(user, [postgres_binary("initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust"]),
-                   check=True, capture_output=True)  # fmt: skip
-    port = free_port()
-    server = subprocess.Popen(
-        as_user(user, [postgres_binary("postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
-                       "-k", str(sockets)]),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        ready = [postgres_binary("pg_isready"), "-h", "127.0.0.1", "-p", str(port)]
-        deadline = time.monotonic() + 60
-        while subprocess.run(ready, capture_output=True).returncode != 0:
-            assert server.poll() is None and time.monotonic() < deadline, "PostgreSQL did not start"
-            time.sleep(0.3)
-        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/postgres"
-    finally:
-        server.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=30)
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_database() as url:
+        yield url
 
 
 def test_mlflow_server_on_postgres_registers_and_loads_a_model(postgres: str, tmp_path: Path) -> None:

@@ -7,23 +7,38 @@ offering the Dask resource ``GPU=1`` (as dask-cuda's ``LocalCUDACluster`` does);
 driven from the job's own process. Every chunk task asks for ``1 / infer.tasks_per_worker`` of a GPU,
 so each GPU worker keeps that many chunks in flight: one in the model, the others being read or
 written. A remote GPU worker is started the same way:
-``CUDA_VISIBLE_DEVICES=0 dask worker tcp://HOST:8786 --nthreads 8 --resources GPU=1``.
+``CUDA_VISIBLE_DEVICES=0 dask worker tls://HOST:8786 --nthreads 8 --resources GPU=1 --tls-ca-file ca.pem
+--tls-cert tls.crt --tls-key tls.key`` (docs/operations.md, "Dask over TLS").
+
+Security: whoever can talk to a Dask scheduler can run code on every worker. A cluster's scheduler is reached over
+TLS (``tls://``) with certificates signed by the cluster's own CA, and a job refuses a ``tcp://`` scheduler once
+certificates are configured (``client_security``). A local cluster of worker processes talks TLS too, with a
+throw-away certificate that only the job and its workers hold in memory: its ports are on 127.0.0.1, but other
+users of a shared machine reach those as well. A single in-process worker needs no port at all (``inproc://``).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unet.config import InferConfig
-from unet.errors import UserError
+from unet.errors import UserError, first_line
 
 if TYPE_CHECKING:
-    from distributed import Client, SpecCluster
+    from distributed import Client, Security, SpecCluster
 
 log = logging.getLogger("infer")
 LOOPBACK = "127.0.0.1"
+ENCRYPTED = ("tls", "wss")  # the Dask protocols that run over TLS
+# the job's TLS files: (InferConfig field, the Dask config key used when the field is null)
+TLS_FILES = (
+    ("tls_ca_file", "distributed.comm.tls.ca-file"),
+    ("tls_cert", "distributed.comm.tls.client.cert"),
+    ("tls_key", "distributed.comm.tls.client.key"),
+)
 
 
 def task_resources(device: str, tasks_per_worker: int = 1) -> dict[str, float] | None:
@@ -49,23 +64,29 @@ def in_process(infer: InferConfig, gpus: list[str]) -> bool:
 def start_dask(infer: InferConfig, gpus: list[str] | None = None) -> tuple[Client, SpecCluster | None]:
     """Connect to ``infer.scheduler``, or start the local cluster described above; ``gpus`` are the GPUs to
     use on CUDA (``unet.devices.visible_gpus()``)."""
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, Security
 
     if not log.isEnabledFor(logging.DEBUG):  # distributed sets its own levels when imported; -v shows its chatter
         logging.getLogger("distributed").setLevel(logging.WARNING)
         # a failed task is reported in one line by the job, and the tasks cancelled with its slide are expected
         logging.getLogger("distributed.worker").setLevel(logging.CRITICAL)
     if infer.scheduler:
-        try:
-            return Client(infer.scheduler, timeout="10s"), None
-        except (OSError, TimeoutError) as exc:
-            raise UserError(f"Dask scheduler unreachable at {infer.scheduler}: {exc}") from None
+        security = client_security(infer)
+        client = connect(infer.scheduler, security)
+        if protocol(infer.scheduler) in ENCRYPTED:
+            files = tls_files(security.tls_ca_file, security.tls_client_cert, security.tls_client_key)
+            log.info("Dask scheduler %s over TLS (%s)", infer.scheduler, files)
+        return client, None
     gpus = gpus or []
     workers = worker_count(infer, gpus)
     if infer.device == "cuda" and workers > 1:
         cluster = gpu_cluster(gpus[:workers], infer.tasks)
         return Client(cluster), cluster
-    options: dict[str, Any] = {"processes": False} if in_process(infer, gpus) else {"processes": True, "host": LOOPBACK}
+    options: dict[str, Any]
+    if in_process(infer, gpus):  # no port: Dask's encryption requirement, if configured, has nothing to apply to
+        options = {"processes": False, "security": Security(require_encryption=False)}
+    else:
+        options = {"processes": True, "host": LOOPBACK, "security": Security.temporary()}
     if infer.device == "cuda":
         options["resources"] = {"GPU": 1}
     cluster = LocalCluster(
@@ -80,14 +101,16 @@ def start_dask(infer: InferConfig, gpus: list[str] | None = None) -> tuple[Clien
 
 def gpu_cluster(gpus: list[str], tasks_per_worker: int) -> SpecCluster:
     """One worker process per GPU in ``gpus``, each seeing only that GPU and offering ``GPU=1``."""
-    from distributed import Nanny, Scheduler, SpecCluster
+    from distributed import Nanny, Scheduler, Security, SpecCluster
 
-    scheduler = {"cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}}
+    security = Security.temporary()  # TLS with a throw-away certificate held in memory (module docstring)
+    tls = {"host": LOOPBACK, "protocol": "tls", "security": security}
+    scheduler = {"cls": Scheduler, "options": {**tls, "dashboard_address": f"{LOOPBACK}:0"}}
     workers = {
         f"gpu-{gpu}": {
             "cls": Nanny,
             "options": {
-                "host": LOOPBACK,
+                **tls,
                 "nthreads": tasks_per_worker,
                 "resources": {"GPU": 1},
                 "env": {"CUDA_VISIBLE_DEVICES": gpu},
@@ -96,7 +119,93 @@ def gpu_cluster(gpus: list[str], tasks_per_worker: int) -> SpecCluster:
         }
         for gpu in gpus
     }
-    return SpecCluster(scheduler=scheduler, workers=workers)
+    return SpecCluster(scheduler=scheduler, workers=workers, security=security)
+
+
+def protocol(address: str) -> str:
+    """The protocol of a Dask address (``tcp``, Dask's default, when it names none)."""
+    return address.split("://", 1)[0].lower() if "://" in address else "tcp"
+
+
+def env_name(key: str) -> str:
+    """The environment variable that sets the Dask config ``key``."""
+    return "DASK_" + key.upper().replace(".", "__").replace("-", "_")
+
+
+def shown(value: str | None) -> str:
+    """A TLS setting as it may be printed: its path, never a certificate or key given inline."""
+    return "(inline PEM)" if value and "\n" in value else str(value)
+
+
+def _truthy(value: Any) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"} if isinstance(value, str) else bool(value)
+
+
+def client_security(infer: InferConfig, warn: bool = True) -> Security:
+    """How the job talks to ``infer.scheduler``: over TLS with its CA, certificate and key (``infer.tls_*``, each
+    null: the Dask config key in ``TLS_FILES``) when the address is ``tls://``; in plain TCP otherwise, which is
+    refused when encryption is required (``infer.require_encryption``, by default whenever certificates are
+    configured). Every problem is a one-line ``UserError`` raised before the job writes anything: a missing
+    setting, a file that does not exist, files that do not load. Paths are shown, certificates never. ``warn``:
+    log that certificates configured go unused with a ``tcp://`` scheduler."""
+    import dask
+    from distributed import Security
+
+    address = infer.scheduler or ""
+    files: dict[str, tuple[str, str | None]] = {}  # field: (where it is set, value)
+    for field, key in TLS_FILES:
+        own = getattr(infer, field)
+        value = own or dask.config.get(key, None) or None
+        if value and "\n" not in value:  # a path (the Dask config may also hold the PEM text itself)
+            value = str(Path(value).expanduser())
+        files[field] = (f"infer.{field}" if own else f"{key} ({env_name(key)})", value)
+    configured = [where for where, value in files.values() if value]
+    required, why = infer.require_encryption, "infer.require_encryption is true"
+    if required is None:
+        key = "distributed.comm.require-encryption"
+        required, why = _truthy(dask.config.get(key, None)), f"{key} ({env_name(key)}) is true"
+        if dask.config.get(key, None) is None:
+            required, why = bool(configured), f"TLS is configured ({', '.join(configured)})"
+    if protocol(address) not in ENCRYPTED:
+        if required:
+            raise UserError(f"infer.scheduler={address} is unencrypted but {why}: use tls://HOST:PORT")
+        if configured and warn:
+            log.warning("infer.scheduler=%s is unencrypted (infer.require_encryption=false): the TLS settings %s "
+                        "are not used", address, ", ".join(configured))  # fmt: skip
+        return Security(require_encryption=False)
+    missing = [f"infer.{field} (or {env_name(key)})" for field, key in TLS_FILES[:2] if not files[field][1]]
+    if missing:
+        raise UserError(f"infer.scheduler={address} needs TLS certificates; not set: {', '.join(missing)}")
+    for where, value in files.values():
+        if value and "\n" not in value and not Path(value).is_file():
+            raise UserError(f"{where}: {'not a file' if Path(value).exists() else 'no such file'}: {value}")
+    ca, cert, key = (files[field][1] for field, _ in TLS_FILES)
+    try:
+        security = Security(require_encryption=required, tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key)
+        security.get_connection_args("client")  # loads the files
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise UserError(f"cannot load the Dask TLS files ({tls_files(ca, cert, key)}): {first_line(exc)}") from None
+    return security
+
+
+def tls_files(ca: str | None, cert: str | None, key: str | None) -> str:
+    """The client's TLS files, for messages: paths, never certificates or keys."""
+    return f"CA {shown(ca)}, certificate {shown(cert)}, key {shown(key) if key else 'in the certificate file'}"
+
+
+def connect(address: str, security: Security) -> Client:
+    """A client of the scheduler at ``address``; one-line errors when it cannot be reached or refuses us."""
+    from distributed import Client
+
+    try:
+        return Client(address, security=security, timeout="10s")
+    except (OSError, TimeoutError) as exc:
+        reason = first_line(exc)
+        if "SSL" in reason or "TLS" in reason:
+            raise UserError(f"Dask scheduler at {address} refused the TLS connection, or we refused its certificate "
+                            f"(are both signed by the CA of infer.tls_ca_file?): {reason}") from None  # fmt: skip
+        hint = " (a scheduler that talks TLS? use tls://)" if "reset by peer" in reason else ""
+        raise UserError(f"Dask scheduler unreachable at {address}: {reason}{hint}") from None
 
 
 def dashboard(client: Client, cluster: SpecCluster | None) -> str:

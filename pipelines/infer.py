@@ -93,7 +93,7 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
     """Check the request, find the slides and load the model once for all of them."""
     from pipelines import registry
     from pipelines.cohort import expand
-    from pipelines.dask_cluster import worker_count
+    from pipelines.dask_cluster import client_security, worker_count
     from pipelines.infer_slide import JobContext
     from pipelines.infer_tasks import ModelSpec
     from unet import __version__
@@ -108,6 +108,8 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
         raise UserError("--overwrite and --resume exclude each other")
     if not infer.input or not infer.output:
         raise UserError("set infer.input and infer.output, e.g. --set infer.input=slide.ome.zarr")
+    if infer.scheduler:
+        client_security(infer, warn=False)  # a missing or wrong TLS setting fails here, before any output
     cohort = expand(infer.input, infer.output, infer.level)
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     model_uri, model_version = resolve_model(infer.model, tracking_uri)

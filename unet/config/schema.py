@@ -43,6 +43,12 @@ class DataConfig(Section):
         0.5, ge=0.0, le=1.0, description="Probability that a patch is centred on a foreground pixel."
     )
     pixel_size_um: float | None = Field(None, gt=0, description="Pixel size in micrometres, if known.")
+    max_image_pixels: int = Field(
+        2**28,
+        ge=1,
+        description="pipelines.prepare refuses an image or label image of more pixels (height x width), read from "
+        "its header before any pixel: training reads each image whole (default 2**28, 268 Mpx).",
+    )
     augment: bool = Field(True, description="Augment training patches (flips, rotations, elastic, intensity).")
     elastic_prob: float = Field(0.5, ge=0, le=1, description="Probability of the paper's elastic deformation.")
     elastic_sigma: float = Field(
@@ -159,7 +165,36 @@ class InferConfig(Section):
     )
     tta: bool = Field(False, description="Mirroring test-time augmentation.")
     tissue_mask: bool = Field(False, description="Skip chunks without tissue.")
-    scheduler: str | None = Field(None, description="Dask scheduler address (null: a local cluster).")
+    scheduler: str | None = Field(
+        None,
+        description="Dask scheduler address, tls://HOST:8786 (or tcp://HOST:8786 for a cluster without TLS). null: a "
+        "local cluster, on 127.0.0.1 only.",
+    )
+    tls_ca_file: str | None = Field(
+        None,
+        min_length=1,
+        description="CA certificate (PEM file) that signed the Dask cluster's and this job's certificates, for a "
+        "tls:// infer.scheduler. null: the Dask config key distributed.comm.tls.ca-file (environment variable "
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE).",
+    )
+    tls_cert: str | None = Field(
+        None,
+        min_length=1,
+        description="This job's client certificate (PEM file, signed by that CA; may hold the key as well). null: "
+        "distributed.comm.tls.client.cert (DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT).",
+    )
+    tls_key: str | None = Field(
+        None,
+        min_length=1,
+        description="Private key of infer.tls_cert (PEM file). null: distributed.comm.tls.client.key "
+        "(DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY), else the key is in the certificate file.",
+    )
+    require_encryption: bool | None = Field(
+        None,
+        description="true: infer.scheduler must be tls://, a tcp:// one is refused. null: Dask's "
+        "distributed.comm.require-encryption, else true as soon as TLS certificates are configured (here or in the "
+        "Dask config). false: a tcp:// scheduler is accepted even then (the certificates unused, with a warning).",
+    )
     workers: int | None = Field(
         None,
         ge=1,

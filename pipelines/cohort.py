@@ -11,12 +11,18 @@
 With several slides ``infer.output`` is a folder (or prefix): slide ``NAME.EXT`` is written to
 ``OUTPUT/NAME.ome.zarr`` (``EXT`` is ``.ome.zarr``, ``.zarr``, ``.ome.tif(f)``, ``.tif(f)`` or ``.svs``)
 unless its manifest row names an output; the batch summary ``OUTPUT/batch_summary.csv`` lies beside them.
+
+Refused before anything starts: two slides writing one output; an output that is an input, lies inside one or
+holds one (the same path, or by way of a symlink, ``..``, ``./`` or a trailing slash: locations are compared
+resolved); and in a batch an output outside ``infer.output`` (a manifest row's ``../x.ome.zarr``, an absolute
+path or URL elsewhere, or a symlink leading out).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import posixpath
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -75,7 +81,10 @@ def expand(input: str, output: str, level: int) -> Cohort:
     elif not storage.exists(input):
         raise UserError(f"infer.input not found: {input}")
     elif storage.is_file(input) or is_zarr(input):
-        return Cohort([Item(storage.resolve(input), storage.resolve(output), level)], batch=False)
+        item = Item(storage.resolve(input), storage.resolve(output), level)
+        if clash := overlap(item.output, item.input):  # --overwrite would replace the slide with its result
+            raise UserError(f"infer.output {output} {clash} infer.input {input}; choose another output")
+        return Cohort([item], batch=False)
     else:
         if storage.resolve(output) == storage.resolve(input):  # a re-run would segment the outputs too
             raise UserError(f"infer.output must not be the input folder {input}; choose another folder")
@@ -166,15 +175,59 @@ def _relative_to(base: str, location: str) -> str:
 
 
 def _checked(items: list[Item], folder: str) -> Cohort:
-    """Refuse two slides writing one output, and an output that is one of the inputs."""
+    """Refuse two slides writing one output, an output that is, holds or lies inside an input, and an output
+    outside ``folder`` (``infer.output``)."""
     seen: dict[str, str] = {}
-    inputs = {item.input for item in items}
+    inputs = {normal(item.input): item.input for item in items}
+    outputs = {normal(item.output) for item in items}
+    root = normal(folder)
     for item in items:
-        if item.output in seen:
+        output = normal(item.output)
+        if output in seen:
             raise UserError(
-                f"{seen[item.output]} and {item.input} would both write {item.output}; name outputs in a manifest"
+                f"{seen[output]} and {item.input} would both write {item.output}; name outputs in a manifest"
             )
-        if item.output in inputs:
+        if output in inputs:
             raise UserError(f"the output of {item.input} would overwrite an input: {item.output}")
-        seen[item.output] = item.input
+        if inside := next((inputs[p] for p in _parents(output) if p in inputs), None):
+            raise UserError(f"the output of {item.input} would be written inside the input {inside}: {item.output}")
+        if root not in _parents(output):
+            raise UserError(
+                f"the output of {item.input} is not inside infer.output {storage.resolve(folder)}: {item.output} "
+                "(a manifest's outputs must lie inside infer.output)"
+            )
+        seen[output] = item.input
+    for location, name in inputs.items():  # an input inside an output: --overwrite would delete it
+        if holder := next((p for p in _parents(location) if p in outputs), None):
+            raise UserError(f"the input {name} lies inside the output {holder}; choose other outputs")
     return Cohort(items, batch=True, folder=storage.resolve(folder))
+
+
+def normal(location: str) -> str:
+    """``location`` resolved for comparison: a local path absolute with symlinks followed (``storage.resolve``), a
+    URL with ``.``, ``..`` and repeated or trailing slashes folded."""
+    location = storage.resolve(location)
+    if not storage.is_url(location):
+        return location
+    scheme, _, path = location.partition("://")
+    return f"{scheme}://{posixpath.normpath('/' + path).lstrip('/')}"
+
+
+def _parents(location: str) -> list[str]:
+    """The folders (prefixes) holding a ``normal`` location, nearest first (for a URL, down to its bucket)."""
+    if storage.is_url(location):
+        scheme, _, path = location.partition("://")
+        return [f"{scheme}://{parent}" for parent in PurePosixPath(path).parents if str(parent) != "."]
+    return [str(parent) for parent in PurePosixPath(location).parents]
+
+
+def overlap(output: str, input: str) -> str | None:
+    """How writing ``output`` would touch ``input`` ("is the same location as", "lies inside", "holds"), or None."""
+    output, input = normal(output), normal(input)
+    if output == input:
+        return "is the same location as"
+    if input in _parents(output):
+        return "lies inside"
+    if output in _parents(input):
+        return "holds"
+    return None

@@ -46,6 +46,7 @@ def convert(input: str | Path, output: str | Path, chunk: int = 512, ngff: str =
     """Write ``input`` (TIFF/SVS, an OpenSlide format, or anything ``open_slide`` reads) as OME-Zarr at ``output``."""
     import zarr
 
+    from pipelines.cohort import overlap
     from unet import storage
     from unet.samples import resolve_location
     from unet.slide import SlideError, open_slide
@@ -55,6 +56,8 @@ def convert(input: str | Path, output: str | Path, chunk: int = 512, ngff: str =
         raise SlideError(f"unknown NGFF version {ngff!r}; choose one of {', '.join(NGFF_FORMATS)}")
     if chunk < MIN_CHUNK:
         raise SlideError(f"chunk size {chunk} is too small; use at least {MIN_CHUNK} (512 is typical)")
+    if relation := overlap(staged.final, source):  # --overwrite would replace the slide being read
+        raise SlideError(f"OUTPUT {staged.final} {relation} INPUT {source}; write the OME-Zarr somewhere else")
     if storage.exists(staged.final) and not overwrite:
         raise SlideError(f"{staged.final} already exists; pass --overwrite to replace it")
     fmt = ngff_format(ngff)

@@ -4,9 +4,11 @@
 
 For every image/label pair (matched by file stem) the store gets the image, the labels, the
 training target (touching objects split) and the paper's weight map, all computed here once
-rather than every epoch. Inputs are read and processed chunk by chunk with Dask, so a pair
-larger than memory is fine. Everything is checked before anything is written; the store only
-appears under its name once it is complete.
+rather than every epoch. Inputs are read and processed chunk by chunk with Dask, but training
+reads every example whole, so an image of more than ``data.max_image_pixels`` is refused from its
+header. Everything is checked before anything is written; the store only appears under its name
+once it is complete, and it may not be, hold or lie inside an input. Label ids may be any
+non-negative integers: ids that do not fit int32 are stored renumbered 1..n in order.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import logging
 import math
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +32,8 @@ if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --h
     from unet.weights import WeightMapParams
 
 log = logging.getLogger("prepare")
+INT32_MAX = 2**31 - 1  # labels are stored as int32
+MAX_INTENSITY_SPAN = 2**24  # an integer image's intensity range is a histogram this long at most
 
 
 class Prepared:
@@ -40,7 +45,8 @@ class Prepared:
         from unet.data.sources import DataError, check_pair, open_lazy
 
         self.pair = pair
-        image, labels = open_lazy(pair.image), open_lazy(pair.labels)
+        limit = config.data.max_image_pixels  # from the header, before any pixel: training reads images whole
+        image, labels = open_lazy(pair.image, limit), open_lazy(pair.labels, limit)
         check_pair(pair, image, labels)
         image_d = da.from_array(image, chunks=(chunk, chunk, *image.shape[2:]))
         self.image = image_d[None] if image_d.ndim == 2 else da.moveaxis(image_d, -1, 0)  # CYX
@@ -58,9 +64,29 @@ class Prepared:
         checks: dict[str, Any] = {}
         if np.dtype(self.image.dtype).kind == "f":
             checks[f"image {self.pair.image} contains NaN or infinite values"] = ~da.isfinite(self.image).all()
+        if np.dtype(self.image.dtype).kind in "iu" and np.dtype(self.image.dtype).itemsize > 2:
+            span = self.image.max().astype(np.float64) - self.image.min().astype(np.float64)
+            message = (
+                f"image {self.pair.image} has {self.image.dtype} values spanning more than {MAX_INTENSITY_SPAN:,}, "
+                "too many for the intensity histogram; save it as float32 or 16-bit"
+            )
+            checks[message] = span > MAX_INTENSITY_SPAN
         if np.dtype(self.labels.dtype).kind == "i":
             checks[f"labels {self.pair.labels} contain negative ids"] = (self.labels < 0).any()
         return checks
+
+    def renumber_if_needed(self, largest: int) -> bool:
+        """Renumber the labels 1..n in the order of their ids if ``largest`` (their largest id) does not fit int32,
+        the stored type; return whether it did. Every distinct id stays one object."""
+        if largest <= INT32_MAX:
+            return False
+        import dask.array as da
+
+        ids = np.union1d(np.zeros(1, self.labels.dtype), da.unique(self.labels).compute())  # background first
+        self.labels = self.labels.map_blocks(lambda block: np.searchsorted(ids, block).astype(np.int32), dtype=np.int32)
+        log.info("labels %s: ids up to %d do not fit int32; stored renumbered 1..%d", self.pair.labels, largest,
+                 len(ids) - 1)  # fmt: skip
+        return True
 
 
 def split_names(names: list[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -78,17 +104,30 @@ def overlap_depth(params: WeightMapParams) -> int:
     return math.ceil(cutoff_radius(params.w0, params.sigma, params.tolerance)) + 2
 
 
+def compact_ids(block: np.ndarray) -> np.ndarray:
+    """A block's instance ids as int32, renumbered 1..n (in order) when the largest is not below the block's
+    pixel count: the weight map's ``find_objects`` allocates a list as long as the largest id (2**40 would be
+    terabytes), and ``separate_touching`` adds one to it. Only which pixels share an id matters to both."""
+    if block.size == 0 or int(block.max()) < block.size:
+        return block.astype(np.int32, copy=False)
+    ids, inverse = np.unique(block, return_inverse=True)
+    return (inverse.reshape(block.shape) + (ids[0] != 0)).astype(np.int32)
+
+
 def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Array, da.Array]:
     """Target and weight map, chunk by chunk with enough overlap to equal the whole-image result."""
     from unet.weights import separate_touching, target_and_weights
 
     target = labels.map_overlap(
-        lambda block: (separate_touching(block) > 0).astype(np.uint8), depth=1, boundary="none", dtype=np.uint8
+        lambda block: (separate_touching(compact_ids(block)) > 0).astype(np.uint8),
+        depth=1,
+        boundary="none",
+        dtype=np.uint8,
     )
     foreground = float(target.mean().compute())
     frequencies = {0: 1.0 - foreground, 1: foreground}
     weights = labels.map_overlap(
-        lambda block: target_and_weights(block, params, frequencies)[1],
+        lambda block: target_and_weights(compact_ids(block), params, frequencies)[1],
         depth=overlap_depth(params),
         boundary="none",
         dtype=np.float32,
@@ -112,20 +151,24 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
     data = config.data
     if not data.images or not data.labels:
         raise DataError("set data.images and data.labels (folders or glob patterns), e.g. --set data.images=DIR")
-    pairs = find_pairs(resolve_location(data.images), resolve_location(data.labels))
+    images, labels = resolve_location(data.images), resolve_location(data.labels)
+    pairs = find_pairs(images, labels)
+    check_store_location(data.store, [images, labels], pairs)
     log.info("found %d image/label pairs in %s and %s", len(pairs), data.images, data.labels)
     examples = [Prepared(pair, config, chunk) for pair in pairs]
 
     checks = {msg: flag for ex in examples for msg, flag in ex.checks().items()}
-    for message, failed in zip(checks, dask.compute(*checks.values()), strict=True):
+    *failures, largest = dask.compute(*checks.values(), [ex.labels.max() for ex in examples])
+    for message, failed in zip(checks, failures, strict=True):
         if failed:
             raise DataError(message)
+    renumbered = [ex.renumber_if_needed(int(top)) for ex, top in zip(examples, largest, strict=True)]
 
     params = WeightMapParams.from_config(config.loss)
     splits = split_names([ex.pair.name for ex in examples], data.val_fraction, config.train.seed)
     with StoreWriter(data.store, overwrite=overwrite) as writer:
         sources, targets = [], []
-        for ex in examples:
+        for ex, renumber in zip(examples, renumbered, strict=True):
             target, weights = weights_and_target(ex.labels, params)
             arrays = {"image": ex.image, "labels": ex.labels.astype(np.int32), "target": target, "weights": weights}
             for kind, array in arrays.items():
@@ -140,6 +183,7 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
                     "source_labels": str(ex.pair.labels),
                     "image_sha256": storage.sha256(ex.pair.image),
                     "labels_sha256": storage.sha256(ex.pair.labels),
+                    "labels_renumbered": renumber,
                     "shape": list(ex.labels.shape),
                     "channels": ex.channels,
                     "dtype": str(ex.image.dtype),
@@ -161,6 +205,26 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
         )
     write_previews(path, previews)
     return path
+
+
+def check_store_location(store: str, folders: list[str], pairs: list[Pair]) -> None:
+    """Refuse a ``data.store`` (or its previews folder) that is, holds or lies inside an input: a folder of
+    ``data.images`` or ``data.labels``, or one of their files. ``--overwrite`` would replace it; a store inside an
+    input folder would be read as an input next time."""
+    from pipelines.cohort import overlap
+    from unet import storage
+    from unet.data.sources import DataError
+
+    inputs = [folder for folder in folders if not storage.is_url(folder) and Path(folder).is_dir()]
+    inputs += [str(path) for pair in pairs for path in (pair.image, pair.labels)]
+    for output in (store, f"{storage.resolve(store)}.previews"):
+        clashes = [(relation, location) for location in inputs if (relation := overlap(output, location))]
+        if clashes:  # the input it is, if any, rather than a folder holding it
+            relation, location = min(clashes, key=lambda clash: clash[0] != "is the same location as")
+            raise DataError(
+                f"data.store {store} {relation} the input {location}: the training store (and its .previews "
+                "folder beside it) must not be, hold or lie inside an input; choose another data.store"
+            )
 
 
 def write_previews(location: str, count: int) -> list[str]:

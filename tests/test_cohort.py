@@ -56,11 +56,11 @@ def test_glob_matches_only_slides(folder: Path, tmp_path: Path) -> None:
 
 def test_csv_and_yaml_manifests(folder: Path, tmp_path: Path) -> None:
     manifest = folder / "cohort.csv"
-    manifest.write_text("input,output,level\nb.zarr,,2\na.ome.zarr,/elsewhere/x.ome.zarr,\n")
+    manifest.write_text(f"input,output,level\nb.zarr,,2\na.ome.zarr,{tmp_path / 'out' / 'sub' / 'x.ome.zarr'},\n")
     items = expand(str(manifest), str(tmp_path / "out"), 0).items
     assert items == [
         Item(str(folder / "b.zarr"), str(tmp_path / "out" / "b.ome.zarr"), 2),  # relative to the manifest
-        Item(str(folder / "a.ome.zarr"), "/elsewhere/x.ome.zarr", 0),
+        Item(str(folder / "a.ome.zarr"), str(tmp_path / "out" / "sub" / "x.ome.zarr"), 0),  # inside infer.output
     ]
     listed = tmp_path / "cohort.yaml"
     listed.write_text(f"slides:\n  - input: {folder / 'c.svs'}\n    level: 1\n")

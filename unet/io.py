@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import itertools
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -30,10 +33,12 @@ def image_suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int | None = None, setting: str = "max_pixels") -> np.ndarray:
     """Read a whole image into memory as it is stored (YX or YXC for 2-D images).
 
-    For slides larger than memory, use ``pipelines.convert`` and read the Zarr lazily instead.
+    With ``max_pixels`` an image whose header claims more pixels (height x width) is refused before any pixel is
+    decoded, naming ``setting`` (the option that raises the limit). For slides larger than memory, use
+    ``pipelines.convert`` and read the Zarr lazily instead.
     """
     path = Path(path)
     if not path.exists():
@@ -41,19 +46,141 @@ def read_image(path: str | Path) -> np.ndarray:
     suffix = image_suffix(path)
     try:
         if suffix in TIFF_SUFFIXES:
-            return tifffile.imread(path, level=0) if suffix == ".svs" else tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0].levels[0]  # an SVS's full resolution
+                check_pixels(path, series.shape, max_pixels, setting, series.axes)
+                return tif.asarray(series=0, level=0)
         if suffix in PIL_SUFFIXES:
-            with Image.open(path) as img:
+            with Image.open(path) as img:  # reads the header only; Pillow refuses decompression bombs here
+                check_pixels(path, (img.height, img.width), max_pixels, setting)
                 return np.asarray(img)
         if suffix == ".npy":
-            return np.load(path, allow_pickle=False)
+            check_pixels(path, npy_shape(path), max_pixels, setting)
+            return np.array(np.load(path, mmap_mode="r", allow_pickle=False))  # a file shorter than its header says:
+            # refused by the memory map, where np.load would allocate what the header claims first
         if suffix == ".zarr":
             import zarr
 
-            return np.asarray(zarr.open_array(path, mode="r"))
+            array = zarr.open_array(path, mode="r")
+            check_pixels(path, array.shape, max_pixels, setting)
+            return np.asarray(GuardedReads(array, path)[...])
+    except Image.DecompressionBombError as exc:  # before our own limit when that is above Pillow's
+        raise ImageReadError(f"cannot read image {path}: {exc} (Pillow's limit; save it as TIFF)") from None
     except (OSError, ValueError, tifffile.TiffFileError) as exc:
-        raise ImageReadError(f"cannot read image {path}: {exc}") from None
+        raise ImageReadError(f"cannot read image {path}: {one_line(exc)}") from None
     raise ImageReadError(f"unsupported image type {suffix!r} for {path}; supported: {', '.join(SUPPORTED)}")
+
+
+def npy_shape(path: str | Path) -> tuple[int, ...]:
+    """The shape a ``.npy`` file's header claims, read without reading (or allocating) the array."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return tuple(read(handle)[0])
+
+
+def image_pixels(shape: tuple[int, ...], axes: str | None = None) -> int:
+    """Height x width of an image of ``shape``: its Y and X axes (tifffile letters) if given, else the first two."""
+    if axes and "Y" in axes and "X" in axes:
+        return int(shape[axes.index("Y")]) * int(shape[axes.index("X")])
+    return math.prod(int(n) for n in shape[:2])
+
+
+def check_pixels(
+    path: str | Path, shape: tuple[int, ...], max_pixels: int | None, setting: str, axes: str | None = None
+) -> None:
+    """Refuse an image whose (header's) height x width exceeds ``max_pixels``, in one line naming ``setting``."""
+    pixels = image_pixels(tuple(shape), axes)
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageTooLargeError(
+            f"{path} has {pixels:,} pixels (shape {tuple(int(n) for n in shape)}), more than {setting} = "
+            f"{max_pixels:,}: it would be read whole; crop or tile it, or raise the limit (--set {setting}=N)"
+        )
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image whose header claims more pixels than the caller's limit (nothing was decoded)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type name if it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class GuardedReads:
+    """A read-only array-like over a lazily read array (Zarr, or a TIFF through tifffile's Zarr store) whose read
+    errors (a truncated or corrupt chunk, a file cut short) become one line: an ``error`` naming the file, the
+    window and, found by reading the window's chunks one by one, the chunk that fails.
+
+    Dask reads it like the array itself (``da.from_array``); ``array`` is the array underneath.
+    """
+
+    def __init__(self, array: Any, path: str | Path, error: type[UserError] = ImageReadError) -> None:
+        self.array, self.path, self.error = array, str(path), error
+        self.shape = tuple(int(n) for n in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+        self.chunks = tuple(int(n) for n in array.chunks)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self.array[key])
+        except (MemoryError, UserError):
+            raise
+        except Exception as exc:  # codecs and stores raise many kinds (RuntimeError, ValueError, OSError, ...)
+            window = self._window(key)
+            where = ", ".join(f"{s.start}:{s.stop}" for s in window) if window else repr(key)
+            raise self.error(f"{self.path}: cannot read [{where}]{self._bad_chunk(window)} ({one_line(exc)})") from None
+
+    def __dask_tokenize__(self) -> Any:  # one name per wrapper (its array may not pickle, e.g. a TIFF's store)
+        return type(self).__name__, self.path, self.shape, str(self.dtype), self.chunks, id(self)
+
+    def _window(self, key: Any) -> tuple[slice, ...] | None:
+        """``key`` as one unit-step slice per axis, or None for other indexing."""
+        key = key if isinstance(key, tuple) else (key,)
+        if Ellipsis in key:
+            at = key.index(Ellipsis)
+            key = key[:at] + (slice(None),) * (self.ndim - len(key) + 1) + key[at + 1 :]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        window = []
+        for k, n in zip(key, self.shape, strict=False):
+            if isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                if step != 1:
+                    return None
+                window.append(slice(start, max(start, stop)))
+            elif isinstance(k, (int, np.integer)):
+                window.append(slice(int(k) % n, int(k) % n + 1))
+            else:
+                return None
+        return tuple(window) if len(window) == self.ndim else None
+
+    def _bad_chunk(self, window: tuple[slice, ...] | None, most: int = 4096) -> str:
+        """The first chunk in ``window`` that fails to read alone, as ", chunk 'c/0/1/2'" (its key in a Zarr store,
+        its index otherwise), or "" if none does (or the window spans too many to try)."""
+        if window is None:
+            return ""
+        grid = tuple(getattr(self.array, "shards", None) or self.chunks)  # a shard is the file a key names
+        spans = [range(s.start // c, -(-s.stop // c)) for s, c in zip(window, grid, strict=True)]
+        if math.prod(len(r) for r in spans) > most:
+            return ""
+        for index in itertools.product(*spans):
+            cells = zip(index, grid, window, strict=True)
+            part = tuple(slice(max(i * c, s.start), min((i + 1) * c, s.stop)) for i, c, s in cells)
+            try:
+                self.array[part]
+            except (MemoryError, UserError):
+                raise
+            except Exception:
+                return f", chunk {self._chunk_name(index)}"
+        return ""
+
+    def _chunk_name(self, index: tuple[int, ...]) -> str:
+        """Its key in a Zarr store (the file or object holding it); its index in anything else (a TIFF's tiles)."""
+        encode = getattr(getattr(self.array, "metadata", None), "encode_chunk_key", None)
+        if callable(encode) and type(getattr(self.array, "store", None)).__module__.startswith("zarr."):
+            return repr(encode(index))
+        return str(index)
 
 
 def write_png(location: str | Path, rgb: np.ndarray) -> str:

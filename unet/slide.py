@@ -9,10 +9,15 @@ object store (``s3://bucket/slide.ome.zarr``, see ``unet.storage``); slide files
 
 ``open_slide(path, level)`` reads only metadata; ``Slide.read(y0, y1, x0, x1)`` reads one window as CYX and
 ``Slide.to_dask(chunk)`` gives the whole level as a lazy CYX Dask array.
+
+A slide comes from outside, so what its metadata claims is checked before any pixel is read (``MAX_SIDE``,
+``MAX_PIXELS``, ``MAX_CHANNELS``, ``MAX_CHUNK_BYTES``), and a chunk that cannot be read (truncated, corrupt) is a
+one-line ``SlideError`` naming the slide and the chunk.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +29,11 @@ import zarr
 
 from unet import storage
 from unet.errors import UserError
+from unet.io import GuardedReads
+from unet.io import pixel_size_um as tiff_pixel_size_um
 
 if TYPE_CHECKING:
     import dask.array as da
-from unet.io import pixel_size_um as tiff_pixel_size_um
 
 SPATIAL = "yx"
 KNOWN_AXES = "tczyx"
@@ -35,6 +41,12 @@ KNOWN_AXES = "tczyx"
 UNIT_TO_UM = {"nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6}
 _ZARR_ERRORS = (OSError, ValueError, TypeError, KeyError, zarr.errors.BaseZarrError)
 _TIFF_ERRORS = (OSError, ValueError, IndexError, tifffile.TiffFileError, zarr.errors.BaseZarrError)
+# What a slide's metadata may claim (per level). The largest scanners write about 2e10 pixels a slide (200,000 x
+# 100,000); beyond these limits a header is corrupt or hostile, and believing it would allocate absurd memory.
+MAX_SIDE = 2**24  # pixels a side (16.7 million): Dask's and the tiling's bookkeeping grows with it
+MAX_PIXELS = 2**36  # pixels a level (68.7 billion, e.g. 262,144 x 262,144)
+MAX_CHANNELS = 256
+MAX_CHUNK_BYTES = 2**30  # one stored chunk (a TIFF strip or tile) decoded: reading any pixel of it costs this much
 # OpenSlide vendors left to tifffile: it reads these as well and also handles OME-TIFF, many channels and 16 bits
 TIFFFILE_VENDORS = frozenset({"aperio", "generic-tiff"})
 READABLE = (
@@ -79,7 +91,7 @@ class Slide:
                 f"{self.path}: window y {y0}:{y1}, x {x0}:{x1} is outside level {self.level} "
                 f"({self.height} x {self.width} pixels)"
             )
-        return self._to_cyx(np.asarray(self.array[self._selection(slice(y0, y1), slice(x0, x1))]))
+        return self._to_cyx(np.asarray(self._reads[self._selection(slice(y0, y1), slice(x0, x1))]))
 
     def to_dask(self, chunk: int = 512) -> da.Array:
         """The whole level as a lazy CYX Dask array with chunks (C, chunk, chunk)."""
@@ -87,11 +99,19 @@ class Slide:
         chunks = tuple(sizes.get(axis, 1) for axis in self.axes)
         import dask.array as da
 
-        if isinstance(self.array, zarr.Array):
-            whole = da.from_zarr(self.array, chunks=chunks)
+        meta = np.empty((0,) * self.array.ndim, self.dtype)
+        if isinstance(self.array, zarr.Array):  # read errors become one line naming the slide and the chunk
+            whole = da.from_array(self._reads, chunks=chunks, lock=False, meta=meta)
         else:  # an OpenSlide level; OpenSlide handles are thread-safe, so no lock; name=False: nothing to hash
-            whole = da.from_array(self.array, chunks=chunks, lock=False, name=False, meta=np.empty((0,) * 3, np.uint8))
+            whole = da.from_array(self.array, chunks=chunks, lock=False, name=False, meta=meta)
         return self._to_cyx(whole[self._selection(slice(None), slice(None))])
+
+    @property
+    def _reads(self) -> Any:
+        """The array to read from: a Zarr array's read errors become a ``SlideError`` (OpenSlide's already are)."""
+        if isinstance(self.array, zarr.Array):
+            return GuardedReads(self.array, f"{self.path} (level {self.level})", SlideError)
+        return self.array
 
     def close(self) -> None:
         """Release the file handle a TIFF- or OpenSlide-backed slide keeps open (harmless for Zarr)."""
@@ -131,8 +151,12 @@ def open_slide(path: str | Path, level: int = 0) -> Slide:
         return _open_file(Path(path), level)
     try:
         node = zarr.open(path, mode="r")
-    except _ZARR_ERRORS:
-        raise SlideError(f"{path} is neither a Zarr array or group nor a TIFF file; readable: {READABLE}") from None
+    except _ZARR_ERRORS as exc:
+        reason = " ".join(str(exc).split())  # e.g. Zarr metadata with a negative shape says so
+        detail = f" ({reason})" if reason and not isinstance(exc, FileNotFoundError) else ""
+        raise SlideError(
+            f"{path} is neither a Zarr array or group nor a TIFF file{detail}; readable: {READABLE}"
+        ) from None
     if isinstance(node, zarr.Array):
         _check_level(path, level, 1)
         return _make_slide(path, level, 1, _guess_axes(path, node), node, None)
@@ -261,6 +285,7 @@ def _make_slide(path: str, level: int, levels: int, axes: str, array: Any, pixel
             f"{path}: axes {axes!r} of shape {tuple(array.shape)} have non-singleton {described}; "
             "only c, y and x may be larger than 1"
         )
+    _check_claims(path, level, axes, array)
     return Slide(
         path=path,
         level=level,
@@ -273,6 +298,38 @@ def _make_slide(path: str, level: int, levels: int, axes: str, array: Any, pixel
         pixel_size_um=pixel_size,
         array=array,
     )
+
+
+def _check_claims(path: str, level: int, axes: str, array: Any) -> None:
+    """Refuse a level whose metadata claims what no slide has (see ``MAX_SIDE`` and the others), before any read."""
+    shape = tuple(int(n) for n in array.shape)
+    sizes = dict(zip(axes, shape, strict=True))
+    height, width, channels = sizes["y"], sizes["x"], sizes.get("c", 1)
+    if min(shape) <= 0:
+        raise SlideError(f"{path}: level {level} has no pixels (shape {shape})")
+    if max(height, width) > MAX_SIDE or height * width > MAX_PIXELS:
+        raise SlideError(
+            f"{path}: level {level} claims {height:,} x {width:,} pixels (shape {shape}), more than a slide may have "
+            f"(unet.slide.MAX_SIDE = {MAX_SIDE:,} pixels a side, MAX_PIXELS = {MAX_PIXELS:,} a level)"
+        )
+    if channels > MAX_CHANNELS:
+        raise SlideError(
+            f"{path}: level {level} claims {channels:,} channels (shape {shape}), more than unet.slide.MAX_CHANNELS "
+            f"= {MAX_CHANNELS}"
+        )
+    try:
+        chunks = getattr(array, "chunks", None)
+    except (NotImplementedError, ValueError, TypeError):  # a chunk grid without one chunk shape
+        chunks = None
+    if chunks is not None:
+        chunks = tuple(int(n) for n in chunks)
+        chunk_bytes = math.prod(chunks) * np.dtype(array.dtype).itemsize
+        if chunk_bytes > MAX_CHUNK_BYTES:
+            raise SlideError(
+                f"{path}: level {level} is stored in chunks of {chunks} ({chunk_bytes / 2**20:,.0f} MiB decoded), "
+                f"more than unet.slide.MAX_CHUNK_BYTES = {MAX_CHUNK_BYTES // 2**20:,} MiB: reading any "
+                "pixel would decode a whole chunk; save it tiled or in smaller chunks"
+            )
 
 
 def openslide_vendor(path: str | Path) -> str | None:
@@ -302,10 +359,29 @@ def open_openslide(path: str | Path, level: int = 0) -> Slide:
             mpp = 0.0
         pixel_size = mpp * handle.level_downsamples[level] if mpp > 0 else None
         level_array = OpenSlideLevel(handle, level, str(path))
-        return _make_slide(str(path), level, handle.level_count, "yxc", level_array, pixel_size)
+        slide = _make_slide(str(path), level, handle.level_count, "yxc", level_array, pixel_size)
+        _check_openslide_tiles(str(path), level, handle.properties)
+        return slide
     except BaseException:
         handle.close()
         raise
+
+
+def _check_openslide_tiles(path: str, level: int, properties: Any) -> None:
+    """Refuse a level whose tiles (as OpenSlide reports them, where it does) exceed ``MAX_CHUNK_BYTES`` decoded:
+    OpenSlide decodes a whole tile, as RGBA, to read one pixel of it, and aborts the process when that fails."""
+    try:
+        height = int(properties[f"openslide.level[{level}].tile-height"])
+        width = int(properties[f"openslide.level[{level}].tile-width"])
+    except (KeyError, ValueError):
+        return
+    tile_bytes = height * width * 4
+    if tile_bytes > MAX_CHUNK_BYTES:
+        raise SlideError(
+            f"{path}: level {level} is stored in tiles of {height:,} x {width:,} pixels ({tile_bytes / 2**20:,.0f} "
+            f"MiB decoded), more than unet.slide.MAX_CHUNK_BYTES = {MAX_CHUNK_BYTES // 2**20:,} MiB: reading any pixel "
+            "would decode a whole tile"
+        )
 
 
 class OpenSlideLevel:

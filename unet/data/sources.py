@@ -11,7 +11,16 @@ import tifffile
 import zarr
 
 from unet.errors import UserError
-from unet.io import PIL_SUFFIXES, TIFF_SUFFIXES, image_suffix, read_image
+from unet.io import (
+    PIL_SUFFIXES,
+    TIFF_SUFFIXES,
+    GuardedReads,
+    ImageReadError,
+    check_pixels,
+    image_suffix,
+    npy_shape,
+    read_image,
+)
 
 INPUT_SUFFIXES = sorted(TIFF_SUFFIXES | PIL_SUFFIXES | {".npy", ".zarr"})
 
@@ -67,28 +76,44 @@ def find_pairs(images: str, labels: str) -> list[Pair]:
     return pairs
 
 
-def open_lazy(path: Path) -> zarr.Array | np.ndarray:
-    """An array-like over the file that reads only what is indexed (TIFF, NumPy, Zarr).
+def open_lazy(path: Path, max_pixels: int | None = None) -> GuardedReads | np.ndarray:
+    """An array-like over the file that reads only what is indexed (TIFF, NumPy, Zarr); a chunk that cannot be
+    read is a one-line ``DataError`` naming the file and the chunk.
 
-    PNG/JPEG cannot be read partially and are decoded whole (they are small by nature).
+    With ``max_pixels`` (``data.max_image_pixels``) a larger image (height x width) is refused from its header,
+    before any pixel is read. PNG/JPEG cannot be read partially and are decoded whole (they are small by nature).
     """
     suffix = image_suffix(path)
+    setting = "data.max_image_pixels"
     try:
         if suffix in TIFF_SUFFIXES:
-            return zarr.open_array(tifffile.imread(path, aszarr=True, level=0), mode="r")
+            with tifffile.TiffFile(path) as tif:  # the header's shape, with its axes (YXS, SYX, ...)
+                series = tif.series[0].levels[0]
+                check_pixels(path, series.shape, max_pixels, setting, series.axes)
+            return GuardedReads(zarr.open_array(tifffile.imread(path, aszarr=True, level=0), mode="r"), path, DataError)
         if suffix == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            check_pixels(path, npy_shape(path), max_pixels, setting)
+            return np.load(path, mmap_mode="r", allow_pickle=False)  # a header claiming more than the file: refused
         if suffix == ".zarr":
-            return zarr.open_array(path, mode="r")
+            array = zarr.open_array(path, mode="r")
+            check_pixels(path, array.shape, max_pixels, setting)
+            return GuardedReads(array, path, DataError)
+    except ImageReadError as exc:
+        raise DataError(str(exc)) from None
     except (OSError, ValueError, TypeError, tifffile.TiffFileError, zarr.errors.BaseZarrError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-    return read_image(path)
+        raise DataError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    try:
+        return read_image(path, max_pixels, setting)
+    except ImageReadError as exc:
+        raise DataError(str(exc)) from None
 
 
-def check_pair(pair: Pair, image: zarr.Array | np.ndarray, labels: zarr.Array | np.ndarray) -> None:
+def check_pair(pair: Pair, image: GuardedReads | np.ndarray, labels: GuardedReads | np.ndarray) -> None:
     """Shape and dtype checks that need no pixel data."""
     if labels.ndim != 2:
         raise DataError(f"labels {pair.labels}: expected a 2-D instance label image, got shape {labels.shape}")
+    if 0 in labels.shape:
+        raise DataError(f"labels {pair.labels} have no pixels (shape {tuple(labels.shape)})")
     if np.dtype(labels.dtype).kind not in "iu":
         raise DataError(f"labels {pair.labels}: instance labels must be integers, got {labels.dtype}")
     if image.ndim not in (2, 3) or tuple(image.shape[:2]) != tuple(labels.shape):

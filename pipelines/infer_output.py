@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from pipelines.infer_tasks import JobSpec
+    from pipelines.locks import Lock
 
 # the store's layout
 PROBABILITY, LABELS = "0", "labels/nuclei/0"  # level 0 of the image (foreground probability) and of its labels
@@ -46,7 +47,8 @@ RESUME_KEYS = ("model_uri", "input", "level")
 # input, output and level are compared resolved (RESUME_KEYS) or are where the output is; a batch and a
 # single-slide run of the same slide agree on the rest
 IGNORED_CONFIG = ("infer.overwrite", "infer.resume", "infer.scheduler", "infer.workers", "infer.tasks_per_worker",
-                  "infer.input", "infer.output", "infer.level")  # fmt: skip
+                  "infer.input", "infer.output", "infer.level",
+                  "infer.tls_ca_file", "infer.tls_cert", "infer.tls_key", "infer.require_encryption")  # fmt: skip
 
 
 def _axes(slide: Slide, channel: bool = True) -> list[dict]:
@@ -58,6 +60,19 @@ def _axes(slide: Slide, channel: bool = True) -> list[dict]:
 def output_staging(output: str) -> storage.Staging:
     """Where the job writes: ``.NAME.partial`` beside a local output (a fixed name, so ``--resume`` finds it)."""
     return storage.staging(output, unique=False)
+
+
+def lock_output(staged: storage.Staging) -> Lock | None:
+    """Lock the output for this job (``pipelines.locks``) before its partial store is read or written: a second job
+    writing it at once, even with --resume or --overwrite, is refused in one line naming the first. A killed job's
+    lock dies with it, so its output can be resumed at once. On object stores only jobs on this machine are kept
+    out."""
+    from pipelines.locks import acquire
+
+    def busy(holder: str) -> str:
+        return f"{staged.final} is being written by another job ({holder}); wait for it, or stop it and use --resume"
+
+    return acquire(staged.final, busy)
 
 
 def create_output(location: str, slide: Slide, spec: JobSpec, lineage: dict) -> None:

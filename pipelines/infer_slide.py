@@ -19,6 +19,7 @@ from unet.errors import UserError
 
 if TYPE_CHECKING:
     from pipelines.infer_tasks import JobSpec, ModelSpec
+    from pipelines.locks import Lock
     from unet.config import Config
     from unet.instances import ChunkEdges
     from unet.model import UNet
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("infer")
 NEW, RESUMED, SKIPPED, FAILED, DONE = "new", "resumed", "skipped", "failed", "done"
+MAX_WHOLE_LEVEL_PIXELS = 2**26  # the lowest level of a pyramid is read whole for the tissue mask (67 Mpx)
+MAX_INTENSITY_SPAN = 2**24  # an integer slide's intensity range is a histogram this long at most
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class SlideJob:
     units: int = 0  # tasks done, of all passes
     resumed: bool = False  # its output was started by an earlier, interrupted run
     run_id: str | None = None
+    lock: Lock | None = None  # held while the job writes the output: no other job may (pipelines.locks)
 
     @property
     def to_do(self) -> bool:
@@ -73,6 +77,12 @@ class SlideJob:
 
     def fail(self, reason: str) -> None:
         self.state, self.reason = FAILED, reason
+        self.unlock()
+
+    def unlock(self) -> None:
+        from pipelines.locks import release
+
+        release(self.lock)
 
 
 def plan(item: Item, context: JobContext) -> SlideJob:
@@ -80,7 +90,7 @@ def plan(item: Item, context: JobContext) -> SlideJob:
     job = SlideJob(item)
     try:
         _open(job, context)
-        job.state = _prepare_output(job, context)
+        job.state = _prepare_locked(job, context)
         job.resumed = job.state == RESUMED
         if job.to_do:
             job.keys, job.tissue = chunk_keys(context.config, job.slide, item.input)
@@ -98,9 +108,11 @@ def _open(job: SlideJob, context: JobContext) -> None:
     from unet.slide import open_slide
 
     item, infer, model = job.item, context.config.infer, context.model
-    job.slide = open_slide(item.input, item.level)
+    job.slide = open_slide(item.input, item.level)  # its metadata's claims are checked (unet.slide.MAX_PIXELS, ...)
     if job.slide.channels != model.n_channels:
         raise UserError(f"{item.input} has {job.slide.channels} channels but the model expects {model.n_channels}")
+    if infer.tissue_mask and job.slide.levels > 1:
+        _check_lowest_level(job.slide)
     job.staged = output_staging(item.output)
     shape = (job.slide.height, job.slide.width)
     config = {**context.lineage["config"], "infer.input": item.input, "infer.output": item.output}
@@ -124,13 +136,40 @@ def intensity_range(slide: Slide) -> tuple[tuple[float, float], ...]:
     read, identical for every chunk; none at all for 8-bit images)."""
     import math
 
+    import numpy as np
+
     from unet.intensity import intensity_ranges
     from unet.slide import SlideError, open_slide
 
-    ranges = intensity_ranges(open_slide(slide.path, slide.levels - 1))
+    lowest = open_slide(slide.path, slide.levels - 1)
+    if lowest.dtype.kind in "iu" and lowest.dtype.itemsize > 2:  # 32/64-bit: the histogram must stay small
+        import dask
+
+        pixels = lowest.to_dask(chunk=2048).astype(np.float64)
+        low, high = dask.compute(pixels.min(), pixels.max())
+        if high - low > MAX_INTENSITY_SPAN:
+            raise SlideError(
+                f"{slide.path}: {lowest.dtype} values from {low:.0f} to {high:.0f} span more than "
+                f"{MAX_INTENSITY_SPAN:,}, too many for the intensity histogram; convert it to float32 or 16 bits"
+            )
+    ranges = intensity_ranges(lowest)
     if not all(math.isfinite(v) for pair in ranges for v in pair):
         raise SlideError(f"{slide.path}: NaN or infinite pixels (its intensity range is {ranges})")
     return ranges
+
+
+def _check_lowest_level(slide: Slide) -> None:
+    """The tissue mask reads a pyramid's lowest level whole: refuse one of absurd size (a corrupt or hostile
+    pyramid) before anything is written."""
+    from unet.slide import SlideError, open_slide
+
+    with open_slide(slide.path, slide.levels - 1) as lowest:
+        if lowest.height * lowest.width > MAX_WHOLE_LEVEL_PIXELS:
+            raise SlideError(
+                f"{slide.path}: its lowest level ({lowest.level}) has {lowest.height:,} x {lowest.width:,} pixels, "
+                f"more than the {MAX_WHOLE_LEVEL_PIXELS:,} infer.tissue_mask reads whole; add smaller levels "
+                "(python -m pipelines.convert writes a full pyramid) or set infer.tissue_mask=false"
+            )
 
 
 def chunk_keys(config: Config, slide: Slide, input: str) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
@@ -142,6 +181,22 @@ def chunk_keys(config: Config, slide: Slide, input: str) -> tuple[list[tuple[int
     if not config.infer.tissue_mask:
         return keys, set(keys)
     return keys, chunks_with_tissue(input, slide, config.infer.chunk)
+
+
+def _prepare_locked(job: SlideJob, context: JobContext) -> str:
+    """``_prepare_output`` under the output's lock, kept while there is work to do: a second job writing the same
+    output at once (even with --resume or --overwrite) is refused in one line naming the first."""
+    from pipelines.infer_output import lock_output
+
+    job.lock = lock_output(job.staged)
+    try:
+        state = _prepare_output(job, context)
+    except BaseException:
+        job.unlock()
+        raise
+    if state == SKIPPED:
+        job.unlock()
+    return state
 
 
 def _prepare_output(job: SlideJob, context: JobContext) -> str:
@@ -203,6 +258,7 @@ def finish(job: SlideJob, context: JobContext, parent_run_id: str | None = None)
         lineage["mlflow_batch_run_id"] = parent_run_id
     finalize_output(job.staged, job.slide, len(job.spec.levels), lineage, overwrite=context.overwrite)
     job.state = DONE
+    job.unlock()
 
 
 def _write_objects(job: SlideJob) -> None:

@@ -1,16 +1,18 @@
 """The Dask tasks of ``pipelines.infer``: one call per output chunk, run in worker processes.
 
-The model is loaded once per worker process (cached by ``ModelSpec``, shared by every slide of a batch)
-and each slide opened once, so neither is shipped with a task. Each chunk records its
-completion in a small Zarr array *after* its data is written, so a killed job can be resumed and
-redoes only chunks whose record is missing. Every write covers whole Zarr chunks
-(``unet.chunk_writes.write_block``), so no two tasks ever write the same chunk.
+The model is loaded once per worker process (cached by ``ModelSpec``, shared by every slide of a batch and by
+concurrent jobs with the same model and settings; the last few are kept, for jobs sharing a cluster) and each
+slide opened once, so neither is shipped with a task. Each chunk records its completion in a small Zarr array
+*after* its data is written, so a killed job can be resumed and redoes only chunks whose record is missing.
+Every write covers whole Zarr chunks (``unet.chunk_writes.write_block``), so no two tasks ever write the same
+chunk.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,33 +70,74 @@ class JobSpec:
         return Region(y0, min(y0 + self.chunk, height), x0, min(x0 + self.chunk, width))
 
 
-_PREDICTORS: dict[ModelSpec, ChunkPredictor] = {}
-_PREDICTORS_LOCK = threading.Lock()
+# Each worker process keeps the predictors of the last MODELS_PER_WORKER model specs used (model URI and
+# inference settings; the least recently used goes first), so jobs sharing a cluster with different models or
+# settings do not evict each other's model on every task. Each costs its model's weights on the worker's device
+# (a few MB at base_channels 8, about 125 MB at 64 in float32), plus its compiled graph with infer.compile.
+MODELS_PER_WORKER = 3
+_PREDICTORS: OrderedDict[tuple, ChunkPredictor] = OrderedDict()  # by _cache_key(spec)
+_PREDICTORS_LOCK = threading.Lock()  # guards _PREDICTORS: held for a lookup, never while a model loads
+_LOADING_LOCK = threading.Lock()  # one load at a time (MLflow's tracking URI is process-wide while it downloads)
+LOADS: Counter = Counter()  # models loaded in this process, by spec (a model evicted and needed again counts twice)
 
 
 def use_model(spec: ModelSpec, model: UNet) -> None:
     """Predict with ``model`` (already loaded) in this process instead of loading it again."""
-    with _PREDICTORS_LOCK:
-        _set_threads(spec)
-        _PREDICTORS[spec] = ChunkPredictor(model, spec.settings)
+    _set_threads(spec)
+    _remember(_cache_key(spec), ChunkPredictor(model, spec.settings))
 
 
 def _set_threads(spec: ModelSpec) -> None:
-    if spec.threads > 0:  # 0: a remote cluster's workers keep their own setting
+    if spec.threads > 0:  # 0: a remote cluster's workers keep their own setting (jobs sharing it never change it)
         torch.set_num_threads(spec.threads)
 
 
-def _predictor(spec: ModelSpec) -> ChunkPredictor:
-    """The job's predictor in this worker process, made once (its threads and all slides share it)."""
-    with _PREDICTORS_LOCK:
-        if spec not in _PREDICTORS:
-            from pipelines.registry import load_model  # MLflow only where a model is actually loaded
+def _cache_key(spec: ModelSpec) -> tuple:
+    """``spec`` and, for a model folder, its weights file's size and time: a folder trained again is loaded again
+    (``models:/NAME/VERSION`` and ``runs:/`` models never change)."""
+    from pathlib import Path
 
-            _set_threads(spec)
-            _PREDICTORS.clear()  # one job at a time per worker: free the previous model
-            model = load_model(spec.model_uri, tracking_uri=spec.tracking_uri)
-            _PREDICTORS[spec] = ChunkPredictor(model, spec.settings)
-        return _PREDICTORS[spec]
+    from unet.model_files import WEIGHTS_FILE
+
+    try:
+        stat = (Path(spec.model_uri) / WEIGHTS_FILE).stat()
+    except OSError:  # a models:/ or runs:/ URI
+        return (spec,)
+    return spec, stat.st_size, stat.st_mtime_ns
+
+
+def _remember(key: tuple, predictor: ChunkPredictor) -> None:
+    with _PREDICTORS_LOCK:
+        _PREDICTORS[key] = predictor
+        _PREDICTORS.move_to_end(key)
+        while len(_PREDICTORS) > MODELS_PER_WORKER:  # a task using an evicted one keeps it until it returns
+            _PREDICTORS.popitem(last=False)
+
+
+def _cached(key: tuple) -> ChunkPredictor | None:
+    with _PREDICTORS_LOCK:
+        predictor = _PREDICTORS.get(key)
+        if predictor is not None:
+            _PREDICTORS.move_to_end(key)
+        return predictor
+
+
+def _predictor(spec: ModelSpec) -> ChunkPredictor:
+    """The job's predictor in this worker process, loaded once and shared by its threads, its slides and every
+    job with the same spec; loading one model never holds up tasks whose model is loaded already."""
+    key = _cache_key(spec)
+    if (predictor := _cached(key)) is not None:
+        return predictor
+    with _LOADING_LOCK:
+        if (predictor := _cached(key)) is not None:  # another thread loaded it meanwhile
+            return predictor
+        from pipelines.registry import load_model  # MLflow only where a model is actually loaded
+
+        _set_threads(spec)
+        predictor = ChunkPredictor(load_model(spec.model_uri, tracking_uri=spec.tracking_uri), spec.settings)
+        LOADS[spec] += 1
+        _remember(key, predictor)
+        return predictor
 
 
 @functools.lru_cache(maxsize=8)  # a batch has a few slides in flight at once

@@ -165,6 +165,16 @@ def train(config: Config) -> dict:
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     config.tracking.tracking_uri = tracking_uri
     client = registry.connect(tracking_uri)
+    with one_job_per_run(config):
+        return _train(config, store, client)
+
+
+def _train(config: Config, store: TrainingStore, client) -> dict:
+    """``train`` once the run is this job's alone."""
+    from pipelines import registry
+    from unet import storage
+
+    tracking_uri = config.tracking.tracking_uri
     init_ray()
     check_resources(config, local=not os.environ.get("RAY_ADDRESS"))
 
@@ -174,6 +184,7 @@ def train(config: Config) -> dict:
         registry.STORE_SHA_TAG: store_sha,
         registry.GIT_COMMIT_TAG: registry.git_commit(),
     }
+    not_running_elsewhere(config, client)
     run_id, resumed = registry.start_or_resume_run(client, config, tracking_uri, flatten_config(config), tags)
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "config.yaml"
@@ -190,8 +201,106 @@ def train(config: Config) -> dict:
     )
 
     loop_config = {"config": config.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
-    with failed_run_on_error(client, run_id):
+    with failed_run_on_error(client, run_id), heartbeat(client, run_id):
         return fit_and_register(config, client, run_id, loop_config, tags, resumed)
+
+
+@contextlib.contextmanager
+def one_job_per_run(config: Config) -> Iterator[None]:
+    """Refuse, in one line, a second job with this ``train.run_name`` and ``train.storage_path`` while one runs: both
+    would write checkpoints into one folder, log into one MLflow run and register a model each.
+
+    On this machine (and on a shared filesystem) a file lock decides at once and for certain
+    (``pipelines.locks``: ``.RUN_NAME.lock`` beside the run folder); it dies with its job, so a killed job is
+    resumed at once. A job on another machine is recognised later, just before the MLflow run is started or
+    resumed, by that run (``not_running_elsewhere``)."""
+    from pipelines import locks
+
+    train = config.train
+    folder = f"{train.storage_path}/{train.run_name}"
+
+    def busy(holder: str) -> str:
+        return (f"training run {train.run_name!r} is already running ({holder}; checkpoints in {folder}); "
+                "wait for it, or stop it and run this again to resume")  # fmt: skip
+
+    with locks.locked(folder, busy):
+        yield
+
+
+HEARTBEAT_S, STALE_S = 30.0, 120.0
+DRIVER_TAG, HEARTBEAT_TAG = "driver", "driver_heartbeat"  # "HOST PID" of the job; when it last said it is alive
+
+
+def not_running_elsewhere(config: Config, client) -> None:
+    """Refuse when the run's MLflow run says a live job drives it: RUNNING, with a heartbeat (renewed every
+    HEARTBEAT_S seconds) under STALE_S seconds old, from another machine or from a live process on this one (a
+    killed job's heartbeat stops). Unlike the file lock this is not atomic: two jobs on two machines that both
+    pass it within a second or so of each other both go on."""
+    from pipelines import registry
+
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        return
+    name, storage_path = config.train.run_name, config.train.storage_path
+    for found in registry.ray_run_runs(client, experiment.experiment_id, name, storage_path, max_results=1):
+        host, _, pid = found.data.tags.get(DRIVER_TAG, "").partition(" ")
+        try:
+            age = time.time() - float(found.data.tags.get(HEARTBEAT_TAG, "0"))
+        except ValueError:
+            continue
+        if found.info.status != "RUNNING" or not host or age > STALE_S:
+            continue
+        if host == socket.gethostname() and not _alive(int(pid) if pid.isdigit() else 0):  # killed here
+            continue
+        raise UserError(
+            f"training run {name!r} is already running (pid {pid} on {host}, MLflow run {found.info.run_id}, "
+            f"heartbeat {age:.0f} s ago); wait for it, or stop it and run this again {STALE_S:.0f} s later"
+        )
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` (not this one) runs on this machine."""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def heartbeat(client, run_id: str) -> Iterator[None]:
+    """Tag the MLflow run with this driver ("HOST PID") and renew its heartbeat every HEARTBEAT_S seconds during
+    the block, for ``not_running_elsewhere``."""
+    import threading
+
+    from pipelines import registry
+
+    stop = threading.Event()
+    driver = f"{socket.gethostname()} {os.getpid()}"
+
+    def tag() -> None:
+        registry.set_tags(client, run_id, {DRIVER_TAG: driver, HEARTBEAT_TAG: f"{time.time():.0f}"})
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat is no reason to fail the training
+                tag()
+            if stop.wait(HEARTBEAT_S):
+                return
+
+    # not from this thread: Ctrl-C in the middle of an MLflow call could leave its database session unusable for
+    # marking the run FAILED
+    thread = threading.Thread(target=beat, name="mlflow-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ import zarr
 from PIL import Image
 
 from pipelines.convert import convert
-from unet.slide import READABLE, OpenSlideLevel, SlideError, _over_white, open_openslide, open_slide, openslide_vendor
+from unet.openslide_reader import OpenSlideLevel, _over_white, open_openslide, openslide_vendor
+from unet.slide import READABLE, SlideError, open_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 MPP = 0.499  # the CMU slide's pixel size; Trestle keeps it, non-standardly, in XResolution

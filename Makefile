@@ -31,7 +31,8 @@ test: lint
 	$(PY) -m pytest -m "not cluster" --durations=15
 
 # Multi-process clusters and services: PostgreSQL (its server binaries; .ci/run installs them), S3 + MLflow server
-# + Ray, a two-node Ray cluster losing a node, a Dask scheduler and workers losing a worker.
+# + Ray, a two-node Ray cluster losing a node, Ray Train losing a worker, `ray job submit`, a Dask scheduler and
+# workers losing a worker, MLflow with accounts, Dask over TLS, concurrent jobs.
 test-cluster: $(STAMP)
 	$(PY) -m pytest -m cluster --durations=5
 

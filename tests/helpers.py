@@ -166,12 +166,20 @@ def s3_server() -> Iterator[dict[str, str]]:
 @contextlib.contextmanager
 def s3_bucket() -> Iterator[str]:
     """``s3://S3_BUCKET`` on a fresh s3_server(); the AWS_* variables point this process and its children at it."""
+    import s3fs
+
     with s3_server() as env, pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
         for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             patch.delenv(key, raising=False)
-        yield f"s3://{S3_BUCKET}"
+        # fsspec caches filesystems by their arguments, not by the environment: one made for an earlier
+        # module's server (another port, gone now) would be reused
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            yield f"s3://{S3_BUCKET}"
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 def objects(location: str | Path) -> list[str]:

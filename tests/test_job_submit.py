@@ -14,7 +14,7 @@ from pipelines.prepare import prepare
 from tests.helpers import ROOT, SMALL, VENV_BIN, environment, free_port
 from unet.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # a Ray cluster started with `ray start`
 
 
 @pytest.fixture

@@ -126,7 +126,8 @@ def test_jobs_sharing_a_worker_keep_their_models_loaded(tmp_path: Path, monkeypa
         thread.join()
     assert not errors and dict(infer_tasks.LOADS) == dict.fromkeys(specs, 1)
     fourth = infer_tasks.ModelSpec(str(b), None, InferenceSettings(tile=None, batch_size=3), 0)
-    infer_tasks._predictor(specs[1])  # most recent: specs[0] is now the least recently used
+    for spec in (specs[0], specs[2], specs[1]):  # whatever order the threads left: specs[0] the least recent
+        infer_tasks._predictor(spec)
     infer_tasks._predictor(fourth)
     assert len(infer_tasks._PREDICTORS) == infer_tasks.MODELS_PER_WORKER
     assert infer_tasks._cached(infer_tasks._cache_key(specs[0])) is None

@@ -108,6 +108,7 @@ def test_registered_version_loads_back_by_alias_and_version(workspace: Path, res
         load_model("models:/unet-test@nope", tracking_uri=uri)
 
 
+@pytest.mark.cluster  # kills Ray worker processes / starts an MLflow server: make test-cluster
 def test_killed_worker_resumes_from_checkpoint_and_finishes(workspace: Path) -> None:
     cmd = train_command(workspace, "worker-failure", 3, "tracking.promote=false")
     proc = subprocess.Popen(cmd, cwd=workspace, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -133,6 +134,7 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(workspace: Path) -> 
     assert set(epoch_history(client, run.info.run_id)) == {0, 1, 2}
 
 
+@pytest.mark.cluster  # kills Ray worker processes / starts an MLflow server: make test-cluster
 def test_a_failed_or_interrupted_run_is_one_line_and_marked_failed(workspace: Path) -> None:
     """A worker lost with no failures allowed fails the job: one line, exit 2. Ctrl-C: exit 130. Either way the
     MLflow run says FAILED, not RUNNING forever."""
@@ -161,7 +163,10 @@ def test_a_failed_or_interrupted_run_is_one_line_and_marked_failed(workspace: Pa
     # one line, whatever Ray's own processes print around it
     failures = [line for line in errors.splitlines() if line.startswith("python -m pipelines.train: error: ")]
     assert proc.returncode == 2 and len(failures) == 1 and "training failed: Training failed" in failures[0], errors
-    assert "actor is dead" in failures[0] or "died" in failures[0], failures[0]  # the cause, not just a heading
+    # the cause, not just a heading: the killed worker's death, or (whichever Ray reports first) its peer's lost
+    # connection to it in the gradient all-reduce
+    causes = ("actor is dead", "died", "Connection reset by peer")
+    assert any(cause in failures[0] for cause in causes), failures[0]
     assert interrupted.returncode == 130 and "interrupted" in output.strip().splitlines()[-1], output[-2000:]
     client = tracking(workspace)
     for name in ("fails", "interrupted"):
@@ -189,6 +194,7 @@ def test_bad_input_fails_before_any_worker_starts(workspace: Path, tmp_path: Pat
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cluster  # kills Ray worker processes / starts an MLflow server: make test-cluster
 def test_mlflow_server_shows_the_run_and_the_model_version(workspace: Path, resumed_run: dict, tmp_path: Path) -> None:
     """What the MLflow UI shows, read through a real `mlflow server`'s REST API on loopback."""
     with mlflow_server(f"sqlite:///{workspace / 'mlflow.db'}", tmp_path) as base:

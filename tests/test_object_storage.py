@@ -94,6 +94,7 @@ def test_slide_converted_to_s3_reads_like_a_local_one(s3: str, s3_slide: str, cm
         open_slide(f"{s3}/slides/cmu.svs")
 
 
+@pytest.mark.cluster  # kills a job mid-write on S3 and runs it three times: make test-cluster
 def test_inference_from_s3_to_s3_resumes_and_matches_a_local_run(
     trained_model_dir, s3: str, s3_slide: str, cmu_ome_zarr: Path, tmp_path: Path
 ) -> None:

@@ -165,7 +165,7 @@ def test_a_failed_or_interrupted_run_is_one_line_and_marked_failed(workspace: Pa
     assert proc.returncode == 2 and len(failures) == 1 and "training failed: Training failed" in failures[0], errors
     # the cause, not just a heading: the killed worker's death, or (whichever Ray reports first) its peer's lost
     # connection to it in the gradient all-reduce
-    causes = ("actor is dead", "died", "Connection reset by peer")
+    causes = ("actor is dead", "died", "Connection reset by peer", "Connection closed by peer")
     assert any(cause in failures[0] for cause in causes), failures[0]
     assert interrupted.returncode == 130 and "interrupted" in output.strip().splitlines()[-1], output[-2000:]
     client = tracking(workspace)

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("infer")
 NEW, RESUMED, SKIPPED, FAILED, DONE = "new", "resumed", "skipped", "failed", "done"
 MAX_WHOLE_LEVEL_PIXELS = 2**26  # the lowest level of a pyramid is read whole for the tissue mask (67 Mpx)
-MAX_INTENSITY_SPAN = 2**24  # an integer slide's intensity range is a histogram this long at most
 
 
 @dataclass(frozen=True)
@@ -138,7 +137,7 @@ def intensity_range(slide: Slide) -> tuple[tuple[float, float], ...]:
 
     import numpy as np
 
-    from unet.intensity import intensity_ranges
+    from unet.intensity import MAX_INTENSITY_SPAN, intensity_ranges
     from unet.slide import SlideError, open_slide
 
     lowest = open_slide(slide.path, slide.levels - 1)

@@ -24,6 +24,7 @@ import numpy as np
 
 from pipelines.cli import make_parser, run
 from unet.config import Config, flatten_config
+from unet.intensity import MAX_INTENSITY_SPAN
 
 if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
     import dask.array as da
@@ -33,7 +34,6 @@ if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --h
 
 log = logging.getLogger("prepare")
 INT32_MAX = 2**31 - 1  # labels are stored as int32
-MAX_INTENSITY_SPAN = 2**24  # an integer image's intensity range is a histogram this long at most
 
 
 class Prepared:

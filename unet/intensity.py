@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 
+# an integer image's intensity range is a histogram as long as its value span: callers refuse wider ones
+MAX_INTENSITY_SPAN = 2**24
+
 
 def intensity_range_from_histogram(counts: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
     """Exact (``low``, ``high``) percentiles of an integer channel from its value histogram."""

@@ -67,11 +67,10 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def resolve_tracking_uri(configured: str) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the configured URI; relative sqlite/file paths made absolute
-    (Ray workers and jobs run in other directories)."""
-    for candidate in (os.environ.get(TRACKING_ENV), configured):
-        refuse_credentials(candidate)
-    uri = os.environ.get(TRACKING_ENV) or configured
+    """The configured URI (``load_config`` has applied MLFLOW_TRACKING_URI, and ``--set`` over it), refused if it
+    holds credentials; relative sqlite/file paths made absolute (Ray workers and jobs run in other directories)."""
+    refuse_credentials(configured)
+    uri = configured
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     if "://" not in uri:

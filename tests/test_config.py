@@ -28,9 +28,48 @@ def test_shipped_configs_exist() -> None:
     assert {p.name for p in CONFIGS} >= {"default.yaml", "demo.yaml"}
 
 
-def test_defaults_without_a_file() -> None:
+def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = load_config()
     assert config.model.base_channels == 64 and config.tracking.tracking_uri == "sqlite:///mlflow.db"
+
+
+@pytest.mark.parametrize(
+    ("in_file", "in_environment", "on_command_line", "wins"),
+    [
+        (None, None, None, "sqlite:///mlflow.db"),  # the schema's default
+        ("http://file:5000", None, None, "http://file:5000"),
+        ("http://file:5000", "http://env:5000", None, "http://env:5000"),  # environment over file
+        ("http://file:5000", "http://env:5000", "http://set:5000", "http://set:5000"),  # command line over both
+        (None, "http://env:5000", "http://set:5000", "http://set:5000"),
+    ],
+)
+def test_command_line_beats_environment_beats_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_file, in_environment, on_command_line, wins
+) -> None:
+    path = write(tmp_path, f"tracking:\n  tracking_uri: {in_file}\n" if in_file else "train:\n  epochs: 3\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if in_environment:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", in_environment)
+    overrides = [f"tracking.tracking_uri={on_command_line}"] if on_command_line else []
+    assert load_config(path, overrides).tracking.tracking_uri == wins
+
+
+def test_the_command_line_wins_over_the_environment_in_every_entry_point(tmp_path: Path) -> None:
+    """What a user with MLFLOW_TRACKING_URI exported sees when they ask for another store on the command line."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, environment
+
+    env = {**environment(), "MLFLOW_TRACKING_URI": "http://exported.example:5000"}
+    for module in ("train", "infer"):
+        command = [sys.executable, "-m", f"pipelines.{module}", "--print-config"]
+        asked = subprocess.run([*command, "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mine.db"], env=env,
+                               cwd=ROOT, capture_output=True, text=True, check=True)  # fmt: skip
+        assert yaml.safe_load(asked.stdout)["tracking"]["tracking_uri"] == f"sqlite:///{tmp_path}/mine.db", module
+        exported = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+        assert yaml.safe_load(exported.stdout)["tracking"]["tracking_uri"] == "http://exported.example:5000", module
 
 
 def test_unknown_key_names_the_key_the_file_and_the_valid_keys(tmp_path: Path) -> None:

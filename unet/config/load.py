@@ -1,7 +1,12 @@
-"""Load YAML into a validated ``Config``, apply ``--set`` overrides, and write it back out."""
+"""Load YAML into a validated ``Config``, apply the environment and ``--set`` overrides, and write it back out.
+
+Precedence, highest first: ``--set`` on the command line, then the environment (ENVIRONMENT: the variables
+other tools also read, e.g. ``MLFLOW_TRACKING_URI``), then the config file, then the schema's defaults.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,16 +18,21 @@ from unet.config.schema import Config
 from unet.errors import ConfigError
 
 OVERRIDE_SOURCE = "--set"
+ENVIRONMENT = {("tracking", "tracking_uri"): "MLFLOW_TRACKING_URI"}  # config key: the variable that sets it
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Read ``path`` (YAML; None means all defaults), apply ``overrides`` and validate.
+    """Read ``path`` (YAML; None means all defaults), apply the ENVIRONMENT variables that are set, then
+    ``overrides``, and validate.
 
     Overrides look like ``train.lr=1e-3``; the value is parsed as YAML, so ``true``, ``null``,
     ``[1, 2]`` and numbers get their natural types.
     """
     source = str(path) if path is not None else "<defaults>"
     raw = _read_yaml(Path(path)) if path is not None else {}
+    for keys, variable in ENVIRONMENT.items():
+        if os.environ.get(variable):
+            _set_nested(raw, keys, os.environ[variable], variable)
     overridden: set[tuple[str, ...]] = set()
     for override in overrides:
         keys, value = parse_override(override)

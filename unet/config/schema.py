@@ -257,7 +257,9 @@ class TrackingConfig(Section):
     """MLflow tracking and model registry."""
 
     tracking_uri: str = Field(
-        "sqlite:///mlflow.db", description="MLflow tracking URI (env MLFLOW_TRACKING_URI overrides)."
+        "sqlite:///mlflow.db",
+        description="MLflow tracking URI. MLFLOW_TRACKING_URI in the environment overrides the config file; --set "
+        "overrides both.",
     )
     experiment: str = Field("unet", min_length=1, description="MLflow experiment name.")
     registered_model: str = Field("unet", min_length=1, description="Registered model name.")

@@ -4,16 +4,37 @@ and turning user errors into one line on stderr with a non-zero exit."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from unet.config import Config, dump_config, load_config, save_config
 from unet.errors import UserError
 
 EXIT_USER_ERROR = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``ray job stop``, a pod being stopped): the job stops as it does for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """Ctrl-C (SIGINT, Python's KeyboardInterrupt) and SIGTERM both stop the job in the main thread, where it marks
+    what it leaves behind (its MLflow runs KILLED, checkpoints and partial outputs kept for a resume)."""
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def make_parser(prog: str, description: str, default_config: str | None = None) -> argparse.ArgumentParser:
@@ -63,18 +84,20 @@ def run(
         datefmt="%H:%M:%S",
     )
     if not args.verbose:  # MLflow's migrations and botocore's credential lookups are not the user's business
-        for name in ("mlflow", "botocore", "aiobotocore", "s3fs"):
+        for name in ("mlflow", "botocore", "aiobotocore", "s3fs", "torch"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         config = resolve_config(args)
         if config is not None:
-            main(config, args)
+            with stopped_by_signals():
+                main(config, args)
     except UserError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # what was kept, if the job says: its notes
+        stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{parser.prog}: {'; '.join([stopped, *getattr(exc, '__notes__', [])])}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:
         # Nothing is left to collect; without this the interpreter's last collections over the object graphs
         # of PyTorch, MLflow and Dask add most of a second to every command's exit.

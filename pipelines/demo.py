@@ -184,7 +184,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
     print(table.head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"\n  MLflow UI   mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
     print(f"  napari      napari --plugin napari-ome-zarr {output}")
-    print(f"  champion    {champion}  (load: pipelines.registry.load_model('{config.infer.model}'))")
+    print(f"  champion    {champion}  (load: pipelines.models.load_model('{config.infer.model}'))")
 
 
 def cli(argv: list[str] | None = None) -> int:

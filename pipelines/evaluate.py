@@ -24,7 +24,7 @@ SUMMARY_KEYS = ("iou", "dice", "precision", "recall", "f1", "merged", "split", "
 def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[dict[str, float], list[dict], list]:
     """Pooled scores, one row per image of ``evaluate.split`` of the store, and each image's foreground
     probability, predicted exactly as ``pipelines.infer`` predicts a slide with the same ``infer`` settings."""
-    from pipelines import registry
+    from pipelines.models import load_model
     from unet.data.store import TrainingStore
     from unet.inference import ChunkPredictor, InferenceSettings, predict_image
     from unet.io import write_png
@@ -37,7 +37,7 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[d
     examples = load_validation(store, settings.split)
     if not examples:
         raise UserError(f"{store.location} has no {settings.split!r} examples to evaluate on")
-    model = registry.load_model(model_uri, tracking_uri=tracking_uri)
+    model = load_model(model_uri, tracking_uri=tracking_uri)
     if store.attrs["channels"] != model.n_channels:
         raise UserError(
             f"{store.location} has {store.attrs['channels']}-channel images; the model expects {model.n_channels}"

@@ -80,7 +80,15 @@ def infer(config: Config) -> dict:
     batch_run = None
     if to_do:
         start_run = (lambda: batch.start_run(config, context, cohort)) if cohort.batch else None
-        batch_run = segment(context, to_do, start_run)
+        try:
+            batch_run = segment(context, to_do, start_run)
+        except KeyboardInterrupt as exc:  # what is kept, and how to go on
+            exc.add_note(
+                "complete outputs are kept: run the same command again to continue the batch (complete outputs are "
+                "skipped, interrupted ones resumed)" if cohort.batch else
+                f"the partial output is kept: run the same command with --resume to continue {jobs[0].item.output}"
+            )  # fmt: skip
+            raise
     if not cohort.batch:
         job = jobs[0]
         report(job, context)
@@ -96,6 +104,7 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
     from pipelines.dask_cluster import client_security, worker_count
     from pipelines.infer_slide import JobContext
     from pipelines.infer_tasks import ModelSpec
+    from pipelines.models import load_model
     from unet import __version__
     from unet.devices import check_device, visible_gpus
     from unet.inference import InferenceSettings
@@ -113,7 +122,7 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
     cohort = expand(infer.input, infer.output, infer.level)
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     model_uri, model_version = resolve_model(infer.model, tracking_uri)
-    model = registry.load_model(model_uri, tracking_uri=tracking_uri)
+    model = load_model(model_uri, tracking_uri=tracking_uri)
     if infer.tile_size and infer.tile_size % model.size_multiple:  # the config checks it against model.depth
         raise UserError(f"infer.tile_size={infer.tile_size} must be a multiple of {model.size_multiple} for this model")
     gpus = visible_gpus() if infer.device == "cuda" else []
@@ -168,6 +177,14 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
         resources = task_resources(infer.device, infer.tasks)
         on_done = lambda job: finished.append(finishing.submit(finish_or_fail, job))  # noqa: E731
         stream(client, jobs, max(4, 2 * threads), resources, on_done, on_failed)
+    except BaseException as exc:  # the batch's run ends KILLED (Ctrl-C, SIGTERM) or FAILED, not RUNNING forever
+        finishing.shutdown(wait=True, cancel_futures=True)  # a slide being finished is finished; no new ones
+        if batch_run is not None and not batch_run.cancelled() and batch_run.exception() is None:
+            from pipelines.infer_batch import end_stopped_run
+
+            status = end_stopped_run(context.config, batch_run.result(), isinstance(exc, KeyboardInterrupt))
+            exc.add_note(f"MLflow batch run {batch_run.result()} marked {status}")
+        raise
     finally:
         client.close()
         if cluster is not None:

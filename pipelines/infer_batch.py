@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -24,15 +25,20 @@ if TYPE_CHECKING:
     from pipelines.infer_slide import JobContext, SlideJob
     from unet.config import Config
 
+log = logging.getLogger("infer")
+BATCH_JOB = "inference-batch"  # the JOB_TAG of a batch's run
 COLUMNS = ("slide", "status", "megapixels", "objects", "seconds", "output", "model_version", "reason", "input")
 
 
 def start_run(config: Config, context: JobContext, cohort: Cohort) -> str:
-    """The batch's MLflow run; each slide's run is nested in it."""
+    """The batch's MLflow run, kept alive by a heartbeat; each slide's run is nested in it. Earlier runs of this
+    batch left RUNNING by a job that is gone (killed) are marked KILLED first."""
     from pipelines import registry
+    from pipelines.liveness import heartbeat
     from unet import storage
 
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
+    end_abandoned_runs(tracking_uri, config.tracking.experiment, cohort.folder)
     params = {
         "input": config.infer.input,
         "output": cohort.folder,
@@ -42,7 +48,36 @@ def start_run(config: Config, context: JobContext, cohort: Cohort) -> str:
         "code_version": context.lineage["code_version"],
     }
     name = f"infer batch {storage.basename(cohort.folder)}"
-    return registry.start_job_run(tracking_uri, config.tracking.experiment, "inference-batch", name, params)
+    run_id = registry.start_job_run(tracking_uri, config.tracking.experiment, BATCH_JOB, name, params)
+    heartbeat(registry.connect(tracking_uri), run_id)  # stops when the run ends
+    return run_id
+
+
+def end_abandoned_runs(tracking_uri: str, experiment: str, folder: str) -> None:
+    """Mark KILLED, saying so, the runs of the batch writing ``folder`` that are RUNNING with no live job behind
+    them (a job killed with SIGKILL, or on a node that was lost, cannot end its own run)."""
+    from pipelines import registry
+    from pipelines.liveness import live_driver
+
+    client = registry.connect(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return
+    query = f"tags.`{registry.JOB_TAG}` = '{BATCH_JOB}' and params.output = '{folder}'"
+    for run in client.search_runs([found.experiment_id], f"{query} and attributes.status = 'RUNNING'"):
+        if live_driver(run.data.tags) is None:
+            registry.end_job_run(tracking_uri, run.info.run_id, {}, status="KILLED")
+            log.warning("MLflow run %s of the batch writing %s was left RUNNING by a job that is gone (killed?): "
+                        "marked KILLED", run.info.run_id, folder)  # fmt: skip
+
+
+def end_stopped_run(config: Config, run_id: str, interrupted: bool) -> str:
+    """Mark the batch's run KILLED (interrupted: Ctrl-C, SIGTERM) or FAILED; returns the status."""
+    from pipelines import registry
+
+    status = "KILLED" if interrupted else "FAILED"
+    registry.end_job_run(registry.resolve_tracking_uri(config.tracking.tracking_uri), run_id, {}, status=status)
+    return status
 
 
 def finish(config: Config, context: JobContext, cohort: Cohort, jobs: list[SlideJob], run_id: str | None) -> dict:

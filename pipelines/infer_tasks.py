@@ -131,7 +131,7 @@ def _predictor(spec: ModelSpec) -> ChunkPredictor:
     with _LOADING_LOCK:
         if (predictor := _cached(key)) is not None:  # another thread loaded it meanwhile
             return predictor
-        from pipelines.registry import load_model  # MLflow only where a model is actually loaded
+        from pipelines.models import load_model  # MLflow only where a model is actually loaded
 
         _set_threads(spec)
         predictor = ChunkPredictor(load_model(spec.model_uri, tracking_uri=spec.tracking_uri), spec.settings)

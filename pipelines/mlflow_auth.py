@@ -1,18 +1,5 @@
-"""Accounts on the team MLflow server: the server app, and the accounts a deployment needs.
-
-The app ``unet-basic-auth`` (``mlflow server --app-name unet-basic-auth``, registered as an ``mlflow.app``
-entry point in pyproject.toml) is MLflow's own ``basic-auth`` app (users and permissions in the auth
-database, admin password from MLFLOW_AUTH_ADMIN_PASSWORD) with two rules added, both of which basic-auth
-gives to EDIT:
-
-* setting a protected alias (``champion``; UNET_PROTECTED_ALIASES, comma-separated, on the server
-  changes the list) needs MANAGE on the registered model. The training service account has EDIT: it
-  registers versions and moves ``candidate``, and only a person with MANAGE moves ``champion``.
-  (Deleting any alias already needs MANAGE in basic-auth.)
-* renaming a registered model needs MANAGE; with EDIT, renaming the model away and creating a new one of
-  the same name (its creator gets MANAGE) would move ``champion`` by the back door.
-
-Admins pass every check, as in basic-auth. Everything else is basic-auth unchanged.
+"""Accounts on the team MLflow server (the app ``unet-basic-auth``, ``pipelines.mlflow_app``): who may read,
+write and crown.
 
 The command sets up the accounts, as an admin (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), and
 can be run again at any time (it changes only what differs)::
@@ -34,76 +21,15 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipelines.cli import make_parser, run
+from pipelines.registry import PASSWORD_ENV, USERNAME_ENV
 from unet.config import Config
 from unet.errors import UserError, first_line
 
-if TYPE_CHECKING:
-    from flask import Flask
-
-APP_NAME = "unet-basic-auth"
 PROG = "python -m pipelines.mlflow_auth"
-PROTECTED_ALIASES_ENV = "UNET_PROTECTED_ALIASES"
-USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
-ALIAS_ROUTE, RENAME_ROUTE = "/mlflow/registered-models/alias", "/mlflow/registered-models/rename"
 READ, EDIT, MANAGE = "READ", "EDIT", "MANAGE"
 RANK = {READ: 1, EDIT: 2, MANAGE: 3}
-
-
-# --- the server app -------------------------------------------------------------------------------------
-
-
-def protected_aliases() -> frozenset[str]:
-    """Aliases only MANAGE may set (lower case; the check ignores case): UNET_PROTECTED_ALIASES or champion."""
-    from pipelines.registry import CHAMPION
-
-    value = os.environ.get(PROTECTED_ALIASES_ENV, CHAMPION)
-    return frozenset(alias.strip().lower() for alias in value.split(",") if alias.strip())
-
-
-def create_app(app: Flask | None = None):
-    """MLflow's basic-auth app with the two MANAGE rules above (the ``mlflow.app`` entry point)."""
-    from mlflow.server import app as mlflow_app
-    from mlflow.server import auth
-
-    guard_routes(auth.BEFORE_REQUEST_VALIDATORS, auth.validate_can_manage_registered_model, protected_aliases())
-    return auth.create_app(app or mlflow_app)
-
-
-def guard_routes(validators: dict, can_manage: Callable[[], bool], protected: frozenset[str]) -> None:
-    """Wrap basic-auth's validators of the set-alias and rename routes (REST and ajax paths) in place."""
-    for (path, method), validator in list(validators.items()):
-        if method != "POST" or getattr(validator, "unet_guarded", False):
-            continue
-        if path.endswith(ALIAS_ROUTE):
-            validators[path, method] = _guarded(validator, lambda: _alias_in_request() in protected, can_manage)
-        elif path.endswith(RENAME_ROUTE):
-            validators[path, method] = _guarded(validator, lambda: True, can_manage)
-    guarded = {path.rsplit("/", 1)[-1] for (path, _), v in validators.items() if getattr(v, "unet_guarded", False)}
-    if guarded != {"alias", "rename"}:  # fail closed: a server that would let EDIT move champion must not start
-        raise RuntimeError(f"{APP_NAME}: this MLflow has no validators of {ALIAS_ROUTE} and {RENAME_ROUTE} to guard")
-
-
-def _guarded(validator: Callable[[], bool], needs_manage: Callable[[], bool], can_manage: Callable[[], bool]):
-    def validate() -> bool:
-        return bool(validator()) and (not needs_manage() or bool(can_manage()))
-
-    validate.unet_guarded = True
-    return validate
-
-
-def _alias_in_request() -> str:
-    """The alias a set-alias request names, lower case ("" if it names none: then basic-auth rejects it)."""
-    from flask import request
-
-    body = request.get_json(silent=True) if request.method != "GET" else None
-    alias = (body if isinstance(body, dict) else request.args).get("alias")
-    return alias.strip().lower() if isinstance(alias, str) else ""
-
-
-# --- accounts -------------------------------------------------------------------------------------------
 
 
 def wanted_grants(writers: list[str], readers: list[str], managers: list[str]) -> dict[str, dict[str, str]]:

@@ -255,7 +255,16 @@ def write_previews(location: str, count: int) -> list[str]:
 def main(config: Config, args: argparse.Namespace) -> None:
     from unet.data.store import TrainingStore
 
-    path = prepare(config, overwrite=args.overwrite, chunk=args.chunk_size, previews=args.previews)
+    try:
+        path = prepare(config, overwrite=args.overwrite, chunk=args.chunk_size, previews=args.previews)
+    except KeyboardInterrupt as exc:
+        from unet import storage
+
+        replaced = args.overwrite and storage.is_url(storage.resolve(config.data.store))  # no rename on object stores
+        before = "the store it replaced was removed first" if replaced else "a store already there is unchanged"
+        exc.add_note(f"{config.data.store} was not written (the partial store is removed; {before}): run the same "
+                     "command again")  # fmt: skip
+        raise
     store = TrainingStore(path)
     print(f"wrote {path}: {len(store.names_in('train'))} training and {len(store.names_in('val'))} validation examples")
 

@@ -1,9 +1,6 @@
-"""MLflow: tracking-URI resolution, run resumption, model logging/registration/aliases, loading.
+"""MLflow: tracking-URI resolution, runs (training and job runs, their tags), aliases and promotion.
 
-Models are logged as MLflow ``python_function`` models whose ``loader_module`` is
-``unet.serving``: weights as safetensors, architecture as JSON, no pickled code. Load them with
-``load_model("models:/NAME@ALIAS")`` (or ``models:/NAME/VERSION``, ``runs:/...``, a local folder)
-or with ``mlflow.pyfunc.load_model``.
+Logging, registering and loading models: ``pipelines.models``.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import contextlib
 import logging
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,17 +19,14 @@ from unet import __version__
 from unet.config import Config
 from unet.errors import UserError, first_line
 
-if TYPE_CHECKING:  # MLflow (about a second to import) and PyTorch are imported by the functions that use them
-    from mlflow.models import ModelSignature
+if TYPE_CHECKING:  # MLflow (about a second to import) is imported by the functions that use it
     from mlflow.tracking import MlflowClient
 
-    from unet.model import UNet
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG, STORAGE_TAG = "ray.run_name", "ray.storage_path"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"  # a server's account
-MODEL_ARTIFACT = "model"
 CHAMPION, CANDIDATE = "champion", "candidate"  # the registered model's aliases
 # tags of a training run (and of the versions it registers)
 STORE_SHA_TAG, GIT_COMMIT_TAG, WORKER_NODES_TAG = "data.store_sha256", "git_commit", "ray.worker_nodes"
@@ -43,6 +36,7 @@ REGISTERED_MODEL_TAG, REGISTERED_VERSION_TAG, REGISTERED_EPOCH_TAG = (
     "registered_epoch",
 )
 JOB_TAG = "job"  # inference, inference-batch, evaluation
+CHECKPOINTS_TAG = "checkpoint.sha256"  # the digests of a training run's latest checkpoints (pipelines.checkpoints)
 
 
 @contextlib.contextmanager
@@ -102,7 +96,7 @@ def connect(uri: str) -> MlflowClient:
         client = MlflowClient(tracking_uri=uri)
     # fail fast on this one check only: later calls keep MLflow's retries for transient errors
     fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    with _environment(fast if urlparse(uri).scheme in {"http", "https"} else {}):
+    with environment(fast if urlparse(uri).scheme in {"http", "https"} else {}):
         try:
             client.search_experiments(max_results=1)
         except Exception as exc:  # any failure to talk to the store means we cannot track
@@ -137,7 +131,7 @@ def _refusal(error_code: str | None, uri: str, account: str | None) -> str | Non
 
 
 @contextlib.contextmanager
-def _environment(defaults: dict[str, str]) -> Iterator[None]:
+def environment(defaults: dict[str, str]) -> Iterator[None]:
     """Environment variables set (where the user has not set them) for the block only."""
     added = {k: v for k, v in defaults.items() if k not in os.environ}
     os.environ.update(added)
@@ -298,46 +292,6 @@ def git_commit() -> str:
         return f"unknown (unet-wsi {__version__}, no git checkout)"
 
 
-def signature_for(model: UNet) -> ModelSignature:
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.n_channels, -1, -1), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "foreground_probability")]),
-    )
-
-
-def log_and_register(
-    run_id: str, model: UNet, registered_name: str, version_tags: dict[str, Any], tracking_uri: str
-) -> str:
-    """Log ``model`` into the run as a pyfunc model and register it; returns the new version."""
-    import mlflow
-    import numpy as np
-    import torch
-    from mlflow.tracking import MlflowClient
-
-    from unet.model_files import save_weights
-
-    with using_tracking_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        data = save_weights(model, Path(tmp) / "unet")
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            loader_module="unet.serving",
-            data_path=str(data),
-            signature=signature_for(model),
-            input_example=np.zeros((1, model.n_channels, model.size_multiple, model.size_multiple), np.float32),
-            registered_model_name=registered_name,
-            pip_requirements=[f"unet-wsi=={__version__}", f"torch=={torch.__version__.split('+')[0]}", "safetensors"],
-        )
-    version = str(info.registered_model_version)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    for key, value in version_tags.items():
-        client.set_model_version_tag(registered_name, version, key, str(value))
-    return version
-
-
 def promote(
     client: MlflowClient, name: str, version: str, metric: str, value: float, higher_is_better: bool = True
 ) -> bool:
@@ -377,27 +331,3 @@ def current_champion(client: MlflowClient, name: str):
         if exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {CHAMPION} not found" in str(exc):
             return None
         raise UserError(f"cannot read the champion of {name} ({first_line(exc)[:200]}); nothing promoted") from None
-
-
-def load_model(uri: str, tracking_uri: str | None = None) -> UNet:
-    """The ``UNet`` behind ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a folder."""
-    from unet.model_files import load_weights
-
-    local = Path(uri)
-    if not local.exists():
-        import mlflow.artifacts
-        from mlflow.exceptions import MlflowException
-
-        try:
-            with using_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        except MlflowException as exc:
-            raise UserError(f"cannot load model {uri}: {first_line(exc)}") from None
-    if (local / "MLmodel").is_file():
-        from mlflow.models import Model
-
-        flavor = Model.load(str(local)).flavors.get("python_function", {})
-        if flavor.get("loader_module") != "unet.serving":
-            raise UserError(f"{uri} is not a unet-wsi model (loader {flavor.get('loader_module')!r})")
-        local = local / flavor["data"]
-    return load_weights(local)

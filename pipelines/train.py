@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
+import signal
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from pipelines.cli import make_parser, run
+from pipelines.cli import Terminated, make_parser, run
 from unet.config import Config, dump_config, flatten_config
 from unet.errors import UserError
 
@@ -68,11 +71,18 @@ def init_ray() -> None:
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
+    ours = signal.getsignal(signal.SIGTERM)
     try:
         # No num_cpus here: under `ray job submit` the cluster decides resources.
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, RuntimeError) as exc:
         raise UserError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
+    except SystemExit as exc:  # Ray's own SIGTERM handler (sys.exit(15)) while it starts
+        if exc.code != signal.SIGTERM:
+            raise
+        raise Terminated() from None
+    finally:  # ours again: SIGTERM ends the job (its run KILLED) as Ctrl-C does
+        signal.signal(signal.SIGTERM, ours)
 
 
 def check_gpu_build(config: Config) -> None:
@@ -172,6 +182,7 @@ def train(config: Config) -> dict:
 def _train(config: Config, store: TrainingStore, client) -> dict:
     """``train`` once the run is this job's alone."""
     from pipelines import registry
+    from pipelines.liveness import heartbeat
     from unet import storage
 
     tracking_uri = config.tracking.tracking_uri
@@ -185,24 +196,28 @@ def _train(config: Config, store: TrainingStore, client) -> dict:
         registry.GIT_COMMIT_TAG: registry.git_commit(),
     }
     not_running_elsewhere(config, client)
-    run_id, resumed = registry.start_or_resume_run(client, config, tracking_uri, flatten_config(config), tags)
-    with tempfile.TemporaryDirectory() as tmp:
-        resolved = Path(tmp) / "config.yaml"
-        resolved.write_text(dump_config(config))
-        client.log_artifact(run_id, str(resolved))
-    log.info(
-        "%s MLflow run %s (experiment %r, %s); Ray run %r in %s",
-        "resuming" if resumed else "started",
-        run_id,
-        config.tracking.experiment,
-        tracking_uri,
-        config.train.run_name,
-        config.train.storage_path,
-    )
-
-    loop_config = {"config": config.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
-    with failed_run_on_error(client, run_id), heartbeat(client, run_id):
-        return fit_and_register(config, client, run_id, loop_config, tags, resumed)
+    start = functools.partial(registry.start_or_resume_run, client, config, tracking_uri, flatten_config(config), tags)
+    with tracked_run(client, config, start) as (run_id, resumed):
+        stop_heartbeat = heartbeat(client, run_id)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                resolved = Path(tmp) / "config.yaml"
+                resolved.write_text(dump_config(config))
+                client.log_artifact(run_id, str(resolved))
+            log.info(
+                "%s MLflow run %s (experiment %r, %s); Ray run %r in %s",
+                "resuming" if resumed else "started",
+                run_id,
+                config.tracking.experiment,
+                tracking_uri,
+                config.train.run_name,
+                config.train.storage_path,
+            )
+            loop_config = {"config": config.model_dump(mode="json"), "mlflow_run_id": run_id,
+                           "tracking_uri": tracking_uri}  # fmt: skip
+            return fit_and_register(config, client, run_id, loop_config, tags, resumed)
+        finally:
+            stop_heartbeat.set()
 
 
 @contextlib.contextmanager
@@ -227,110 +242,97 @@ def one_job_per_run(config: Config) -> Iterator[None]:
         yield
 
 
-HEARTBEAT_S, STALE_S = 30.0, 120.0
-DRIVER_TAG, HEARTBEAT_TAG = "driver", "driver_heartbeat"  # "HOST PID" of the job; when it last said it is alive
-
-
 def not_running_elsewhere(config: Config, client) -> None:
-    """Refuse when the run's MLflow run says a live job drives it: RUNNING, with a heartbeat (renewed every
-    HEARTBEAT_S seconds) under STALE_S seconds old, from another machine or from a live process on this one (a
-    killed job's heartbeat stops). Unlike the file lock this is not atomic: two jobs on two machines that both
-    pass it within a second or so of each other both go on."""
+    """Refuse when the run's MLflow run says a live job drives it (``pipelines.liveness``): RUNNING, with a recent
+    heartbeat, from another machine or from a live process on this one (a killed job's heartbeat stops). Unlike the
+    file lock this is not atomic: two jobs on two machines that both pass it within a second or so both go on."""
     from pipelines import registry
+    from pipelines.liveness import STALE_S, live_driver
 
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
         return
     name, storage_path = config.train.run_name, config.train.storage_path
     for found in registry.ray_run_runs(client, experiment.experiment_id, name, storage_path, max_results=1):
-        host, _, pid = found.data.tags.get(DRIVER_TAG, "").partition(" ")
-        try:
-            age = time.time() - float(found.data.tags.get(HEARTBEAT_TAG, "0"))
-        except ValueError:
-            continue
-        if found.info.status != "RUNNING" or not host or age > STALE_S:
-            continue
-        if host == socket.gethostname() and not _alive(int(pid) if pid.isdigit() else 0):  # killed here
-            continue
-        raise UserError(
-            f"training run {name!r} is already running (pid {pid} on {host}, MLflow run {found.info.run_id}, "
-            f"heartbeat {age:.0f} s ago); wait for it, or stop it and run this again {STALE_S:.0f} s later"
-        )
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` (not this one) runs on this machine."""
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+        if found.info.status == "RUNNING" and (driver := live_driver(found.data.tags)):
+            raise UserError(
+                f"training run {name!r} is already running ({driver}, MLflow run {found.info.run_id}); wait for "
+                f"it, or stop it and run this again {STALE_S:.0f} s later"
+            )
 
 
 @contextlib.contextmanager
-def heartbeat(client, run_id: str) -> Iterator[None]:
-    """Tag the MLflow run with this driver ("HOST PID") and renew its heartbeat every HEARTBEAT_S seconds during
-    the block, for ``not_running_elsewhere``."""
-    import threading
-
-    from pipelines import registry
-
-    stop = threading.Event()
-    driver = f"{socket.gethostname()} {os.getpid()}"
-
-    def tag() -> None:
-        registry.set_tags(client, run_id, {DRIVER_TAG: driver, HEARTBEAT_TAG: f"{time.time():.0f}"})
-
-    def beat() -> None:
-        while True:
-            with contextlib.suppress(Exception):  # a missed beat is no reason to fail the training
-                tag()
-            if stop.wait(HEARTBEAT_S):
-                return
-
-    # not from this thread: Ctrl-C in the middle of an MLflow call could leave its database session unusable for
-    # marking the run FAILED
-    thread = threading.Thread(target=beat, name="mlflow-heartbeat", daemon=True)
-    thread.start()
+def tracked_run(client, config: Config, start: Callable[[], tuple[str, bool]]) -> Iterator[tuple[str, bool]]:
+    """Start (or resume) the MLflow run with ``start()`` and end it truthfully: KILLED when the block is interrupted
+    (Ctrl-C, SIGTERM: the note says the checkpoints are kept), FAILED when it fails (one line). A signal that comes
+    while the run starts is held until the block can answer it: no moment leaves the run RUNNING."""
+    _stop_signals(signal.SIG_BLOCK)
     try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-
-
-@contextlib.contextmanager
-def failed_run_on_error(client, run_id: str) -> Iterator[None]:
-    """Mark the MLflow run FAILED when the block fails or is interrupted (Ctrl-C); a failure becomes one line."""
+        run_id, resumed = start()
+    except BaseException:
+        _stop_signals(signal.SIG_UNBLOCK)
+        raise
     try:
-        yield
+        _stop_signals(signal.SIG_UNBLOCK)  # a signal held meanwhile is raised here
+        yield run_id, resumed
     except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
         with contextlib.suppress(Exception):  # the tracking server may be what failed
-            client.set_terminated(run_id, status="FAILED")
-        if isinstance(exc, KeyboardInterrupt | UserError):
+            client.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
+        if interrupted:
+            folder = f"{config.train.storage_path}/{config.train.run_name}"
+            exc.add_note(f"MLflow run {run_id} marked KILLED; run the same command again to resume from the last "
+                         f"checkpoint in {folder}")  # fmt: skip
+            raise
+        if isinstance(exc, UserError):
             raise
         log.debug("training failed", exc_info=True)  # the whole traceback with -v
         raise UserError(f"training failed: {_reason(exc)}") from exc
+
+
+def _stop_signals(how: int) -> None:
+    """Block or unblock Ctrl-C and SIGTERM for this thread: only the main thread receives them."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(how, {signal.SIGINT, signal.SIGTERM})
+
+
+def fit(trainer):
+    """``trainer.fit()``, run in a thread so that Ctrl-C stays with this job's main thread (Ray Train's own SIGINT
+    handler, installed only from the main thread, asks its controller to abort: lost while the controller starts,
+    reported as a failure after). Interrupted, the job's process ends and Ray stops its workers with it."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    thread.join()  # a signal interrupts the wait (KeyboardInterrupt here)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _reason(exc: BaseException) -> str:
     """One line for a failure: Ray's worker errors open with a heading ("...: ") and end with the cause."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     reason = f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    if (user := f"{UserError.__module__}.{UserError.__name__}: ") in reason:  # a worker's one-line error: as it is
+        return reason.rsplit(user, 1)[1][:400]
     return reason[:400]
 
 
 def fit_and_register(config: Config, client, run_id: str, loop_config: dict, tags: dict, resumed: bool) -> dict:
     """Run the trainer, register the best model (promoting it if it beats the champion) and report."""
     from pipelines import registry
+    from pipelines.models import log_and_register
     from unet.model_files import BEST_MODEL_DIR, load_weights
 
     tracking_uri = config.tracking.tracking_uri
-    result = build_trainer(config, loop_config).fit()
+    result = fit(build_trainer(config, loop_config))
     if result.checkpoint is None:
         raise UserError("training finished without a checkpoint")
 
@@ -352,10 +354,11 @@ def fit_and_register(config: Config, client, run_id: str, loop_config: dict, tag
         registry.GIT_COMMIT_TAG: tags[registry.GIT_COMMIT_TAG],
         registry.RUN_NAME_TAG: config.train.run_name,
         "mlflow.run_id": run_id,
-        **{k: v for k, v in result.metrics.items() if k.startswith("val/")},
+        # the scores of the epoch whose weights are registered (the best), not of the last epoch
+        **{k.removeprefix("best/"): v for k, v in result.metrics.items() if k.startswith("best/val/")},
     }
     name = config.tracking.registered_model
-    version = registry.log_and_register(run_id, model, name, version_tags, tracking_uri)
+    version = log_and_register(run_id, model, name, version_tags, tracking_uri, config.infer)
     champion = config.tracking.promote and registry.promote(client, name, version, metric, best)
     registry.record_registration(client, run_id, name, version, epoch)
     client.set_terminated(run_id, status="FINISHED")
@@ -375,7 +378,10 @@ def report(config: Config, metrics: dict, summary: dict) -> None:
     print(f"  MLflow run      {summary['run_id']} in {uri}")
     print(f"  model           {summary['model_uri']} (alias {aliases})")
     print(f"  checkpoints     {config.train.storage_path}/{config.train.run_name}")
-    print(f"  MLflow UI       mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    if uri.startswith(("http://", "https://")):  # the server is the UI
+        print(f"  MLflow UI       {uri}/#/experiments")
+    else:
+        print(f"  MLflow UI       mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from pipelines import checkpoints
 from pipelines.registry import WORKER_NODES_TAG, log_metrics
 from unet.config import Config
 from unet.data.dataset import PatchDataset
@@ -45,19 +46,25 @@ from unet.training import (
 from unet.visualize import prediction_panel
 
 
-def _restore(model, optimizer, scheduler, scaler) -> dict[str, Any]:
-    """Load the latest checkpoint Ray Train hands us (after a failure or a re-run), if any."""
+def _restore(model, optimizer, scheduler, scaler, loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Load the latest checkpoint Ray Train hands us (after a failure or a re-run), if any, once its files are
+    checked against those the run recorded when it wrote them."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return {"epoch": -1, "step": 0, "best": None, "best_epoch": None}
+        return {"epoch": -1, "step": 0, "best": None, "best_epoch": None, "best_scores": {}}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=loop_config["tracking_uri"])
+    run_name = loop_config["config"]["train"]["run_name"]
     with checkpoint.as_directory() as directory:
+        checkpoints.verify(client, loop_config["mlflow_run_id"], directory, run_name)
         state = load_state(directory)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_scaler(scaler, state["scaler"])
     torch.set_rng_state(state["torch_rng"])
-    return state["progress"]
+    return {"best_scores": {}, **state["progress"]}  # best_scores: not in checkpoints of earlier versions
 
 
 def _mean_across_workers(value: float, device: torch.device) -> float:
@@ -91,7 +98,7 @@ class Worker:
     scaler: torch.amp.GradScaler
     dataset: PatchDataset
     loader: DataLoader
-    progress: dict[str, Any]  # epoch, step, best, best_epoch: restored from the last checkpoint
+    progress: dict[str, Any]  # epoch, step, best, best_epoch, best_scores: restored from the last checkpoint
     run_id: str
     tracker: Any = None  # rank 0: an MlflowClient
     validation: list = field(default_factory=list)  # rank 0: the validation images
@@ -111,7 +118,7 @@ class Worker:
         optimizer = build_optimizer(model, train)
         scheduler = build_scheduler(optimizer, train)
         scaler = make_grad_scaler(train.precision, device)
-        progress = _restore(model, optimizer, scheduler, scaler)
+        progress = _restore(model, optimizer, scheduler, scaler, loop_config)
         model = ray.train.torch.prepare_model(model, move_to_device=False)
         if train.compile:
             model = torch.compile(model)
@@ -168,9 +175,9 @@ class Worker:
             if self.rank == 0:
                 self._validate(epoch, metrics, Path(tmp))
                 state = training_state(self.model, self.optimizer, self.scheduler, self.scaler, epoch=epoch,
-                                       step=self.progress["step"], best=self.progress["best"],
-                                       best_epoch=self.progress["best_epoch"])  # fmt: skip
+                                       **{k: v for k, v in self.progress.items() if k != "epoch"})  # fmt: skip
                 save_state(state, tmp)
+                checkpoints.record(self.tracker, self.run_id, tmp, epoch)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 # Straight to the process's stdout, which Ray forwards to the driver once (print is teed).
                 train, iou = self.config.train, self.config.evaluate.iou_threshold
@@ -179,7 +186,8 @@ class Worker:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     def _validate(self, epoch: int, metrics: dict[str, float], folder: Path) -> None:
-        """Score, keep the best model in ``folder`` (carried forward from the last checkpoint otherwise), log."""
+        """Score, keep the best model in ``folder`` (carried forward from the last checkpoint otherwise) with its
+        scores (``best/val/...``, what its registered version is tagged with), log."""
         infer, metric = self.config.infer, self.config.tracking.champion_metric
         settings = InferenceSettings.from_config(infer, device=str(self.device))
         scores, probabilities = evaluate(unwrap(self.model), self.validation, settings, infer.chunk,
@@ -187,11 +195,14 @@ class Worker:
         metrics.update({f"val/{k}": v for k, v in scores.items()})
         if self.progress["best"] is None or metrics[metric] > self.progress["best"]:
             self.progress["best"], self.progress["best_epoch"] = metrics[metric], epoch
+            self.progress["best_scores"] = {k: v for k, v in metrics.items() if k.startswith("val/")}
             save_weights(unwrap(self.model), folder / BEST_MODEL_DIR)
-        elif previous := ray.train.get_checkpoint():
+        elif previous := ray.train.get_checkpoint():  # read back from its storage: checked as a resume is
             with previous.as_directory() as directory:
+                checkpoints.verify(self.tracker, self.run_id, directory, self.config.train.run_name)
                 shutil.copytree(Path(directory) / BEST_MODEL_DIR, folder / BEST_MODEL_DIR)
-        metrics.update({"best/epoch": self.progress["best_epoch"], f"best/{metric}": self.progress["best"]})
+        best = {"best/epoch": self.progress["best_epoch"], f"best/{metric}": self.progress["best"]}
+        metrics.update(best | {f"best/{k}": v for k, v in self.progress["best_scores"].items()})
         log_metrics(self.tracker, self.run_id, metrics, epoch)
         if self.validation:
             panel = prediction_panel(self.validation[0].image, self.validation[0].target, probabilities[0])

@@ -61,6 +61,18 @@ def get_json(url: str, payload: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
+def wait_until_answers(url: str, process: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Return once ``url`` answers an HTTP request; fail if ``process`` (the server) exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def mlflow_server(
     backend_store_uri: str, cwd: Path, *extra: str, env: dict[str, str] | None = None, log: Path | None = None
@@ -74,14 +86,7 @@ def mlflow_server(
         server = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/health", timeout=2)
-                    break
-                except OSError:
-                    assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                    time.sleep(0.5)
+            wait_until_answers(f"{url}/health", server, "mlflow server")
             yield url
         finally:
             server.terminate()
@@ -147,14 +152,7 @@ def s3_server() -> Iterator[dict[str, str]]:
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
     }
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.2)
+        wait_until_answers(env["AWS_ENDPOINT_URL"], server, "moto server", timeout=60)
         request = urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/{S3_BUCKET}", method="PUT")  # create bucket
         urllib.request.urlopen(request, timeout=10)
         yield env

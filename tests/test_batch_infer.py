@@ -118,6 +118,9 @@ def test_killed_batch_resumes_equal_to_single_runs(trained_model_dir, cohort, tm
     )
     assert len(nested) == len(GOOD) - len(finished_before)
     assert client.get_run(batch_run).info.status == "FAILED"  # three slides failed
+    # the killed job could not end its run: the re-run found it RUNNING without a live job and ended it
+    batches = client.search_runs([client.get_run(batch_run).info.experiment_id], "tags.job = 'inference-batch'")
+    assert sorted(run.info.status for run in batches) == ["FAILED", "KILLED"]
     resumed = next(name for name in GOOD if name not in finished_before)
     lineage = zarr.open_group(output / f"{resumed}.ome.zarr").attrs["unet_inference"]
     assert lineage["mlflow_batch_run_id"] == batch_run and lineage["mlflow_run_id"] in {r.info.run_id for r in nested}
@@ -129,6 +132,28 @@ def test_killed_batch_resumes_equal_to_single_runs(trained_model_dir, cohort, tm
     assert "nothing to do   5 outputs were complete already" in out
     assert modified(output) == before
     assert {row["status"] for name, row in summary(output).items() if name in GOOD} == {"skipped"}
+
+
+def test_ctrl_c_stops_a_batch_and_ends_its_mlflow_run(trained_model_dir, cohort, tmp_path) -> None:
+    slides, output = tmp_path / "slides", tmp_path / "out"
+    slides.mkdir()
+    for name in ("a.zarr", "b.zarr", "c.ome.zarr"):
+        (slides / name).symlink_to(cohort / name)
+    proc = batch_process(tmp_path, trained_model_dir, slides, output)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not complete_outputs(output):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("python -m pipelines.infer: interrupted; MLflow batch run ") and " marked KILLED; " in last
+    assert last.endswith("run the same command again to continue the batch (complete outputs are skipped, "
+                         "interrupted ones resumed)")  # fmt: skip
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("unet").experiment_id], "tags.job = 'inference-batch'")
+    assert run.info.status == "KILLED" and run.info.run_id in last
+    assert 1 <= len(complete_outputs(output)) < 3
 
 
 def test_overwrite_redoes_every_slide(trained_model_dir, cohort, tmp_path, capsys) -> None:

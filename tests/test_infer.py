@@ -1,5 +1,5 @@
 """pipelines.infer end to end on a local Dask cluster: real slide in, OME-Zarr out, seamless tiles,
-seam-merged labels, resume after SIGKILL, no silent overwrite, lineage, and clear errors."""
+seam-merged labels, resume after Ctrl-C, no silent overwrite, lineage, and clear errors."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from scipy import ndimage as ndi
 
 from pipelines.dask_cluster import dashboard, start_dask
 from pipelines.infer import cli
-from pipelines.registry import connect, log_and_register, promote
+from pipelines.models import log_and_register
+from pipelines.registry import connect, promote
 from tests.helpers import ROOT, environment, free_port
 from tests.test_tiling import same_partition, whole_image_probability
 from unet.config import load_config
@@ -113,7 +114,9 @@ def chunk_files(output: Path) -> dict[str, bytes]:
     return {str(p.relative_to(output)): p.read_bytes() for p in files}
 
 
-def test_killed_job_resumes_and_matches_an_uninterrupted_run(trained_model_dir, cmu_ome_zarr, tmp_path) -> None:
+def test_interrupted_job_resumes_and_matches_an_uninterrupted_run(trained_model_dir, cmu_ome_zarr, tmp_path) -> None:
+    """Ctrl-C mid-slide: the job stops at once, says how to go on, and ``--resume`` finishes the same output as an
+    uninterrupted run. (A batch killed with SIGKILL resumes too: tests/test_batch_infer.py.)"""
     output = tmp_path / "resumed.ome.zarr"
     partial = tmp_path / ".resumed.ome.zarr.partial"
     proc = run_infer_process(tmp_path, trained_model_dir, cmu_ome_zarr, output)
@@ -123,8 +126,14 @@ def test_killed_job_resumes_and_matches_an_uninterrupted_run(trained_model_dir, 
         if done.exists() and int(np.asarray(zarr.open_array(done, mode="r")).sum()) >= 8:
             break
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole job
+    interrupted = time.monotonic()
+    stopped, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and time.monotonic() - interrupted < 30, stopped[-2000:]
+    assert stopped.strip().splitlines()[-1] == (
+        "python -m pipelines.infer: interrupted; the partial output is kept: run the same command with --resume to "
+        f"continue {output}"
+    )
     finished_before = int(np.asarray(zarr.open_array(partial / "_work" / "done_predict", mode="r")).sum())
     assert 8 <= finished_before < 108 and not output.exists()
 

@@ -45,7 +45,7 @@ def test_expected_files_exist() -> None:
     names = {p.relative_to(INFRA).as_posix() for p in INFRA.rglob("*") if p.is_file()}
     assert {"docker/Dockerfile", "ray/rayjob.yaml", "ray/raycluster.yaml", "ray/cluster-launcher.yaml",
             "dask/daskcluster.yaml", "mlflow/docker-compose.yaml", "mlflow/.env.example",
-            "mlflow/basic_auth.ini"} <= names  # fmt: skip
+            "mlflow/basic_auth.ini", "s3/jobs-policy.json", "s3/mlflow-server-policy.json"} <= names  # fmt: skip
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.relative_to(INFRA).as_posix())
@@ -187,7 +187,9 @@ def test_mlflow_server_has_accounts_with_its_secrets_from_the_environment(monkey
     assert auth.default_permission == "READ" and auth.admin_username and auth.admin_password is None
     assert urlparse(backend).password is None  # the database password is PGPASSWORD, not in the command line
     env_example = (INFRA / "mlflow" / ".env.example").read_text()
-    for name in ("PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+    # the server's own S3 account (infra/s3/mlflow-server-policy.json; the jobs' is another: tests/test_s3_policies.py)
+    for name in ("PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY"):  # fmt: skip
         variable = re.fullmatch(r"\$\{(\w+):\?[^}]+\}", env[name])  # required: compose refuses to start without
         assert variable and f"\n{variable.group(1)}=" in env_example, name
 

@@ -281,7 +281,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_run_driven_from_another_machine_is_recognised_by_its_heartbeat(tmp_path: Path) -> None:
     """What a job checks in MLflow before it starts or resumes a run (``pipelines.train.not_running_elsewhere``)."""
-    from pipelines import registry, train
+    from pipelines import liveness, registry, train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config(ROOT / "configs" / "train.yaml", ["train.run_name=shared", f"tracking.tracking_uri={uri}"])
@@ -293,12 +293,12 @@ def test_a_run_driven_from_another_machine_is_recognised_by_its_heartbeat(tmp_pa
     try:
         for driver, age, status, refused in [
             ("elsewhere 12", 10, "RUNNING", True),
-            ("elsewhere 12", train.STALE_S + 5, "RUNNING", False),  # killed there: its heartbeat stopped
+            ("elsewhere 12", liveness.STALE_S + 5, "RUNNING", False),  # killed there: its heartbeat stopped
             ("elsewhere 12", 10, "FINISHED", False),
             (f"{socket.gethostname()} {sleeper.pid}", 10, "RUNNING", True),
             (f"{socket.gethostname()} 999999999", 10, "RUNNING", False),  # killed here: no such process
         ]:
-            registry.set_tags(client, run_id, {train.DRIVER_TAG: driver, train.HEARTBEAT_TAG: time.time() - age})
+            registry.set_tags(client, run_id, {liveness.DRIVER_TAG: driver, liveness.HEARTBEAT_TAG: time.time() - age})
             client.update_run(run_id, status=status)
             if refused:
                 with pytest.raises(UserError, match=r"^training run 'shared' is already running \(pid \d+ on "):

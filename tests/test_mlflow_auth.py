@@ -6,27 +6,39 @@ errors."""
 
 from __future__ import annotations
 
-import base64
-import configparser
-import contextlib
 import json
 import secrets
 import stat
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from pipelines.mlflow_auth import setup_accounts as setup_accounts_here
+from pipelines.models import DIGESTS_TAG, load_model
 from pipelines.prepare import prepare
 from pipelines.registry import CANDIDATE, CHAMPION, current_champion, promote
-from tests.helpers import ROOT, environment, mlflow_server, postgres_database, train_command
+from tests.accounts import (
+    ADMIN,
+    EXPERIMENT,
+    MANAGER,
+    MODEL,
+    READER,
+    WRITER,
+    account,
+    accounts_server,
+    auth_config,
+    call,
+    client_environment,
+    refusals,
+    server_environment,
+    write_routes,
+)
+from tests.helpers import ROOT, postgres_database, train_command
 from unet.config import load_config
+from unet.model_files import file_digests
 
 
 def on_the_server(test):
@@ -35,91 +47,12 @@ def on_the_server(test):
     return pytest.mark.slow(pytest.mark.cluster(test))
 
 
-MODEL, EXPERIMENT = "unet-test", "unet"  # train_command's registered model; configs/train.yaml's experiment
-ADMIN, WRITER, READER, MANAGER = "admin", "unet-train", "reader-ann", "manager-carl"
-
-
-def auth_config(tmp: Path, database: str) -> Path:
-    """infra/mlflow/basic_auth.ini pointed at the throw-away database (the server's in the compose file)."""
-    config = configparser.ConfigParser()
-    config.read(ROOT / "infra" / "mlflow" / "basic_auth.ini")
-    config["mlflow"]["database_uri"] = database
-    path = tmp / "basic_auth.ini"
-    with path.open("w") as handle:
-        config.write(handle)
-    return path
-
-
-def server_environment(ini: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in environment().items() if not k.startswith(("MLFLOW_AUTH", "MLFLOW_TRACKING"))}
-    return {**env, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "PYTHONUNBUFFERED": "1", **extra}
-
-
-def client_environment(url: str, username: str | None, password: str | None) -> dict[str, str]:
-    env = {k: v for k, v in environment().items() if not k.startswith("MLFLOW_TRACKING")}
-    account = {"MLFLOW_TRACKING_USERNAME": username, "MLFLOW_TRACKING_PASSWORD": password}
-    return {**env, "MLFLOW_TRACKING_URI": url, **{k: v for k, v in account.items() if v is not None}}
-
-
-def call(
-    url: str, path: str, account: tuple[str, str] | None = None, payload: dict | None = None, method: str | None = None
-) -> tuple[int, str]:
-    """(HTTP status, body) of a REST call: GET, or POST with a JSON payload; ``account`` as Basic auth."""
-    data = json.dumps(payload).encode() if payload is not None else None
-    headers = {"Content-Type": "application/json"}
-    request = urllib.request.Request(f"{url}{path}", data=data, headers=headers, method=method)
-    if account:
-        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(account).encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-@contextlib.contextmanager
-def account(url: str, username: str, password: str):
-    """An MlflowClient that talks to ``url`` as ``username`` (the standard variables, set for the block)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_USERNAME", username)
-        patch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-        yield MlflowClient(tracking_uri=url)
-
-
-def setup_accounts(url: str, admin_password: str, passwords: Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "pipelines.mlflow_auth", "--config", str(ROOT / "configs" / "train.yaml"),
-               "--set", f"tracking.registered_model={MODEL}", "--passwords", str(passwords),
-               "--writer", WRITER, "--reader", READER, "--manager", MANAGER]  # fmt: skip
-    env = client_environment(url, ADMIN, admin_password)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    """The server, its accounts set up (twice: the second run changes nothing) and their passwords."""
+    """The server on PostgreSQL (runs, registry and accounts in one database, as infra/mlflow runs it)."""
     tmp = tmp_path_factory.mktemp("auth")
-    admin_password = "admin-" + secrets.token_hex(12)
-    secret_key = secrets.token_hex(16)
-    with postgres_database() as database:
-        env = server_environment(auth_config(tmp, database), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
-                                 MLFLOW_FLASK_SERVER_SECRET_KEY=secret_key)  # fmt: skip
-        extra = ["--app-name", "unet-basic-auth", "--artifacts-destination", str(tmp / "artifacts")]
-        with mlflow_server(database, tmp, *extra, env=env, log=tmp / "server.log") as url:
-            passwords = tmp / "passwords"
-            passwords.mkdir(mode=0o700)
-            (passwords / READER).write_text("ann's own password, from her\n")  # given; the others generated
-            first, second = (
-                setup_accounts(url, admin_password, passwords),
-                setup_accounts(url, admin_password, passwords),
-            )
-            yield {
-                "url": url,
-                "tmp": tmp,
-                "secrets": [admin_password, secret_key],
-                "admin": (ADMIN, admin_password),
-                "setup": [first, second],
-                **{name: (name, (passwords / name).read_text().strip()) for name in (WRITER, READER, MANAGER)},
-            }
+    with postgres_database() as database, accounts_server(tmp, database, database) as server:
+        yield server
 
 
 def passwords_in(folder: Path) -> list[str]:
@@ -209,6 +142,24 @@ def test_only_manage_moves_champion(server: dict, trained) -> None:
 
 
 @on_the_server
+def test_no_account_can_change_the_files_the_training_job_registered(server: dict, trained) -> None:
+    """The issue this rule answers: the service account (EDIT) replaced a registered version's weights through the
+    artifact proxy. Every write route, every account, on PostgreSQL (the same on sqlite with more cases:
+    tests/test_immutable_versions.py)."""
+    with account(server["url"], *server[ADMIN]) as admin:
+        version = admin.get_model_version_by_alias(MODEL, CANDIDATE)
+        location = admin.get_model_version_download_uri(MODEL, version.version).removeprefix("mlflow-artifacts:/")
+    stored = server["tmp"] / "artifacts" / location
+    before = file_digests(stored)
+    assert json.loads(version.tags[DIGESTS_TAG]) == before  # recorded when the job registered it
+    for (name, method, path), (status, body) in refusals(server, write_routes(version, location)).items():
+        assert status == 403, (name, method, path, status, body)
+    assert file_digests(stored) == before
+    with account(server["url"], *server[READER]):  # and it loads, checked, as any reader would load it
+        assert load_model(f"models:/{MODEL}@{CANDIDATE}", server["url"]).n_channels == 3
+
+
+@on_the_server
 def test_setting_up_again_takes_a_service_account_back_to_edit_on_a_model_it_made(server: dict) -> None:
     """Had the service account created the model itself (its creator gets MANAGE), it could move champion."""
     own = "unet-made-by-the-job"
@@ -217,11 +168,11 @@ def test_setting_up_again_takes_a_service_account_back_to_edit_on_a_model_it_mad
     permission = "/api/3.0/mlflow/users/permissions/get?username={}&resource_type=registered_model&resource_id={}"
     check = permission.format(WRITER, own)
     assert json.loads(call(server["url"], check, server["admin"])[1])["permission"] == "MANAGE"
-    config = load_config(ROOT / "configs" / "train.yaml", [f"tracking.registered_model={own}"])
     with pytest.MonkeyPatch.context() as patch:
         for key, value in client_environment(server["url"], *server["admin"]).items():
             if key.startswith("MLFLOW_TRACKING"):
                 patch.setenv(key, value)
+        config = load_config(ROOT / "configs" / "train.yaml", [f"tracking.registered_model={own}"])  # the URI too
         setup_accounts_here(config, [WRITER], [], [], server["tmp"] / "passwords")
     assert json.loads(call(server["url"], check, server["admin"])[1])["permission"] == "EDIT"
 
@@ -269,7 +220,7 @@ def test_the_app_does_not_start_without_an_admin_password(tmp_path: Path) -> Non
     does, then stops, and `mlflow server` exits with the message.)"""
     env = server_environment(auth_config(tmp_path, f"sqlite:///{tmp_path / 'auth.db'}"),
                              MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))  # fmt: skip
-    start = "from pipelines.mlflow_auth import create_app; create_app()"  # what a server worker does first
+    start = "from pipelines.mlflow_app import create_app; create_app()"  # what a server worker does first
     result = subprocess.run([sys.executable, "-c", start], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "needs a password to create the admin user 'admin'" in result.stderr
@@ -280,7 +231,7 @@ def test_the_app_guards_the_alias_and_rename_routes_of_this_mlflow() -> None:
     """The rules wrap basic-auth's validators of these routes; were they gone, the app would not start."""
     from mlflow.server import auth
 
-    from pipelines.mlflow_auth import guard_routes
+    from pipelines.mlflow_app import guard_routes
 
     validators = dict(auth.BEFORE_REQUEST_VALIDATORS)
     guard_routes(validators, lambda: False, frozenset({CHAMPION}))

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines.models import load_model
 from pipelines.prepare import prepare
-from pipelines.registry import connect, load_model
+from pipelines.registry import connect
 from tests.helpers import ROOT, environment, mlflow_server, objects, train_command, wait_for_checkpoint
 from tests.test_train import stop_ray_leftovers
 from unet.config import load_config

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.registry import connect, load_model, log_and_register, promote
+from pipelines.models import load_model, log_and_register
+from pipelines.registry import connect, promote
 from tests.helpers import get_json, mlflow_server, postgres_database
 from unet.model import UNet
 

@@ -207,6 +207,31 @@ def test_killed_run_leaves_no_store_that_looks_valid(tmp_path: Path) -> None:
     shutil.rmtree(partial)
 
 
+def test_ctrl_c_stops_at_once_and_leaves_the_old_store_as_it_was(tmp_path: Path) -> None:
+    big = np.tile(tifffile.imread(fetch_samples(["fluo_nuclei"])["fluo_nuclei"] / "labels" / "dsb2018_0.tif"), (3, 3))
+    write_pair(tmp_path / "in", "big", big.astype(np.float32), big)
+    store = tmp_path / "train.zarr"
+    zarr.open_group(store).attrs["mine"] = "an earlier store the job is asked to replace"
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    cmd = [sys.executable, "-m", "pipelines.prepare", "--set", f"data.images={tmp_path / 'in' / 'images'}",
+           "--set", f"data.labels={tmp_path / 'in' / 'labels'}", "--set", f"data.store={store}",
+           "--set", "model.n_channels=1", "--chunk-size", "128", "--overwrite"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".train.zarr.partial-*/big/weights")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output[-2000:]
+    assert output.strip().splitlines()[-1] == (
+        f"python -m pipelines.prepare: interrupted; {store} was not written (the partial store is removed; a store "
+        "already there is unchanged): run the same command again"
+    )
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".train.zarr*"))
+
+
 def test_missing_or_foreign_store_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="training store not found"):
         TrainingStore(tmp_path / "nope.zarr")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -16,20 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.registry import (
-    connect,
-    load_model,
-    log_and_register,
-    promote,
-    resolve_tracking_uri,
-    using_tracking_uri,
-)
+from pipelines.infer_tasks import ModelSpec, _predictor
+from pipelines.models import DIGESTS_TAG, load_model, log_and_register
+from pipelines.registry import connect, promote, resolve_tracking_uri, using_tracking_uri
 from tests.helpers import free_port, mlflow_server
 from unet.config import InferConfig
 from unet.errors import UserError
 from unet.inference import ChunkPredictor, InferenceSettings, predict_image
 from unet.model import UNet
-from unet.model_files import save_weights
+from unet.model_files import file_digests, save_weights
 
 
 @pytest.fixture
@@ -86,6 +83,55 @@ def test_versions_load_back_identically_without_unpickling(tracking_uri: str, tm
     np.testing.assert_array_equal(probabilities, np.stack(expected))
     # a plain folder written by save_weights loads too
     assert load_model(str(save_weights(model, tmp_path / "local"))).architecture() == model.architecture()
+
+
+def test_pyfunc_models_take_the_documented_model_config(tracking_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    """``mlflow.pyfunc.load_model(uri, model_config={...})`` predicts with those settings (MLflow only passes keys the
+    model was logged with: the infer section's prediction settings, those its validation used by default)."""
+    torch.manual_seed(2)
+    model = UNet(1, 2, base_channels=4, depth=2)
+    trained_with = InferConfig(tta=True)
+    version = log_and_register(new_run(tracking_uri), model, "unet-config", {}, tracking_uri, trained_with)
+    images = np.random.rand(1, 1, 48, 40).astype(np.float32)
+
+    def expected(infer: InferConfig) -> np.ndarray:
+        with ChunkPredictor(model, InferenceSettings.from_config(infer)) as reference:
+            return np.stack([predict_image(reference, image, None, infer.chunk) for image in images])
+
+    asked = {"device": "cpu", "precision": "fp32", "tta": False, "chunk_size": 32}
+    with using_tracking_uri(tracking_uri), caplog.at_level("WARNING"):
+        as_logged = mlflow.pyfunc.load_model(f"models:/unet-config/{version}").predict(images)
+        as_asked = mlflow.pyfunc.load_model(f"models:/unet-config/{version}", model_config=asked).predict(images)
+    assert not [r for r in caplog.records if "ignored" in r.getMessage()], caplog.text  # nothing MLflow dropped
+    np.testing.assert_array_equal(as_logged, expected(trained_with))
+    np.testing.assert_array_equal(as_asked, expected(InferConfig(**asked)))
+    assert not np.array_equal(as_logged, as_asked)  # fp32 without mirroring: another prediction
+
+
+def test_every_loader_refuses_a_version_changed_on_disk(tracking_uri: str, tmp_path: Path) -> None:
+    """The registry's files changed behind its back (here the local artifact folder; in a team, the bucket):
+    refused in one line naming the version and the file, before anything is read."""
+    run_id = new_run(tracking_uri)
+    version = log_and_register(run_id, UNet(3, 2, base_channels=4, depth=2), "unet-forged", {}, tracking_uri)
+    client = connect(tracking_uri)
+    location = Path(client.get_model_version_download_uri("unet-forged", version).removeprefix("file://"))
+    recorded = json.loads(client.get_model_version("unet-forged", version).tags[DIGESTS_TAG])
+    assert recorded == file_digests(location)  # every file, as stored
+    weights = location / "data" / "unet" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\1")
+    uri = f"models:/unet-forged/{version}"
+    message = rf"^model version unet-forged/{version} \({{}}\) is not the model that was registered: file "
+    message += r"data/unet/weights\.safetensors has changed \(its sha256 is \w+\.\.\., was \w+\.\.\.\); not loaded$"
+    for name in (uri, f"runs:/{run_id}/model"):
+        with pytest.raises(UserError, match=message.format(re.escape(name))):
+            load_model(name, tracking_uri=tracking_uri)
+    with using_tracking_uri(tracking_uri), pytest.raises(UserError, match=message.format(re.escape(uri))):
+        mlflow.pyfunc.load_model(uri)
+    with pytest.raises(UserError, match=message.format(re.escape(uri))):  # a Dask worker's first task
+        _predictor(ModelSpec(uri, tracking_uri, InferenceSettings.from_config(InferConfig()), 1))
+    weights.unlink()
+    with pytest.raises(UserError, match=r"file data/unet/weights\.safetensors is missing; not loaded$"):
+        load_model(uri, tracking_uri=tracking_uri)
 
 
 def test_unknown_models_are_clear_errors(tracking_uri: str) -> None:

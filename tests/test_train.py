@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -15,8 +16,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipelines.models import load_model
 from pipelines.prepare import prepare
-from pipelines.registry import load_model
 from tests.helpers import ROOT, environment, get_json, mlflow_server, train_command, wait_for_checkpoint
 from unet.config import load_config
 from unet.errors import UserError
@@ -108,6 +109,49 @@ def test_registered_version_loads_back_by_alias_and_version(workspace: Path, res
         load_model("models:/unet-test@nope", tracking_uri=uri)
 
 
+@pytest.fixture(scope="module")
+def best_not_last(workspace: Path) -> list[str]:
+    """A 5-epoch run whose best epoch is not its last (this recipe and seed, deterministic on CPU); its command."""
+    cmd = train_command(workspace, "best-not-last", 5, "tracking.registered_model=unet-best", "tracking.promote=false")
+    result = subprocess.run(cmd, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cmd
+
+
+def test_a_version_is_tagged_with_the_scores_of_the_epoch_whose_weights_it_holds(workspace, best_not_last) -> None:
+    """The registered weights are the best epoch's, so are its val/* tags (promote compares them)."""
+    client = tracking(workspace)
+    (run,) = client.search_runs([client.get_experiment_by_name("unet").experiment_id],
+                                "tags.`ray.run_name` = 'best-not-last'")  # fmt: skip
+    version = client.get_model_version("unet-best", run.data.tags["registered_version"])
+    best = int(float(version.tags["best_epoch"]))
+    assert best != 4, "precondition: this seed's best epoch used to be epoch 2 of 0..4; pick another if it changed"
+    for key in ("val/f1", "val/dice", "val/iou", "val/precision", "val/recall", "val/merged"):
+        history = epoch_history(client, run.info.run_id, key)
+        assert float(version.tags[key]) == pytest.approx(history[best]), key
+    f1 = epoch_history(client, run.info.run_id, "val/f1")
+    assert f1[best] == max(f1.values()) > f1[4]  # the last epoch's (lower) score is not what the version says
+
+
+@pytest.mark.cluster  # trains again (half a minute): make test-cluster
+def test_a_checkpoint_changed_in_its_storage_is_not_resumed(workspace: Path, best_not_last: list[str]) -> None:
+    """Each checkpoint's files are recorded in the MLflow run when it is written; a resume checks them first."""
+    folder = workspace / "runs" / "best-not-last"
+    for checkpoint in (path for path in folder.glob("checkpoint_*") if path.is_dir()):
+        weights = checkpoint / "best_model" / "weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\1")
+    again = [*best_not_last, "--set", "train.max_failures=0"]
+    result = subprocess.run(again, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=600)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("python -m pipelines.train: error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert re.fullmatch(
+        rf"python -m pipelines\.train: error: training failed: the last checkpoint of training run 'best-not-last' "
+        rf"\({folder}/checkpoint_[^)]+\) is not one this run wrote \(its files differ from the digests recorded in "
+        r"MLflow run \w+\); not resumed: restore it, or train under a new run name",
+        errors[0],
+    ), errors[0]
+
+
 @pytest.mark.cluster  # kills Ray worker processes / starts an MLflow server: make test-cluster
 def test_killed_worker_resumes_from_checkpoint_and_finishes(workspace: Path) -> None:
     cmd = train_command(workspace, "worker-failure", 3, "tracking.promote=false")
@@ -135,9 +179,8 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(workspace: Path) -> 
 
 
 @pytest.mark.cluster  # kills Ray worker processes / starts an MLflow server: make test-cluster
-def test_a_failed_or_interrupted_run_is_one_line_and_marked_failed(workspace: Path) -> None:
-    """A worker lost with no failures allowed fails the job: one line, exit 2. Ctrl-C: exit 130. Either way the
-    MLflow run says FAILED, not RUNNING forever."""
+def test_a_failed_run_is_one_line_and_marked_failed(workspace: Path) -> None:
+    """A worker lost with no failures allowed fails the job: one line, exit 2, the MLflow run FAILED."""
     cmd = train_command(workspace, "fails", 3, "train.max_failures=0", "tracking.promote=false")
     proc = subprocess.Popen(cmd, cwd=workspace, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
@@ -147,18 +190,9 @@ def test_a_failed_or_interrupted_run_is_one_line_and_marked_failed(workspace: Pa
         workers = [p for p in job if "RayTrainWorker" in " ".join(p.cmdline())]
         workers[-1].send_signal(signal.SIGKILL)
         _, errors = proc.communicate(timeout=600)
-        interrupted = subprocess.Popen(train_command(workspace, "interrupted", 3), cwd=workspace, env=environment(),
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       start_new_session=True)  # fmt: skip
-        for line in interrupted.stdout:
-            if "started MLflow run" in line:
-                break
-        os.killpg(interrupted.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole job
-        output, _ = interrupted.communicate(timeout=300)
     finally:
-        for process in (proc, locals().get("interrupted")):
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         stop_ray_leftovers()
     # one line, whatever Ray's own processes print around it
     failures = [line for line in errors.splitlines() if line.startswith("python -m pipelines.train: error: ")]
@@ -167,12 +201,64 @@ def test_a_failed_or_interrupted_run_is_one_line_and_marked_failed(workspace: Pa
     # connection to it in the gradient all-reduce
     causes = ("actor is dead", "died", "Connection reset by peer", "Connection closed by peer")
     assert any(cause in failures[0] for cause in causes), failures[0]
-    assert interrupted.returncode == 130 and "interrupted" in output.strip().splitlines()[-1], output[-2000:]
+    assert run_status(workspace, "fails") == "FAILED"
+
+
+def run_status(workspace: Path, name: str) -> str:
     client = tracking(workspace)
-    for name in ("fails", "interrupted"):
-        (run,) = client.search_runs([client.get_experiment_by_name("unet").experiment_id],
-                                    f"tags.`ray.run_name` = '{name}'")  # fmt: skip
-        assert run.info.status == "FAILED", name
+    (run,) = client.search_runs([client.get_experiment_by_name("unet").experiment_id],
+                                f"tags.`ray.run_name` = '{name}'")  # fmt: skip
+    return run.info.status
+
+
+def interrupt(workspace: Path, name: str, after: str, sig: signal.Signals = signal.SIGINT) -> tuple[int, str, float]:
+    """Start training ``name`` and send ``sig`` to its whole process group (Ctrl-C in a terminal) as soon as a line
+    containing ``after`` appears: (exit status, output, seconds from the signal to the exit)."""
+    proc = subprocess.Popen(train_command(workspace, name, 30), cwd=workspace, env=environment(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if after in line:
+                break
+        os.killpg(proc.pid, sig)
+        sent = time.monotonic()
+        rest, _ = proc.communicate(timeout=120)
+        return proc.returncode, "".join(lines) + rest, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stop_ray_leftovers()
+
+
+@pytest.mark.cluster  # interrupts Ray jobs: make test-cluster
+def test_ctrl_c_stops_training_at_any_moment_and_the_run_resumes(workspace: Path) -> None:
+    """Ctrl-C while Ray starts (it used to be lost: the run trained on to exit 0) and while it trains (it used to be
+    reported as a failure), SIGTERM (``kill``, a pod stopped): the job stops within seconds, its MLflow run is
+    KILLED, one line says how to go on, and the same command resumes from the last checkpoint."""
+    folder = workspace / "runs"
+    for name, after, sig, code in [
+        ("ctrl-c-at-start", "started MLflow run", signal.SIGINT, 130),
+        ("ctrl-c-training", "epoch 2/30", signal.SIGINT, 130),
+        ("terminated", "epoch 1/30", signal.SIGTERM, 143),
+    ]:
+        status, output, seconds = interrupt(workspace, name, after, sig)
+        assert status == code and seconds < 30, (name, status, seconds, output[-3000:])
+        stopped = "interrupted" if sig == signal.SIGINT else "terminated"
+        (last,) = [line for line in output.splitlines() if line.startswith("python -m pipelines.train: ")]  # one
+        assert re.fullmatch(
+            rf"python -m pipelines\.train: {stopped}; MLflow run \w+ marked KILLED; run the same "
+            rf"command again to resume from the last checkpoint in {folder}/{name}",
+            last,
+        ), last
+        assert "Traceback" not in output and run_status(workspace, name) == "KILLED"
+    resumed = subprocess.run(train_command(workspace, "ctrl-c-training", 3), cwd=workspace, env=environment(),
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "resuming MLflow run" in output, output[-3000:]
+    assert "epoch 1/3" not in output and "epoch 3/3" in output  # from its checkpoint, not from scratch
+    assert run_status(workspace, "ctrl-c-training") == "FINISHED"
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +41,13 @@ def train_command(workspace: Path, run_name: str, epochs: int, *extra: str) -> l
     return [sys.executable, "-m", "pipelines.train", "--config", str(ROOT / "configs" / "train.yaml")] + [
         arg for o in overrides for arg in ("--set", o)
     ]
+
+
+def in_the_foreground() -> None:
+    """``preexec_fn`` for a job that a test interrupts as Ctrl-C in a terminal would: SIGINT back to its default in
+    the child. A test run started in the background (``make test &``) hands SIGINT down ignored, and Python keeps
+    an ignored SIGINT ignored: the job would not see the Ctrl-C at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def environment() -> dict[str, str]:

@@ -21,7 +21,7 @@ import zarr
 from mlflow.tracking import MlflowClient
 
 from pipelines.convert import convert
-from tests.helpers import ROOT, environment
+from tests.helpers import ROOT, environment, in_the_foreground
 from tests.test_infer import chunk_files, infer
 from unet.samples import fetch_samples
 from unet.slide import open_slide
@@ -61,7 +61,7 @@ def batch_process(tmp_path: Path, model: Path, cohort: Path, output: Path) -> su
     for item in (f"infer.model={model}", f"infer.input={cohort}", f"infer.output={output}", *SMALL,
                  f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"):  # fmt: skip
         cmd += ["--set", item]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=environment(), start_new_session=True,
+    return subprocess.Popen(cmd, cwd=tmp_path, env=environment(), start_new_session=True, preexec_fn=in_the_foreground,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 

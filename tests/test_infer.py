@@ -23,7 +23,7 @@ from pipelines.dask_cluster import dashboard, start_dask
 from pipelines.infer import cli
 from pipelines.models import log_and_register
 from pipelines.registry import connect, promote
-from tests.helpers import ROOT, environment, free_port
+from tests.helpers import ROOT, environment, free_port, in_the_foreground
 from tests.test_tiling import same_partition, whole_image_probability
 from unet.config import load_config
 from unet.model_files import load_weights
@@ -105,7 +105,8 @@ def run_infer_process(tmp_path, model, image, output, *extra) -> subprocess.Pope
                  "infer.tile_size=128", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"):  # fmt: skip
         cmd += ["--set", item]
     return subprocess.Popen(cmd + list(extra), cwd=tmp_path, env=environment(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            preexec_fn=in_the_foreground, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
 
 
 def chunk_files(output: Path) -> dict[str, bytes]:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipelines.infer_slide import intensity_range
 from pipelines.prepare import overlap_depth, prepare, split_names
+from tests.helpers import in_the_foreground
 from unet.config import load_config
 from unet.data.sources import DataError
 from unet.data.store import StoreError, TrainingStore
@@ -217,7 +218,7 @@ def test_ctrl_c_stops_at_once_and_leaves_the_old_store_as_it_was(tmp_path: Path)
            "--set", f"data.labels={tmp_path / 'in' / 'labels'}", "--set", f"data.store={store}",
            "--set", "model.n_channels=1", "--chunk-size", "128", "--overwrite"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=in_the_foreground)  # fmt: skip
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".train.zarr.partial-*/big/weights")) and time.monotonic() < deadline:
         time.sleep(0.05)

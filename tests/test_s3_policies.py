@@ -111,35 +111,48 @@ def test_the_jobs_account_cannot_reach_the_model_registrys_artifacts() -> None:
 
 @pytest.mark.slow
 @pytest.mark.cluster  # an MLflow server on the object store: make test-cluster
+def s3_as(account: dict[str, str]):
+    return boto3.client("s3", endpoint_url=account["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                        aws_access_key_id=account["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=account["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+
+
+REGISTER = """import sys; from pipelines import registry, models; from unet.model import UNet
+url = sys.argv[1]; client = registry.connect(url)
+run = client.create_run(registry.experiment_id(client, 'unet', url)).info.run_id
+version = models.log_and_register(run, UNet(3, 2, base_channels=4, depth=2), 'unet-s3', {}, url)
+print(version, client.get_model_version_download_uri('unet-s3', version))
+"""
+LOAD = "import sys; from pipelines import models; models.load_model(sys.argv[2], sys.argv[1])"
+
+
 def test_a_job_registers_through_the_server_and_cannot_touch_the_files_in_the_bucket(tmp_path: Path) -> None:
     """The deployment's shape: the server alone holds the artifact bucket's account; a job (with the jobs' S3 account
     for its data) logs, registers and loads a model through the server, and its own account is refused at the
-    model's files in the bucket."""
+    model's files in the bucket. Whoever does hold a key to the bucket and changes them there: the next load refuses
+    the version."""
     with s3_with_policies() as (_, accounts):
         server_env = {**environment(), **accounts["MLFLOW_S3_ACCESS_KEY_ID"]}
-        job_env = {**environment(), **accounts["JOBS_S3_ACCESS_KEY_ID"]}
+        job_env = {**environment(), **accounts["JOBS_S3_ACCESS_KEY_ID"], "PYTHONPATH": str(ROOT)}
         backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
         with mlflow_server(backend, tmp_path, "--artifacts-destination", "s3://mlflow/artifacts", env=server_env,
                            log=tmp_path / "server.log") as url:  # fmt: skip
-            code = (
-                "import sys; from pipelines import registry, models; from unet.model import UNet\n"
-                "url = sys.argv[1]; client = registry.connect(url)\n"
-                "run = client.create_run(registry.experiment_id(client, 'unet', url)).info.run_id\n"
-                "version = models.log_and_register(run, UNet(3, 2, base_channels=4, depth=2), 'unet-s3', {}, url)\n"
-                "model = models.load_model(f'models:/unet-s3/{version}', url)\n"
-                "print(client.get_model_version_download_uri('unet-s3', version))\n"
-            )
-            job = subprocess.run([sys.executable, "-c", code, url], env={**job_env, "PYTHONPATH": str(ROOT)},
-                                 capture_output=True, text=True, timeout=300)  # fmt: skip
-            assert job.returncode == 0, job.stderr[-3000:] + (tmp_path / "server.log").read_text()[-3000:]
-            location = job.stdout.strip().splitlines()[-1].removeprefix("mlflow-artifacts:/")
-        jobs_s3 = boto3.client("s3", endpoint_url=job_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                               aws_access_key_id=job_env["AWS_ACCESS_KEY_ID"],
-                               aws_secret_access_key=job_env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
-        key = f"artifacts/{location}/data/unet/weights.safetensors"
-        with pytest.raises(ClientError, match="AccessDenied"):
-            jobs_s3.put_object(Bucket="mlflow", Key=key, Body=b"forged weights")
-        server_s3 = boto3.client("s3", endpoint_url=job_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                                 aws_access_key_id=server_env["AWS_ACCESS_KEY_ID"],
-                                 aws_secret_access_key=server_env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
-        assert server_s3.get_object(Bucket="mlflow", Key=key)["Body"].read()[:8]  # there, untouched
+
+            def job(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+                command = [sys.executable, "-c", code, url, *args]
+                return subprocess.run(command, env=job_env, capture_output=True, text=True, timeout=300)
+
+            registered = job(REGISTER)
+            assert registered.returncode == 0, registered.stderr[-3000:] + (tmp_path / "server.log").read_text()[-3000:]
+            version, location = registered.stdout.strip().splitlines()[-1].split()
+            uri, key = f"models:/unet-s3/{version}", f"artifacts/{location.removeprefix('mlflow-artifacts:/')}"
+            assert job(LOAD, uri).returncode == 0  # through the server, checked: as registered
+            with pytest.raises(ClientError, match="AccessDenied"):
+                s3_as(accounts["JOBS_S3_ACCESS_KEY_ID"]).put_object(Bucket="mlflow", Key=f"{key}/MLmodel", Body=b"x")
+            bucket = s3_as(accounts["MLFLOW_S3_ACCESS_KEY_ID"])  # someone with the bucket's own key
+            weights = bucket.get_object(Bucket="mlflow", Key=f"{key}/data/unet/weights.safetensors")["Body"].read()
+            bucket.put_object(Bucket="mlflow", Key=f"{key}/data/unet/weights.safetensors", Body=weights[:-1] + b"\1")
+            refused = job(LOAD, uri)
+        assert refused.returncode != 0
+        assert f"model version unet-s3/{version} ({uri}) is not the model that was registered: file " in refused.stderr
+        assert "data/unet/weights.safetensors has changed" in refused.stderr

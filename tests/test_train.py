@@ -18,7 +18,15 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.models import load_model
 from pipelines.prepare import prepare
-from tests.helpers import ROOT, environment, get_json, mlflow_server, train_command, wait_for_checkpoint
+from tests.helpers import (
+    ROOT,
+    environment,
+    get_json,
+    in_the_foreground,
+    mlflow_server,
+    train_command,
+    wait_for_checkpoint,
+)
 from unet.config import load_config
 from unet.errors import UserError
 from unet.model_files import load_weights
@@ -215,7 +223,8 @@ def interrupt(workspace: Path, name: str, after: str, sig: signal.Signals = sign
     """Start training ``name`` and send ``sig`` to its whole process group (Ctrl-C in a terminal) as soon as a line
     containing ``after`` appears: (exit status, output, seconds from the signal to the exit)."""
     proc = subprocess.Popen(train_command(workspace, name, 30), cwd=workspace, env=environment(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=in_the_foreground)  # fmt: skip
     try:
         lines = []
         for line in proc.stdout:

@@ -13,7 +13,8 @@ fraction of the GPU's dense bf16 peak (FLOPs counted by ``torch.utils.flop_count
 ``sliding_window_inference`` (roi 512, overlap 0.25, Gaussian, 16 windows per batch on a GPU) with the slide
 in host memory. Training: the same patches, augmentation and DataLoader as ``pipelines.train``, images per
 second after warm-up; "busy" is the fraction of the wall time spent inside training steps (the rest is
-waiting for data). ``--device cpu --quick`` is a small smoke test of the same code (``make test`` runs it).
+waiting for data); Ray Train again with ``train.deterministic`` (what reproducible GPU training costs).
+``--device cpu --quick`` is a small smoke test of the same code (``make test`` runs it).
 """
 
 from __future__ import annotations
@@ -179,15 +180,18 @@ def plain_training(store: str, sizes: dict, device: str) -> dict:
     return {"img_s": sizes["steps"] * batch / wall, "busy": busy / wall}
 
 
-def ray_training(store: str, sizes: dict, device: str, folder: Path) -> dict:
-    """Images/s of ``pipelines.train`` itself (Ray Train, 1 worker, DDP), from its MLflow run."""
+def ray_training(store: str, sizes: dict, device: str, folder: Path, deterministic: bool = False) -> dict:
+    """Images/s of ``pipelines.train`` itself (Ray Train, 1 worker, DDP), from its MLflow run; ``deterministic``:
+    with ``train.deterministic``."""
     from mlflow.tracking import MlflowClient
 
-    tracking = f"sqlite:///{folder / 'train-mlflow.db'}"
+    name = "deterministic" if deterministic else "bench"
+    tracking = f"sqlite:///{folder / f'{name}-mlflow.db'}"
     overrides = [f"data.store={store}", f"model.base_channels={sizes['base']}", f"data.patch_size={sizes['patch']}",
                  f"train.batch_size={sizes['batch']}", f"train.steps_per_epoch={sizes['steps']}", "train.epochs=2",
                  "train.num_workers=1", f"train.use_gpu={str(device == 'cuda').lower()}", "train.precision=bf16",
-                 f"train.cpus_per_worker={os.cpu_count() if device == 'cpu' else 4}", "train.run_name=bench",
+                 f"train.cpus_per_worker={os.cpu_count() if device == 'cpu' else 4}", f"train.run_name={name}",
+                 f"train.deterministic={str(deterministic).lower()}",
                  f"train.storage_path={folder / 'runs'}", f"tracking.tracking_uri={tracking}",
                  "tracking.registered_model=bench", "tracking.experiment=bench"]  # fmt: skip
     _run([sys.executable, "-m", "pipelines.train", *[a for o in overrides for a in ("--set", o)]])
@@ -218,11 +222,12 @@ def run(device: str = "cuda", quick: bool = False) -> dict:
         store = synthetic_store(folder / "train", sizes)
         result["plain"] = plain_training(store, sizes, device)
         result["ray"] = ray_training(store, sizes, device, folder)
+        result["deterministic"] = ray_training(store, sizes, device, folder, deterministic=True)
     return {"title": TITLE, **result}
 
 
 def to_markdown(r: dict) -> str:
-    m, ours, mon, plain, ray = r["model"], r["ours"], r["monai"], r["plain"], r["ray"]
+    m, ours, mon, plain, ray, same = r["model"], r["ours"], r["monai"], r["plain"], r["ray"], r["deterministic"]
     peak = f"{m['peak_fraction'] * 100:.0f}% of the bf16 peak" if m["peak_fraction"] else "peak unknown for this device"
     rows = [
         ("device", r["device"], f"UNet base {r['base']}, bf16, channels_last, chunk {r['chunk']}"),
@@ -235,6 +240,8 @@ def to_markdown(r: dict) -> str:
          f"process start to exit {mon['wall_mpx_s']:.1f} Mpx/s (ours {ours['wall_mpx_s'] / mon['wall_mpx_s']:.2f}x)"),
         ("training, plain PyTorch", f"{plain['img_s']:.1f} img/s", f"busy {plain['busy'] * 100:.0f}% of the time"),
         ("training, Ray Train 1 worker", f"{ray['img_s']:.1f} img/s", f"{ray['img_s'] / plain['img_s']:.2f}x plain"),
+        ("training, Ray Train 1 worker, `train.deterministic`", f"{same['img_s']:.1f} img/s",
+         f"{same['img_s'] / ray['img_s']:.2f}x without it"),
     ]  # fmt: skip
     lines = ["| measurement | value | notes |", "|---|---:|---|"]
     return "\n".join([*lines, *(f"| {a} | {b} | {c} |" for a, b, c in rows)])

@@ -14,11 +14,26 @@ from unet.model_files import file_digests
 
 log = logging.getLogger(__name__)
 KEEP = 3  # checkpoints recorded: Ray keeps 2, and resumes the latest it finished persisting
+RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's own list of a run's checkpoints, in its folder
+
+
+def recorded_by_ray(folder: str | Path) -> int:
+    """How many checkpoints Ray Train has recorded in a run's folder (a path or URL): what a job started with that
+    run name and storage path resumes from (none: it starts over)."""
+    from unet import storage
+
+    fs, root = storage.filesystem(folder)
+    try:
+        with fs.open(f"{root}/{RAY_RECORD}") as handle:
+            return len(json.load(handle)["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def record(client, run_id: str, folder: str | Path, epoch: int) -> None:
-    """Add the checkpoint about to be persisted from ``folder`` (after ``epoch``) to the run's record."""
-    recorded = _recorded(client, run_id) or {}
+    """Add the checkpoint about to be persisted from ``folder`` (after ``epoch``) to the run's record, in place of
+    any recorded for this epoch or a later one (they were left behind: training went on from an earlier one)."""
+    recorded = {key: value for key, value in (_recorded(client, run_id) or {}).items() if int(key) < epoch}
     recorded[str(epoch)] = file_digests(folder)
     latest = sorted(recorded, key=int)[-KEEP:]
     set_tags(client, run_id, {CHECKPOINTS_TAG: json.dumps({key: recorded[key] for key in latest}, sort_keys=True)})

@@ -159,22 +159,34 @@ def ray_run_runs(client: MlflowClient, experiment: str, run_name: str, storage_p
         [experiment],
         filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage_path}'",
         max_results=max_results,
+        order_by=["attributes.start_time DESC"],
     )
 
 
 def start_or_resume_run(
-    client: MlflowClient, config: Config, tracking_uri: str, flat_params: dict[str, str], tags: dict[str, str]
+    client: MlflowClient,
+    config: Config,
+    tracking_uri: str,
+    flat_params: dict[str, str],
+    tags: dict[str, str],
+    checkpointed: bool,
 ) -> tuple[str, bool]:
-    """The MLflow run of this Ray run (same name and storage path), created if there is none."""
+    """The MLflow run of this Ray run (same name and storage path) when Ray Train resumes it (``checkpointed``: its
+    folder holds checkpoints), else a new one: a run started over after its folder was deleted is a new run, and its
+    earlier MLflow run is left as it ended (one left RUNNING by a killed job is marked KILLED)."""
     from mlflow.entities import Param
 
     exp_id = experiment_id(client, config.tracking.experiment, tracking_uri)
     name, storage = config.train.run_name, config.train.storage_path
-    found = ray_run_runs(client, exp_id, name, storage, max_results=1)
-    if found:
+    if found := ray_run_runs(client, exp_id, name, storage, max_results=1):
         run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id, True
+        if checkpointed:
+            client.update_run(run_id, status="RUNNING")
+            return run_id, True
+        if found[0].info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+        log.info("%s/%s has no checkpoint: training run %r starts over in a new MLflow run (the earlier one, %s, "
+                 "is kept as it was)", storage, name, name, run_id)  # fmt: skip
     run = client.create_run(exp_id, run_name=name, tags={RUN_NAME_TAG: name, STORAGE_TAG: storage, **tags})
     params = [Param(k, v[:6000]) for k, v in flat_params.items()]
     for start in range(0, len(params), 100):

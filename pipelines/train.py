@@ -50,6 +50,10 @@ def check_store(config: Config) -> TrainingStore:
             f"{store.location} has {store.attrs['channels']}-channel images "
             f"but model.n_channels is {config.model.n_channels}"
         )
+    from unet.training import small_validation_split
+
+    if warning := small_validation_split(store):
+        log.warning(warning)
     return store
 
 
@@ -196,7 +200,11 @@ def _train(config: Config, store: TrainingStore, client) -> dict:
         registry.GIT_COMMIT_TAG: registry.git_commit(),
     }
     not_running_elsewhere(config, client)
-    start = functools.partial(registry.start_or_resume_run, client, config, tracking_uri, flatten_config(config), tags)
+    from pipelines.checkpoints import recorded_by_ray
+
+    checkpointed = recorded_by_ray(f"{config.train.storage_path}/{config.train.run_name}") > 0
+    start = functools.partial(registry.start_or_resume_run, client, config, tracking_uri, flatten_config(config), tags,
+                              checkpointed)  # fmt: skip
     with tracked_run(client, config, start) as (run_id, resumed):
         stop_heartbeat = heartbeat(client, run_id)
         try:

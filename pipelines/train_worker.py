@@ -30,41 +30,36 @@ from unet.io import write_png
 from unet.loss import WeightedLoss
 from unet.model_files import BEST_MODEL_DIR, save_weights
 from unet.training import (
+    TrainingParts,
     build_model,
     build_optimizer,
     build_scheduler,
     evaluate,
     load_state,
     load_validation,
+    make_deterministic,
     make_grad_scaler,
-    restore_scaler,
+    make_weight_average,
     save_state,
     train_step,
-    training_state,
     unwrap,
 )
 from unet.visualize import prediction_panel
 
 
-def _restore(model, optimizer, scheduler, scaler, loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Load the latest checkpoint Ray Train hands us (after a failure or a re-run), if any, once its files are
-    checked against those the run recorded when it wrote them."""
+def _checked_checkpoint(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The state of the latest checkpoint Ray Train hands us (after a failure or a re-run), if any, once its files
+    are checked against those the run recorded when it wrote them."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return {"epoch": -1, "step": 0, "best": None, "best_epoch": None, "best_scores": {}}
+        return None
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=loop_config["tracking_uri"])
     run_name = loop_config["config"]["train"]["run_name"]
     with checkpoint.as_directory() as directory:
         checkpoints.verify(client, loop_config["mlflow_run_id"], directory, run_name)
-        state = load_state(directory)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    restore_scaler(scaler, state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    return {"best_scores": {}, **state["progress"]}  # best_scores: not in checkpoints of earlier versions
+        return load_state(directory)
 
 
 def _mean_across_workers(value: float, device: torch.device) -> float:
@@ -92,10 +87,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    parts: TrainingParts  # the model (wrapped for DDP), and on rank 0 the moving average of its weights
     dataset: PatchDataset
     loader: DataLoader
     progress: dict[str, Any]  # epoch, step, best, best_epoch, best_scores: restored from the last checkpoint
@@ -107,6 +99,8 @@ class Worker:
     def set_up(cls, loop_config: dict[str, Any]) -> Worker:
         config = Config.model_validate(loop_config["config"])
         train = config.train
+        if train.deterministic:
+            make_deterministic()
         context = ray.train.get_context()
         rank, world, device = context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
         if train.use_gpu:  # the driver saw GPUs in the cluster; this checks the one this worker got
@@ -116,16 +110,18 @@ class Worker:
         if train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, train)
-        scheduler = build_scheduler(optimizer, train)
-        scaler = make_grad_scaler(train.precision, device)
-        progress = _restore(model, optimizer, scheduler, scaler, loop_config)
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
+        average = make_weight_average(model, train.weight_average) if rank == 0 else None  # rank 0 validates
+        parts = TrainingParts(model, optimizer, build_scheduler(optimizer, train),
+                              make_grad_scaler(train.precision, device), average)  # fmt: skip
+        progress = {"epoch": -1, "step": 0, "best": None, "best_epoch": None, "best_scores": {}}
+        if (state := _checked_checkpoint(loop_config)) is not None:
+            progress = parts.restore(state)
+        parts.model = ray.train.torch.prepare_model(model, move_to_device=False)
         if train.compile:
-            model = torch.compile(model)
+            parts.model = torch.compile(parts.model)
         store = TrainingStore(config.data.store)
         dataset, loader = _patches(config, store, rank, device)
-        worker = cls(config, rank, world, device, model, optimizer, scheduler, scaler, dataset, loader, progress,
-                     loop_config["mlflow_run_id"])  # fmt: skip
+        worker = cls(config, rank, world, device, parts, dataset, loader, progress, loop_config["mlflow_run_id"])
         nodes = _worker_nodes(world)
         if rank == 0:
             from mlflow.tracking import MlflowClient
@@ -146,13 +142,16 @@ class Worker:
         """One pass over this epoch's patches; (mean loss over all workers, seconds)."""
         train, loss_fn = self.config.train, WeightedLoss(self.config.loss.dice_weight)
         self.dataset.set_epoch(epoch)
-        self.model.train()
+        parts = self.parts
+        parts.model.train()
         started, loss_sum, logging = time.perf_counter(), torch.zeros((), device=self.device), []
         for batch in self.loader:
-            result = train_step(self.model, batch, self.optimizer, loss_fn, self.scaler, device=self.device,
+            result = train_step(parts.model, batch, parts.optimizer, loss_fn, parts.scaler, device=self.device,
                                 precision=train.precision, channels_last=train.channels_last,
                                 grad_clip=train.grad_clip)  # fmt: skip
-            self.scheduler.step()
+            parts.scheduler.step()
+            if parts.average is not None:
+                parts.average.update_parameters(unwrap(parts.model))
             self.progress["step"] += 1
             loss_sum += result.loss  # stays on the device: no wait for the GPU
             if self.tracker is not None and self.progress["step"] % train.log_every_steps == 0:
@@ -164,7 +163,7 @@ class Worker:
 
     def _log_step(self, result):
         metrics = {"train/step_loss": float(result.loss), "train/grad_norm": float(result.grad_norm)}
-        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/lr"] = self.parts.scheduler.get_last_lr()[0]
         return log_metrics(self.tracker, self.run_id, metrics, self.progress["step"], synchronous=False)
 
     def validate_and_checkpoint(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
@@ -174,9 +173,8 @@ class Worker:
             checkpoint = None
             if self.rank == 0:
                 self._validate(epoch, metrics, Path(tmp))
-                state = training_state(self.model, self.optimizer, self.scheduler, self.scaler, epoch=epoch,
-                                       **{k: v for k, v in self.progress.items() if k != "epoch"})  # fmt: skip
-                save_state(state, tmp)
+                progress = {k: v for k, v in self.progress.items() if k != "epoch"} | {"epoch": epoch}
+                save_state(self.parts.state(**progress), tmp)
                 checkpoints.record(self.tracker, self.run_id, tmp, epoch)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 # Straight to the process's stdout, which Ray forwards to the driver once (print is teed).
@@ -190,13 +188,14 @@ class Worker:
         scores (``best/val/...``, what its registered version is tagged with), log."""
         infer, metric = self.config.infer, self.config.tracking.champion_metric
         settings = InferenceSettings.from_config(infer, device=str(self.device))
-        scores, probabilities = evaluate(unwrap(self.model), self.validation, settings, infer.chunk,
+        scored = self.parts.scored()
+        scores, probabilities = evaluate(scored, self.validation, settings, infer.chunk,
                                          infer.threshold, self.config.evaluate.iou_threshold)  # fmt: skip
         metrics.update({f"val/{k}": v for k, v in scores.items()})
         if self.progress["best"] is None or metrics[metric] > self.progress["best"]:
             self.progress["best"], self.progress["best_epoch"] = metrics[metric], epoch
             self.progress["best_scores"] = {k: v for k, v in metrics.items() if k.startswith("val/")}
-            save_weights(unwrap(self.model), folder / BEST_MODEL_DIR)
+            save_weights(scored, folder / BEST_MODEL_DIR)
         elif previous := ray.train.get_checkpoint():  # read back from its storage: checked as a resume is
             with previous.as_directory() as directory:
                 checkpoints.verify(self.tracker, self.run_id, directory, self.config.train.run_name)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.checkpoints import recorded_by_ray
 from unet import storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,19 +195,9 @@ def objects(location: str | Path) -> list[str]:
     return sorted(key[len(root.rstrip("/")) + 1 :] for key in fs.find(root))
 
 
-def recorded_checkpoints(run_dir: str | Path) -> int:
-    """Checkpoints Ray Train has recorded for the run (what a restarted job resumes from); a path or URL."""
-    fs, root = storage.filesystem(run_dir)
-    try:
-        with fs.open(f"{root}/checkpoint_manager_snapshot.json") as handle:
-            return len(json.load(handle)["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def wait_for_checkpoint(run_dir: str | Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while not recorded_checkpoints(run_dir):
+    while not recorded_by_ray(run_dir):
         assert proc.poll() is None, "training ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.2)

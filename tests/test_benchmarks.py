@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import numpy as np
+import tifffile
 
 from benchmarks.gpu import main as gpu_main
 from benchmarks.run import main
+from benchmarks.seeds import main as seeds_main
+from benchmarks.seeds import splits
 
 
 def test_quick_weight_map_benchmark_writes_a_report(tmp_path: Path) -> None:
@@ -31,5 +37,29 @@ def test_gpu_benchmark_runs_on_a_cpu_as_a_smoke_test(tmp_path: Path) -> None:
         if len(cells) == 3 and cells[1].split(" ")[0].replace(".", "").isdigit():
             values[cells[0]] = float(cells[1].split(" ")[0])
     assert set(values) == {"model only", "end to end, Zarr to Zarr", "MONAI sliding window",
-                           "training, plain PyTorch", "training, Ray Train 1 worker"}  # fmt: skip
+                           "training, plain PyTorch", "training, Ray Train 1 worker",
+                           "training, Ray Train 1 worker, `train.deterministic`"}  # fmt: skip
     assert all(value > 0 for value in values.values())
+
+
+def test_seed_study_holds_its_test_images_out_and_reports_every_variant(tmp_path: Path) -> None:
+    """`benchmarks.seeds`: what each dataset trains on never overlaps what it is scored on; the section lists every
+    variant's seeds, mean and spread (the trainings themselves are the benchmark, not this test)."""
+    for dataset, trained in (("he", 12), ("he-small", 6), ("fluo", 12)):
+        parts = splits(dataset, tmp_path / dataset)
+        names = {part: {p.stem for p in (folder / "images").glob("*.tif")} for part, folder in parts.items()}
+        assert len(names["trainval"]) == trained and names["test"] and not names["trainval"] & names["test"]
+    held_out = tifffile.imread(tmp_path / "fluo" / "test" / "images" / "quadrant11.tif")
+    assert held_out.shape[:2] == (256, 256)  # the fluorescence image's fourth quadrant: in no training tile
+    for tile in (tmp_path / "fluo" / "trainval" / "images").glob("*.tif"):
+        assert not np.array_equal(tifffile.imread(tile), held_out[:128, :128]), tile
+
+    curve = [0.2, 0.5, 0.6, 0.7, 0.6, 0.7]  # over its second half, the validation F1 moves by 0.1 an epoch
+    rows = [{"seed": seed, "f1": f1, "merged": merged, "train_seconds": 60.0, "val_curve": curve}
+            for seed, f1, merged in ((0, 0.80, 2), (1, 0.90, 0), (2, 0.85, 1))]  # fmt: skip
+    results, output = tmp_path / "seeds.json", tmp_path / "benchmarks.md"
+    results.write_text(json.dumps({"v": {"what": "a variant", "commit": "abc", "command": "c", "when": "w",
+                                         "datasets": {"he": rows}}}))  # fmt: skip
+    assert seeds_main(["--table-only", "--results", str(results), "--output", str(output)]) == 0
+    row = next(line for line in output.read_text().splitlines() if line.startswith("| v | he |"))
+    assert row.endswith("| 0: 0.800 (2), 1: 0.900 (0), 2: 0.850 (1) | 0.850 | 0.100 | 1.0 | 0.100 | 1.0 min |"), row

@@ -109,6 +109,11 @@ def test_cross_field_rules(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "data:\n  patch_size: 200\nmodel:\n  depth: 3\n")).data.patch_size == 200
     with pytest.raises(ConfigError, match=r"overwrite and infer\.resume"):
         load_config(None, ["infer.overwrite=true", "infer.resume=true"])
+    deterministic = ["train.deterministic=true", "train.use_gpu=true"]
+    with pytest.raises(ConfigError, match=r"train\.deterministic on GPUs needs model\.bilinear=false"):
+        load_config(None, [*deterministic, "model.bilinear=true"])
+    assert load_config(None, deterministic).train.deterministic
+    assert load_config(None, ["train.deterministic=true", "model.bilinear=true"]).model.bilinear  # CPU: no such limit
 
 
 def test_overrides_are_typed_and_win_over_the_file(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from unet.intensity import scale_intensity
 from unet.model import UNet
 from unet.model_files import save_weights
 from unet.serving import _load_pyfunc
-from unet.training import make_grad_scaler, restore_scaler, training_state, unwrap
+from unet.training import TrainingParts, make_grad_scaler, restore_scaler, unwrap
 
 CPU_ONLY = torch.version.cuda is None
 needs_cpu_only_torch = pytest.mark.skipif(not CPU_ONLY, reason="checks the errors of a CPU-only PyTorch build")
@@ -165,5 +165,5 @@ def test_compiled_training_models_save_the_plain_weights() -> None:
     assert unwrap(compiled) is model and unwrap(model) is model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    state = training_state(compiled, optimizer, scheduler, make_grad_scaler("fp32", torch.device("cpu")), epoch=0)
+    state = TrainingParts(compiled, optimizer, scheduler, make_grad_scaler("fp32", torch.device("cpu"))).state(epoch=0)
     assert state["model"].keys() == model.state_dict().keys()

@@ -22,8 +22,9 @@ import zarr
 from mlflow.tracking import MlflowClient
 
 from pipelines import infer_tasks, locks
+from pipelines.checkpoints import recorded_by_ray
 from pipelines.prepare import prepare
-from tests.helpers import ROOT, environment, free_port, recorded_checkpoints, train_command
+from tests.helpers import ROOT, environment, free_port, train_command
 from tests.test_infer import infer
 from unet.config import load_config
 from unet.errors import UserError
@@ -288,7 +289,7 @@ def test_a_run_driven_from_another_machine_is_recognised_by_its_heartbeat(tmp_pa
     config.train.storage_path = str(tmp_path / "runs")
     client = registry.connect(uri)
     train.not_running_elsewhere(config, client)  # no experiment yet
-    run_id, _ = registry.start_or_resume_run(client, config, uri, {}, {})
+    run_id, _ = registry.start_or_resume_run(client, config, uri, {}, {}, checkpointed=False)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         for driver, age, status, refused in [
@@ -340,7 +341,7 @@ def test_two_training_jobs_with_one_run_name(workspace: Path) -> None:
     assert run.info.status == "FINISHED" and run.data.tags["driver"].endswith(f" {procs[winner].pid}")
     (version,) = client.search_model_versions("name = 'unet-test'")
     assert version.run_id == run.info.run_id and run.data.tags["registered_version"] == str(version.version)
-    assert recorded_checkpoints(workspace / "runs" / "twin") == 1
+    assert recorded_by_ray(workspace / "runs" / "twin") == 1
     assert not (workspace / "runs" / ".twin.lock").exists()
 
     again = subprocess.run(cmd, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=600)

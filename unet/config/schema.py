@@ -109,7 +109,21 @@ class TrainConfig(Section):
         10, ge=1, description="Log per-step metrics to MLflow every this many steps (each read waits for the GPU)."
     )
     compile: bool = Field(False, description="torch.compile the model before training.")
+    weight_average: float = Field(
+        0.99,
+        ge=0,
+        lt=1,
+        description="Decay per step of an exponential moving average of the weights (and BatchNorm statistics), "
+        "warmed up as min(decay, (1 + n) / (10 + n)) after n steps; validation, the best model and the registered "
+        "version use the average. 0: the raw weights.",
+    )
     seed: int = Field(0, description="Seed for weights, sampling and augmentation.")
+    deterministic: bool = Field(
+        False,
+        description="On GPUs, deterministic cuDNN convolutions and PyTorch's deterministic algorithms "
+        "(CUBLAS_WORKSPACE_CONFIG=:4096:8): the same seed, data, config, GPUs and software give the same weights, "
+        "more slowly; needs model.bilinear false. CPU training is deterministic without it.",
+    )
 
 
 # Measured on CPU (docs/benchmarks.md: a 1024-px chunk in one pass is the fastest); CUDA: larger passes keep a GPU
@@ -287,4 +301,14 @@ class Config(Section):
         for name, value in sizes.items():
             if value and value % multiple:
                 raise ValueError(f"{name}={value} must be a multiple of 2**model.depth={multiple}")
+        return self
+
+    @model_validator(mode="after")
+    def _deterministic_on_gpus(self) -> Config:
+        # PyTorch has no deterministic CUDA backward for bilinear interpolation: it would fail at the first step
+        if self.train.deterministic and self.train.use_gpu and self.model.bilinear:
+            raise ValueError(
+                "train.deterministic on GPUs needs model.bilinear=false: bilinear up-sampling has no deterministic "
+                "CUDA backward (transposed convolutions have)"
+            )
         return self

@@ -147,7 +147,7 @@ def to_markdown(results: dict) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for label, result in results.items():
-        for dataset, rows in result["datasets"].items():
+        for dataset, rows in sorted(result["datasets"].items(), key=lambda item: DATASETS.index(item[0])):
             f1 = [row["f1"] for row in rows]
             per_seed = ", ".join(f"{row['seed']}: {row['f1']:.3f} ({row['merged']:.0f})" for row in rows)
             lines.append(

@@ -173,8 +173,7 @@ class Worker:
             checkpoint = None
             if self.rank == 0:
                 self._validate(epoch, metrics, Path(tmp))
-                progress = {k: v for k, v in self.progress.items() if k != "epoch"} | {"epoch": epoch}
-                save_state(self.parts.state(**progress), tmp)
+                save_state(self.parts.state(**{**self.progress, "epoch": epoch}), tmp)
                 checkpoints.record(self.tracker, self.run_id, tmp, epoch)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 # Straight to the process's stdout, which Ray forwards to the driver once (print is teed).

@@ -77,8 +77,11 @@ def make_weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils
     from torch.optim.swa_utils import AveragedModel
 
     @torch.no_grad()
-    def towards(average: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
-        rate = min(decay, (1 + int(steps)) / (10 + int(steps)))
+    def towards(average: list[torch.Tensor], current: list[torch.Tensor], _: torch.Tensor) -> None:
+        # The step count from the average's own counter, which lives in host memory: the copy AveragedModel passes
+        # in is on the GPU, and reading it would stall every training step until the GPU caught up.
+        steps = int(averaged.n_averaged)
+        rate = min(decay, (1 + steps) / (10 + steps))
         floats = [(a, c) for a, c in zip(average, current, strict=True) if a.is_floating_point()]
         if floats:
             torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - rate)
@@ -86,7 +89,8 @@ def make_weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils
             if not a.is_floating_point():  # BatchNorm's num_batches_tracked: the latest
                 a.copy_(c)
 
-    return AveragedModel(unwrap(model), multi_avg_fn=towards, use_buffers=True)
+    averaged = AveragedModel(unwrap(model), multi_avg_fn=towards, use_buffers=True)  # n_averaged: on the host
+    return averaged
 
 
 def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:

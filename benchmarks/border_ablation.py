@@ -64,6 +64,7 @@ def train_fold(folder: Path, images, labels, w0: float, steps: int, seed: int) -
             tifffile.imwrite(folder / kind / f"q{i}.tif", array)
     overrides = [f"data.images={folder / 'images'}", f"data.labels={folder / 'labels'}"]
     overrides += [f"data.store={folder / 's.zarr'}", "data.val_fraction=0", "model.n_channels=1"]
+    overrides += ["data.pixel_size_um=0.5"]  # the fluorescence sample's metadata states none
     overrides += ["model.base_channels=16", f"loss.w0={w0}", f"train.steps_per_epoch={steps}", "train.epochs=1"]
     overrides += ["train.lr=0.003", "train.warmup_steps=20", f"train.seed={seed}"]
     config = load_config(None, overrides)

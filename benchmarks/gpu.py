@@ -142,7 +142,8 @@ def synthetic_store(folder: Path, sizes: dict) -> str:
         np.save(folder / "images" / f"s{seed}.npy", np.moveaxis(image, 0, -1))
         np.save(folder / "labels" / f"s{seed}.npy", labels)
     config = load_config(None, [f"data.images={folder / 'images'}", f"data.labels={folder / 'labels'}",
-                                f"data.store={folder / 'store.zarr'}", "data.val_fraction=0.25"])  # fmt: skip
+                                f"data.store={folder / 'store.zarr'}", "data.val_fraction=0.25",
+                                "data.pixel_size_um=0.25"])  # fmt: skip
     return prepare(config, previews=0)
 
 

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # MLflow (about a second to import) and PyTorch are imported 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"  # the logged model's name in its run
 DIGESTS_TAG = "unet.sha256"  # on a model version: {file: sha256} of every file of its artifacts, written once
+# on a model version: what its model records of its training data (model.json), searchable in the registry
+PIXEL_SIZE_TAG, OBJECT_AREA_TAG = "unet.pixel_size_um", "unet.object_area_um2"
 LOADER_MODULE = "pipelines.serving"
 LOADER_MODULES = frozenset({LOADER_MODULE, "unet.serving"})  # unet.serving: models logged before the digests
 # Jobs move a model's files through the tracking server only: they need no route to (and no account of) the
@@ -52,6 +54,17 @@ def signature_for(model: UNet) -> ModelSignature:
     )
 
 
+def resolution_tags(pixel_size_um: float | None, object_area_um2: dict | None) -> dict[str, str]:
+    """Tags of the resolution a model is trained at and of its training objects' areas (compact JSON), each where
+    known: on the training run (from its store) and on the registered version (from its model.json)."""
+    tags = {}
+    if pixel_size_um is not None:
+        tags[PIXEL_SIZE_TAG] = str(pixel_size_um)
+    if object_area_um2 is not None:
+        tags[OBJECT_AREA_TAG] = json.dumps(object_area_um2, separators=(",", ":"))
+    return tags
+
+
 def log_and_register(
     run_id: str,
     model: UNet,
@@ -62,7 +75,8 @@ def log_and_register(
 ) -> str:
     """Log ``model`` into the run as a pyfunc model (``infer``'s prediction settings as its default
     ``model_config``), check that the stored files are the ones written, and only then register them as a new
-    version tagged ``version_tags`` and the files' digests; returns the version."""
+    version tagged ``version_tags``, what the model records of its training data (``resolution_tags``) and the files'
+    digests; returns the version."""
     import mlflow
     import numpy as np
     import torch
@@ -89,7 +103,11 @@ def log_and_register(
         written = {f"data/unet/{name}": digest for name, digest in file_digests(data).items()}
         if any(digests.get(name) != digest for name, digest in written.items()):
             raise UserError(f"the model stored for run {run_id} differs from the one written; nothing registered")
-        tags = {**{k: str(v) for k, v in version_tags.items()}, DIGESTS_TAG: json.dumps(digests, sort_keys=True)}
+        tags = {
+            **{k: str(v) for k, v in version_tags.items()},
+            **resolution_tags(model.pixel_size_um, model.object_area_um2),
+        }
+        tags[DIGESTS_TAG] = json.dumps(digests, sort_keys=True)
         version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
     return str(version.version)
 

@@ -9,6 +9,11 @@ reads every example whole, so an image of more than ``data.max_image_pixels`` is
 header. Everything is checked before anything is written; the store only appears under its name
 once it is complete, and it may not be, hold or lie inside an input. Label ids may be any
 non-negative integers: ids that do not fit int32 are stored renumbered 1..n in order.
+
+Every example is stored at one pixel size, the store's (and so the model's): ``data.pixel_size_um``, else the one
+the images' metadata agree on. An image whose metadata states another size is resampled to it (image and labels,
+before the target and weight map are computed); images of several sizes without ``data.pixel_size_um``, or an
+image without metadata and no ``data.pixel_size_um``, are refused.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class Prepared:
     def __init__(self, pair: Pair, config: Config, chunk: int) -> None:
         import dask.array as da
 
-        from unet.data.sources import DataError, check_pair, open_lazy
+        from unet.data.sources import DataError, check_pair, open_lazy, stated_pixel_size_um
 
         self.pair = pair
         limit = config.data.max_image_pixels  # from the header, before any pixel: training reads images whole
@@ -56,6 +61,8 @@ class Prepared:
             raise DataError(
                 f"image {pair.image} has {self.channels} channels but model.n_channels is {config.model.n_channels}"
             )
+        self.stated_pixel_size = stated_pixel_size_um(pair.image)  # from its metadata, None if it states none
+        self.resampled = False
 
     def checks(self) -> dict[str, Any]:
         """Dask scalars whose values must be false for the data to be usable."""
@@ -87,6 +94,57 @@ class Prepared:
         log.info("labels %s: ids up to %d do not fit int32; stored renumbered 1..%d", self.pair.labels, largest,
                  len(ids) - 1)  # fmt: skip
         return True
+
+    def resample_to(self, pixel_size: float, chunk: int) -> None:
+        """Image and labels at ``pixel_size`` (um/px) when the size their metadata states differs by more than
+        ``unet.resample.TOLERANCE`` (an image that states none has the store's): one task per array (training reads
+        an example whole anyway), computed only when the example is, so examples are not all in memory at once."""
+        from unet.resample import resample_image, resample_labels, same_size
+
+        own = self.stated_pixel_size
+        if own is None or same_size(own, pixel_size):
+            return
+        scale = pixel_size / own  # source pixels per stored pixel (2: a stored pixel is twice as wide)
+        self.image = resampled(self.image, scale, resample_image, (self.channels, chunk, chunk))
+        self.labels = resampled(self.labels, scale, resample_labels, (chunk, chunk))
+        self.resampled = True
+        log.info("image %s: resampled from %.4g um/px to %.4g um/px, now %d x %d pixels", self.pair.image, own,
+                 pixel_size, *self.labels.shape)  # fmt: skip
+
+
+def resampled(array: da.Array, scale: float, function: Any, chunks: tuple[int, ...]) -> da.Array:
+    """``function(whole array, scale)`` (``unet.resample``: (..., H, W) to the resampled size) as a lazy array."""
+    import dask
+    import dask.array as da
+
+    from unet.resample import resampled_length
+
+    shape = (*array.shape[:-2], *(resampled_length(n, scale) for n in array.shape[-2:]))
+    whole = da.from_delayed(dask.delayed(function, pure=True)(array, scale), shape, dtype=array.dtype)
+    return whole.rechunk(chunks)
+
+
+def training_pixel_size(examples: list[Prepared], configured: float | None) -> float:
+    """The store's pixel size: ``data.pixel_size_um``, else the one the images' metadata state, all within
+    ``unet.resample.TOLERANCE`` of each other (never a silent mix of resolutions)."""
+    from unet.data.sources import DataError
+    from unet.resample import TOLERANCE, same_size
+
+    if configured is not None:
+        return configured
+    for ex in examples:
+        if ex.stated_pixel_size is None:
+            raise DataError(f"image {ex.pair.image} has no pixel size in its metadata; set data.pixel_size_um "
+                            "(micrometres per pixel) to the size its pixels have")  # fmt: skip
+    finest = min(examples, key=lambda ex: ex.stated_pixel_size)
+    coarsest = max(examples, key=lambda ex: ex.stated_pixel_size)
+    if not same_size(coarsest.stated_pixel_size, finest.stated_pixel_size):
+        raise DataError(
+            f"images {finest.pair.image} ({finest.stated_pixel_size:.4g} um/px) and {coarsest.pair.image} "
+            f"({coarsest.stated_pixel_size:.4g} um/px) differ in pixel size by more than {TOLERANCE:.0%}; set "
+            "data.pixel_size_um (micrometres per pixel) to resample them to one"
+        )
+    return float(np.median([ex.stated_pixel_size for ex in examples]))
 
 
 def split_names(names: list[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -142,9 +200,8 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
     from pipelines import zarr_store
     from unet import storage
     from unet.data.sources import DataError, find_pairs
-    from unet.data.store import StoreWriter
+    from unet.data.store import StoreWriter, object_area_distribution, object_areas
     from unet.intensity import intensity_ranges
-    from unet.io import pixel_size_um
     from unet.samples import resolve_location
     from unet.weights import WeightMapParams
 
@@ -156,6 +213,7 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
     check_store_location(data.store, [images, labels], pairs)
     log.info("found %d image/label pairs in %s and %s", len(pairs), data.images, data.labels)
     examples = [Prepared(pair, config, chunk) for pair in pairs]
+    pixel_size = training_pixel_size(examples, data.pixel_size_um)
 
     checks = {msg: flag for ex in examples for msg, flag in ex.checks().items()}
     *failures, largest = dask.compute(*checks.values(), [ex.labels.max() for ex in examples])
@@ -163,6 +221,8 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
         if failed:
             raise DataError(message)
     renumbered = [ex.renumber_if_needed(int(top)) for ex, top in zip(examples, largest, strict=True)]
+    for ex in examples:  # before the target and weight map: they are computed at the training resolution
+        ex.resample_to(pixel_size, chunk)
 
     params = WeightMapParams.from_config(config.loss)
     splits = split_names([ex.pair.name for ex in examples], data.val_fraction, config.train.seed)
@@ -188,17 +248,23 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
                     "channels": ex.channels,
                     "dtype": str(ex.image.dtype),
                     "intensity_range": intensity_ranges(ex.image),
-                    "pixel_size_um": data.pixel_size_um or pixel_size_um(ex.pair.image),
+                    "pixel_size_um": pixel_size,  # of the stored pixels
+                    "source_pixel_size_um": ex.stated_pixel_size,  # None: data.pixel_size_um was taken
+                    "resampled": ex.resampled,
                 },
             )
         log.info(
             "computing targets and weight maps (w0=%g, sigma=%g) and writing %s", params.w0, params.sigma, data.store
         )
         zarr_store.store(sources, targets)  # chunk-aligned, then read back and checked before commit
+        # from the stored labels (resampled where the images were), one example in memory at a time
+        areas = [object_areas(writer.root[ex.pair.name]["labels"][:]) for ex in examples]
         path = writer.commit(
             {
                 "examples": [ex.pair.name for ex in examples],
                 "channels": examples[0].channels,
+                "pixel_size_um": pixel_size,
+                "object_area_um2": object_area_distribution(np.concatenate(areas) * pixel_size**2),
                 "weight_map": {"w0": params.w0, "sigma": params.sigma, "class_balance": params.class_balance},
                 "config": flatten_config(config),
             }

@@ -50,6 +50,11 @@ def check_store(config: Config) -> TrainingStore:
             f"{store.location} has {store.attrs['channels']}-channel images "
             f"but model.n_channels is {config.model.n_channels}"
         )
+    stored = store.required_pixel_size_um()  # what the run records: the size it trains at
+    if config.data.pixel_size_um not in (None, stored):
+        log.warning("data.pixel_size_um=%g, but %s holds %g um/px: the model is %g", config.data.pixel_size_um,
+                    store.location, stored, stored)  # fmt: skip
+    config.data.pixel_size_um = stored
     from unet.training import small_validation_split
 
     if warning := small_validation_split(store):
@@ -187,6 +192,7 @@ def _train(config: Config, store: TrainingStore, client) -> dict:
     """``train`` once the run is this job's alone."""
     from pipelines import registry
     from pipelines.liveness import heartbeat
+    from pipelines.models import resolution_tags
     from unet import storage
 
     tracking_uri = config.tracking.tracking_uri
@@ -198,6 +204,7 @@ def _train(config: Config, store: TrainingStore, client) -> dict:
         "data.store": store.location,
         registry.STORE_SHA_TAG: store_sha,
         registry.GIT_COMMIT_TAG: registry.git_commit(),
+        **resolution_tags(store.pixel_size_um, store.object_area_um2),
     }
     not_running_elsewhere(config, client)
     from pipelines.checkpoints import recorded_by_ray
@@ -339,7 +346,6 @@ def fit_and_register(config: Config, client, run_id: str, loop_config: dict, tag
     from pipelines.models import log_and_register
     from unet.model_files import BEST_MODEL_DIR, load_weights
 
-    tracking_uri = config.tracking.tracking_uri
     result = fit(build_trainer(config, loop_config))
     if result.checkpoint is None:
         raise UserError("training finished without a checkpoint")
@@ -366,7 +372,7 @@ def fit_and_register(config: Config, client, run_id: str, loop_config: dict, tag
         **{k.removeprefix("best/"): v for k, v in result.metrics.items() if k.startswith("best/val/")},
     }
     name = config.tracking.registered_model
-    version = log_and_register(run_id, model, name, version_tags, tracking_uri, config.infer)
+    version = log_and_register(run_id, model, name, version_tags, config.tracking.tracking_uri, config.infer)
     champion = config.tracking.promote and registry.promote(client, name, version, metric, best)
     registry.record_registration(client, run_id, name, version, epoch)
     client.set_terminated(run_id, status="FINISHED")

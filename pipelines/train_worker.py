@@ -106,7 +106,9 @@ class Worker:
         if train.use_gpu:  # the driver saw GPUs in the cluster; this checks the one this worker got
             check_device("train.use_gpu", "cuda", train.precision)
         torch.manual_seed(train.seed)  # identical initial weights on every rank
-        model = build_model(config.model).to(device)
+        store = TrainingStore(config.data.store)
+        model = build_model(config.model, pixel_size_um=store.pixel_size_um, object_area_um2=store.object_area_um2)
+        model = model.to(device)
         if train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, train)
@@ -119,7 +121,6 @@ class Worker:
         parts.model = ray.train.torch.prepare_model(model, move_to_device=False)
         if train.compile:
             parts.model = torch.compile(parts.model)
-        store = TrainingStore(config.data.store)
         dataset, loader = _patches(config, store, rank, device)
         worker = cls(config, rank, world, device, parts, dataset, loader, progress, loop_config["mlflow_run_id"])
         nodes = _worker_nodes(world)

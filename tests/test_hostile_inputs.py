@@ -131,7 +131,8 @@ def run_capped(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def prepare_config(tmp_path: Path, images: Path, labels: Path, *extra: str, channels: int = 1):
     overrides = [f"data.images={images}", f"data.labels={labels}", f"data.store={tmp_path / 'train.zarr'}"]
-    return load_config(None, [*overrides, f"model.n_channels={channels}", "data.val_fraction=0", *extra])
+    overrides += [f"model.n_channels={channels}", "data.val_fraction=0", "data.pixel_size_um=0.5"]
+    return load_config(None, [*overrides, *extra])
 
 
 # --- hostile files, made small -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import signal
@@ -19,10 +20,14 @@ from PIL import Image
 
 from pipelines.infer_slide import intensity_range
 from pipelines.prepare import overlap_depth, prepare, split_names
+from pipelines.train import check_store
 from tests.helpers import in_the_foreground
 from unet.config import load_config
 from unet.data.sources import DataError
-from unet.data.store import StoreError, TrainingStore
+from unet.data.store import STORE_KEY, StoreError, TrainingStore
+from unet.errors import UserError
+from unet.io import pixel_size_um
+from unet.resample import resample_image, resample_labels
 from unet.samples import fetch_samples
 from unet.slide import open_slide
 from unet.weights import WeightMapParams, target_and_weights
@@ -39,7 +44,9 @@ def fluo() -> tuple[np.ndarray, np.ndarray, Path]:
 
 
 def config_for(tmp_path: Path, images: Path | str, labels: Path | str, channels: int = 1, **extra: str):
+    """The fluorescence sample's metadata states no pixel size: ``data.pixel_size_um`` 0.5 unless ``extra`` says."""
     overrides = [f"data.images={images}", f"data.labels={labels}", f"data.store={tmp_path / 'train.zarr'}"]
+    extra = {"data.pixel_size_um": "0.5", **extra}
     overrides += [f"model.n_channels={channels}", *(f"{k}={v}" for k, v in extra.items())]
     return load_config(None, overrides)
 
@@ -130,6 +137,120 @@ def test_rgb_sample_and_validation_split(tmp_path: Path) -> None:
     ex = store.example(store.names[0])
     assert ex.image.shape == (3, 256, 256) and ex.image.dtype == np.uint8
     assert split_names(store.names, 0.2, 0) == split_names(list(reversed(store.names)), 0.2, 0)
+    # the crops' metadata states no pixel size: they are stored as they are, at data.pixel_size_um
+    assert store.pixel_size_um == 0.25 and (ex.attrs["source_pixel_size_um"], ex.attrs["resampled"]) == (None, False)
+    sources = [tifffile.imread(store.example(name).attrs["source_labels"]) for name in store.names]
+    areas = np.concatenate([areas_of(labels) for labels in sources])  # every whole object of the store, both splits
+    objects = store.object_area_um2
+    assert objects["count"] == len(areas) > 100
+    assert objects["p50"] == pytest.approx(np.median(areas) * 0.25**2, rel=1e-12)
+    percentiles = [objects[f"p{p}"] for p in (1, 5, 25, 50, 75, 95, 99)]
+    assert percentiles == sorted(percentiles) and objects["p1"] < objects["p99"]
+
+
+def areas_of(labels: np.ndarray) -> np.ndarray:
+    """Pixels of each whole object of a label image: those not cut by its border."""
+    from skimage.measure import regionprops
+
+    height, width = labels.shape
+    inside = lambda box: box[0] > 0 and box[1] > 0 and box[2] < height and box[3] < width  # noqa: E731
+    return np.array([region.area for region in regionprops(labels) if inside(region.bbox)], np.int64)
+
+
+def write_at(folder: Path, name: str, image: np.ndarray, labels: np.ndarray, pixel_size: float | None) -> Path:
+    """A pair whose image states ``pixel_size`` (um/px) in its TIFF resolution tags (None: states none)."""
+    write_pair(folder, name, image, labels)
+    if pixel_size is not None:
+        per_cm = 1e4 / pixel_size
+        tifffile.imwrite(folder / "images" / f"{name}.tif", image, resolution=(per_cm, per_cm),
+                         resolutionunit="CENTIMETER")  # fmt: skip
+        assert pixel_size_um(folder / "images" / f"{name}.tif") == pytest.approx(pixel_size)  # it reads back
+    return folder / "images" / f"{name}.tif"
+
+
+def test_images_of_two_pixel_sizes_are_stored_at_one(fluo, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An image whose metadata states another pixel size than data.pixel_size_um is resampled to it, labels too,
+    before its target and weight map are computed; one at the store's size is stored as it is."""
+    image, labels, _ = fluo
+    fine = write_at(tmp_path / "in", "fine", image, labels, 0.25)
+    write_at(tmp_path / "in", "coarse", image, labels, 0.5)
+    config = config_for(tmp_path, tmp_path / "in" / "images", tmp_path / "in" / "labels",
+                        **{"data.pixel_size_um": "0.5", "data.val_fraction": "0"})  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="prepare"):
+        store = TrainingStore(prepare(config, chunk=96, previews=0))
+    assert store.pixel_size_um == 0.5
+    coarse = store.example("coarse")
+    assert {k: coarse.attrs[k] for k in ("pixel_size_um", "source_pixel_size_um", "resampled")} == {
+        "pixel_size_um": 0.5, "source_pixel_size_um": 0.5, "resampled": False}  # fmt: skip
+    np.testing.assert_array_equal(coarse.image[0], image)
+    np.testing.assert_array_equal(coarse.labels[:], labels)
+
+    ex = store.example("fine")
+    assert {k: ex.attrs[k] for k in ("pixel_size_um", "source_pixel_size_um", "resampled")} == {
+        "pixel_size_um": 0.5, "source_pixel_size_um": 0.25, "resampled": True}  # fmt: skip
+    assert ex.image.shape == (1, 256, 256) and ex.labels.shape == (256, 256) and ex.attrs["shape"] == [256, 256]
+    np.testing.assert_array_equal(ex.image[:], resample_image(image[None], 2.0))
+    np.testing.assert_array_equal(ex.labels[:], resample_labels(labels, 2.0))
+    assert set(np.unique(ex.labels[:])) <= set(np.unique(labels))  # ids kept, none blended
+    target, weights = target_and_weights(ex.labels[:])  # computed at the stored resolution
+    np.testing.assert_array_equal(ex.target[:], target)
+    np.testing.assert_allclose(ex.weights[:], weights, atol=1e-5)
+    source_median = np.median(areas_of(labels)) * 0.25**2  # um2
+    assert np.median(areas_of(ex.labels[:])) * 0.5**2 == pytest.approx(source_median, rel=0.1)
+    assert f"image {fine}: resampled from 0.25 um/px to 0.5 um/px, now 256 x 256 pixels" in caplog.messages
+
+    config.data.pixel_size_um = None  # without it the two sizes are refused, never mixed
+    with pytest.raises(DataError) as refused:
+        prepare(config, overwrite=True, previews=0)
+    assert str(refused.value) == (
+        f"images {fine} (0.25 um/px) and {tmp_path / 'in' / 'images' / 'coarse.tif'} (0.5 um/px) differ in pixel "
+        "size by more than 5%; set data.pixel_size_um (micrometres per pixel) to resample them to one"
+    )
+    assert TrainingStore(config.data.store).names == ["coarse", "fine"]  # the store made before is kept
+
+
+def test_the_pixel_size_comes_from_the_metadata_or_data_pixel_size_um(fluo, tmp_path: Path) -> None:
+    image, labels, folder = fluo
+    config = config_for(tmp_path, folder / "images", folder / "labels", **{"data.pixel_size_um": "null"})
+    with pytest.raises(DataError) as refused:  # the sample states none
+        prepare(config)
+    assert str(refused.value) == (
+        f"image {folder / 'images' / 'dsb2018_0.tif'} has no pixel size in its metadata; set data.pixel_size_um "
+        "(micrometres per pixel) to the size its pixels have"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+    # sizes within 5% of each other are one resolution: stored as they are, at the size they state
+    write_at(tmp_path / "in", "a", image, labels, 0.5)
+    write_at(tmp_path / "in", "b", image, labels, 0.51)
+    config = config_for(tmp_path, tmp_path / "in" / "images", tmp_path / "in" / "labels",
+                        **{"data.pixel_size_um": "null", "data.val_fraction": "0"})  # fmt: skip
+    store = TrainingStore(prepare(config, previews=0))
+    assert store.pixel_size_um == pytest.approx(0.505)
+    assert [store.example(name).attrs["resampled"] for name in "ab"] == [False, False]
+    assert store.example("b").attrs["source_pixel_size_um"] == pytest.approx(0.51)
+    # one image that states none among images that do: data.pixel_size_um is still needed
+    unstated = write_at(tmp_path / "in", "c", image, labels, None)
+    with pytest.raises(DataError, match=rf"^image {unstated} has no pixel size in its metadata; set data\."):
+        prepare(config, overwrite=True, previews=0)
+
+
+def test_training_refuses_a_store_that_records_no_pixel_size(tmp_path: Path) -> None:
+    """A store prepared before stores recorded their pixel size cannot give its model one: prepare it again."""
+    for name in ("a", "b"):
+        write_pair(tmp_path / "in", name, GOOD_IMAGE, GOOD_LABELS)
+    config = config_for(tmp_path, tmp_path / "in" / "images", tmp_path / "in" / "labels",
+                        **{"data.val_fraction": "0.5"})  # fmt: skip
+    location = prepare(config, previews=0)
+    config.data.pixel_size_um = None  # a training config need not say it: the run records the store's
+    assert check_store(config).pixel_size_um == 0.5 and config.data.pixel_size_um == 0.5
+    root = zarr.open_group(location, mode="r+")
+    older = {k: v for k, v in root.attrs[STORE_KEY].items() if k not in {"pixel_size_um", "object_area_um2"}}
+    root.attrs[STORE_KEY] = older  # as versions before this one wrote it
+    store = TrainingStore(location)
+    assert (store.pixel_size_um, store.object_area_um2) == (None, None)
+    with pytest.raises(UserError) as refused:
+        check_store(config)
+    assert str(refused.value) == f"{store.location} records no pixel size: prepare it again (data.pixel_size_um)"
 
 
 def write_pair(folder: Path, name: str, image: np.ndarray, labels: np.ndarray) -> None:
@@ -194,7 +315,7 @@ def test_killed_run_leaves_no_store_that_looks_valid(tmp_path: Path) -> None:
     store = tmp_path / "train.zarr"
     cmd = [sys.executable, "-m", "pipelines.prepare", "--set", f"data.images={tmp_path / 'in' / 'images'}",
            "--set", f"data.labels={tmp_path / 'in' / 'labels'}", "--set", f"data.store={store}",
-           "--set", "model.n_channels=1", "--chunk-size", "128"]  # fmt: skip
+           "--set", "model.n_channels=1", "--set", "data.pixel_size_um=0.5", "--chunk-size", "128"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".train.zarr.partial-*/big/weights")) and time.monotonic() < deadline:
@@ -216,7 +337,8 @@ def test_ctrl_c_stops_at_once_and_leaves_the_old_store_as_it_was(tmp_path: Path)
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
     cmd = [sys.executable, "-m", "pipelines.prepare", "--set", f"data.images={tmp_path / 'in' / 'images'}",
            "--set", f"data.labels={tmp_path / 'in' / 'labels'}", "--set", f"data.store={store}",
-           "--set", "model.n_channels=1", "--chunk-size", "128", "--overwrite"]  # fmt: skip
+           "--set", "model.n_channels=1", "--set", "data.pixel_size_um=0.5", "--chunk-size", "128",
+           "--overwrite"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, preexec_fn=in_the_foreground)  # fmt: skip
     deadline = time.monotonic() + 120

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipelines.infer_tasks import ModelSpec, _predictor
-from pipelines.models import DIGESTS_TAG, load_model, log_and_register
+from pipelines.models import DIGESTS_TAG, OBJECT_AREA_TAG, PIXEL_SIZE_TAG, load_model, log_and_register
 from pipelines.registry import connect, promote, resolve_tracking_uri, using_tracking_uri
 from tests.helpers import free_port, mlflow_server
 from unet.config import InferConfig
@@ -106,6 +106,23 @@ def test_pyfunc_models_take_the_documented_model_config(tracking_uri: str, caplo
     np.testing.assert_array_equal(as_logged, expected(trained_with))
     np.testing.assert_array_equal(as_asked, expected(InferConfig(**asked)))
     assert not np.array_equal(as_logged, as_asked)  # fp32 without mirroring: another prediction
+
+
+def test_a_version_is_tagged_with_what_its_model_records_of_its_training_data(tracking_uri: str) -> None:
+    """The pixel size and object areas in a model's model.json are also its version's tags (searchable); a model
+    that records none gets none."""
+    objects = {"count": 125, "p1": 9.5, "p5": 14.0, "p25": 31.25, "p50": 45.5, "p75": 60.0, "p95": 88.5, "p99": 110.0}
+    model = UNet(3, 2, base_channels=4, depth=2, pixel_size_um=0.25, object_area_um2=objects)
+    version = log_and_register(new_run(tracking_uri), model, "unet-sizes", {}, tracking_uri)
+    tags = connect(tracking_uri).get_model_version("unet-sizes", version).tags
+    assert tags[PIXEL_SIZE_TAG] == "0.25" and json.loads(tags[OBJECT_AREA_TAG]) == objects
+    assert " " not in tags[OBJECT_AREA_TAG]  # compact
+    loaded = load_model(f"models:/unet-sizes/{version}", tracking_uri=tracking_uri)
+    assert (loaded.pixel_size_um, loaded.object_area_um2) == (0.25, objects)
+    plain = log_and_register(new_run(tracking_uri), UNet(3, 2, base_channels=4, depth=2), "unet-sizes", {},
+                             tracking_uri)  # fmt: skip
+    untagged = connect(tracking_uri).get_model_version("unet-sizes", plain).tags
+    assert not {PIXEL_SIZE_TAG, OBJECT_AREA_TAG} & set(untagged)
 
 
 def test_every_loader_refuses_a_version_changed_on_disk(tracking_uri: str, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.models import DIGESTS_TAG, load_model
+from pipelines.models import DIGESTS_TAG, OBJECT_AREA_TAG, PIXEL_SIZE_TAG, load_model
 from pipelines.prepare import prepare
 from pipelines.train import check_store
 from tests.helpers import (
@@ -161,6 +161,25 @@ def test_a_version_is_tagged_with_the_scores_of_the_epoch_whose_weights_it_holds
         assert float(version.tags[key]) == pytest.approx(history[best]), key
     f1 = epoch_history(client, version.run_id, "val/f1")
     assert f1[best] == max(f1.values()) > f1[4]  # the last epoch's (lower) score is not what the version says
+
+
+def test_the_model_records_the_pixel_size_and_objects_of_its_store(workspace, best_not_last) -> None:
+    """The store's pixel size and object areas are the run's parameter and tags, every checkpoint's best model's, the
+    registered model's (model.json) and its version's tags: inference reads slides at that size."""
+    client = tracking(workspace)
+    store = TrainingStore(str(workspace / "he.zarr"))
+    assert store.pixel_size_um == 0.25 and store.object_area_um2["count"] > 100
+    version = client.get_model_version("unet-best", "1")
+    run = client.get_run(version.run_id).data
+    assert float(run.params["data.pixel_size_um"]) == 0.25  # not in train.yaml: the store's
+    assert json.loads(run.tags[OBJECT_AREA_TAG]) == store.object_area_um2 and run.tags[PIXEL_SIZE_TAG] == "0.25"
+    assert float(version.tags[PIXEL_SIZE_TAG]) == 0.25
+    assert json.loads(version.tags[OBJECT_AREA_TAG]) == store.object_area_um2
+    registered = load_model("models:/unet-best/1", tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    checkpoints = sorted((workspace / "runs" / "best-not-last").glob("checkpoint_*/best_model"))
+    assert checkpoints
+    for model in (registered, *(load_weights(folder) for folder in checkpoints)):
+        assert (model.pixel_size_um, model.object_area_um2) == (0.25, store.object_area_um2)
 
 
 def test_a_run_started_over_trains_the_same_weights_in_a_new_mlflow_run(workspace, best_not_last) -> None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import tifffile
 import torch
 
 from unet.config import ModelConfig, TrainConfig
+from unet.data.store import object_area_distribution, object_areas
+from unet.model_files import ARCHITECTURE_FILE, load_weights, save_weights
+from unet.samples import fetch_samples
 from unet.training import (
     TrainingParts,
     build_model,
@@ -79,3 +86,24 @@ def test_a_checkpoint_restores_the_average_with_everything_else() -> None:
     older = parts(3)
     older.restore({**state, "weight_average": {}})
     assert int(older.average.n_averaged) == 0
+
+
+def test_a_model_records_the_pixel_size_and_objects_of_its_training_data_in_its_files(tmp_path: Path) -> None:
+    """What the store records goes into the model and its model.json, and comes back with it: inference reads
+    slides at that pixel size. A model that records neither writes neither (older models read the same)."""
+    labels = tifffile.imread(fetch_samples(["fluo_nuclei"])["fluo_nuclei"] / "labels" / "dsb2018_0.tif")
+    objects = object_area_distribution(object_areas(labels) * 0.5**2)
+    assert (
+        objects["count"] == 112 and objects["p1"] < objects["p50"] < objects["p99"]
+    )  # the 125 less 13 cut by the edge
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_channels=1, base_channels=4, depth=2), pixel_size_um=0.5, object_area_um2=objects)
+    folder = save_weights(model, tmp_path / "model")
+    written = json.loads((folder / ARCHITECTURE_FILE).read_text())
+    assert (written["pixel_size_um"], written["object_area_um2"]) == (0.5, objects)
+    loaded = load_weights(folder)
+    assert (loaded.pixel_size_um, loaded.object_area_um2) == (0.5, objects)
+    assert loaded.architecture() == model.architecture()
+    plain = json.loads((save_weights(small_model(), tmp_path / "plain") / ARCHITECTURE_FILE).read_text())
+    assert not {"pixel_size_um", "object_area_um2"} & set(plain)
+    assert load_weights(tmp_path / "plain").pixel_size_um is None

@@ -207,8 +207,9 @@ def pixel_size_um(path: str | Path) -> float | None:
             if "XResolution" in tags and "ResolutionUnit" in tags:
                 numerator, denominator = tags["XResolution"].value
                 per_unit = numerator / denominator if denominator else 0
-                unit = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value))
-                if per_unit > 1 and unit:  # 1 pixel per unit means "unknown" in practice
+                # inch, centimetre, and the millimetre and micrometre some microscopes write
+                unit = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(int(tags["ResolutionUnit"].value))
+                if per_unit > 0 and unit and (per_unit != 1 or unit == 1.0):  # 1 per inch/cm means "unknown"
                     return unit / per_unit
     except (OSError, KeyError, ValueError, IndexError, tifffile.TiffFileError):
         return None

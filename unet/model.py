@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,11 @@ class UNet(nn.Module):
         bilinear: bilinear up-sampling instead of transposed convolutions.
         base_channels: width of the first level; level ``i`` has ``base_channels * 2**i``.
         depth: number of 2x down-sampling steps.
+        pixel_size_um: the pixel size (micrometres) of the images it was trained on: inference reads every slide
+            at it (``unet.resample``). None: unknown (slides are then read as stored).
+        object_area_um2: the size distribution of its training objects, ``{"count": n, "p1": ..., "p5": ...,
+            "p25": ..., "p50": ..., "p75": ..., "p95": ..., "p99": ...}`` (areas in square micrometres); the
+            default minimum object size of inference derives from it. None: unknown.
 
     Input height and width may be any size (the ``Up`` blocks pad), but only multiples of
     ``size_multiple`` avoid that padding, which is what tiled inference relies on.
@@ -114,6 +120,8 @@ class UNet(nn.Module):
         *,
         base_channels: int = 64,
         depth: int = 4,
+        pixel_size_um: float | None = None,
+        object_area_um2: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -125,6 +133,8 @@ class UNet(nn.Module):
         self.bilinear = bilinear
         self.base_channels = base_channels
         self.depth = depth
+        self.pixel_size_um = pixel_size_um
+        self.object_area_um2 = object_area_um2
         self._checkpointing = False
 
         widths = [base_channels * 2**i for i in range(depth + 1)]
@@ -193,14 +203,17 @@ class UNet(nn.Module):
         return self._block(self.outc, x)
 
     # -- convenience -----------------------------------------------------------------------------
-    def architecture(self) -> dict[str, int | bool]:
-        """Constructor arguments: with the weights, everything needed to rebuild this model."""
+    def architecture(self) -> dict[str, Any]:
+        """Constructor arguments: with the weights, everything needed to rebuild this model (its pixel size and
+        training objects only where known, so models saved before they were recorded read the same)."""
+        known = {"pixel_size_um": self.pixel_size_um, "object_area_um2": self.object_area_um2}
         return {
             "n_channels": self.n_channels,
             "n_classes": self.n_classes,
             "bilinear": self.bilinear,
             "base_channels": self.base_channels,
             "depth": self.depth,
+            **{key: value for key, value in known.items() if value is not None},
         }
 
     @staticmethod

@@ -23,14 +23,20 @@ from unet.metrics import SegmentationTally
 from unet.model import UNet, autocast_context
 
 
-def build_model(config: ModelConfig) -> UNet:
-    """A fresh U-Net as configured (activation checkpointing applied if asked for)."""
+def build_model(
+    config: ModelConfig, *, pixel_size_um: float | None = None, object_area_um2: dict[str, float] | None = None
+) -> UNet:
+    """A fresh U-Net as configured (activation checkpointing applied if asked for), recording the pixel size and
+    the object sizes of the data it is trained on (``TrainingStore.pixel_size_um``, ``.object_area_um2``): its
+    saved files carry them to inference."""
     model = UNet(
         config.n_channels,
         config.n_classes,
         config.bilinear,
         base_channels=config.base_channels,
         depth=config.depth,
+        pixel_size_um=pixel_size_um,
+        object_area_um2=object_area_um2,
     )
     return model.use_checkpointing(config.checkpointing)
 

@@ -19,6 +19,7 @@ from unet.io import (
     check_pixels,
     image_suffix,
     npy_shape,
+    pixel_size_um,
     read_image,
 )
 
@@ -106,6 +107,20 @@ def open_lazy(path: Path, max_pixels: int | None = None) -> GuardedReads | np.nd
         return read_image(path, max_pixels, setting)
     except ImageReadError as exc:
         raise DataError(str(exc)) from None
+
+
+def stated_pixel_size_um(path: Path) -> float | None:
+    """Micrometres per pixel that an input's metadata states: TIFF (Aperio MPP, OME PhysicalSizeX, resolution
+    tags) or an OME-Zarr image's scale; None for PNG, NumPy, plain Zarr and files that state none."""
+    if image_suffix(path) != ".zarr":
+        return pixel_size_um(path)
+    from unet.slide import open_slide
+
+    try:
+        with open_slide(path) as slide:
+            return slide.pixel_size_um
+    except UserError:  # not an image open_slide reads: open_lazy says what is wrong with it
+        return None
 
 
 def check_pair(pair: Pair, image: GuardedReads | np.ndarray, labels: GuardedReads | np.ndarray) -> None:

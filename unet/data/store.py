@@ -7,7 +7,11 @@ Layout (Zarr v3)::
       <name>/labels             (Y, X) int32 instance ids, as given
       <name>/target             (Y, X) uint8, touching objects split (see unet.weights)
       <name>/weights            (Y, X) float32, eq. 2 of the paper
-      <name> attrs              source files and sha256, split (train/val), intensity range, counts
+      <name> attrs              source files and sha256, split (train/val), intensity range, pixel sizes
+
+The store's attrs record its pixel size (``pixel_size_um``: every example is stored at it, resampled where its
+own differs) and the size distribution of its labelled objects (``object_area_um2``); a model trained on it
+records both.
 
 The store may be local or on an object store (``s3://bucket/train.zarr``; see ``unet.storage``).
 Locally it is written under a hidden temporary name and renamed into place only when complete, and
@@ -23,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 
 from unet import storage
@@ -31,6 +36,7 @@ from unet.errors import UserError
 STORE_KEY = "unet_training_store"
 STORE_VERSION = 1
 ARRAYS = ("image", "labels", "target", "weights")
+AREA_PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 
 class StoreError(UserError):
@@ -51,6 +57,24 @@ class Example:
     @property
     def split(self) -> str:
         return self.attrs["split"]
+
+
+def object_areas(labels: np.ndarray) -> np.ndarray:
+    """Pixels of each whole labelled object (id > 0) of a label image: objects touching the image's border are cut
+    by it and left out, unless every object touches it (ids may be any size: no bincount)."""
+    ids, counts = np.unique(labels, return_counts=True)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    whole = (ids != 0) & ~np.isin(ids, border)
+    return counts[whole] if whole.any() else counts[ids != 0]
+
+
+def object_area_distribution(areas_um2: np.ndarray) -> dict[str, float] | None:
+    """``{"count": n, "p1": ..., "p99": ...}``: the number of objects and percentiles (``AREA_PERCENTILES``) of their
+    areas in square micrometres; None when there are no objects."""
+    if len(areas_um2) == 0:
+        return None
+    percentiles = np.percentile(np.asarray(areas_um2, np.float64), AREA_PERCENTILES)
+    return {"count": len(areas_um2), **{f"p{p}": float(v) for p, v in zip(AREA_PERCENTILES, percentiles, strict=True)}}
 
 
 class StoreWriter:
@@ -127,6 +151,22 @@ class TrainingStore:
     @property
     def names(self) -> list[str]:
         return list(self.attrs["examples"])
+
+    @property
+    def pixel_size_um(self) -> float | None:
+        """Micrometres per stored pixel (None: prepared before stores recorded it)."""
+        return self.attrs.get("pixel_size_um")
+
+    def required_pixel_size_um(self) -> float:
+        """``pixel_size_um``, refused in one line where the store records none: a model trained on it must."""
+        if self.pixel_size_um is None:
+            raise StoreError(f"{self.location} records no pixel size: prepare it again (data.pixel_size_um)")
+        return self.pixel_size_um
+
+    @property
+    def object_area_um2(self) -> dict[str, float] | None:
+        """The size distribution of the store's objects (``object_area_distribution``); None if unknown."""
+        return self.attrs.get("object_area_um2")
 
     def names_in(self, split: str) -> list[str]:
         return [name for name in self.names if self.root[name].attrs["split"] == split]

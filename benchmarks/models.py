@@ -33,3 +33,20 @@ def briefly_trained(folder: Path, base_channels: int = 8, steps: int = 40) -> Pa
     for batch in loader:
         train_step(model, batch, optimizer, loss_fn, scaler, device=torch.device("cpu"), grad_clip=1.0)
     return save_weights(model.eval(), folder / f"unet{base_channels}")
+
+
+def with_resolution(model_dir: Path, folder: Path, pixel_size_um: float, object_area_um2: dict | None = None) -> Path:
+    """A copy of the model in ``model_dir`` that says it was trained at ``pixel_size_um`` (and on objects of
+    ``object_area_um2``): the same weights, read at another resolution by ``pipelines.infer``."""
+    import json
+    import shutil
+
+    from unet.model_files import ARCHITECTURE_FILE
+
+    copy = folder / f"{model_dir.name}-{pixel_size_um:g}um"
+    shutil.copytree(model_dir, copy, dirs_exist_ok=True)
+    architecture = json.loads((copy / ARCHITECTURE_FILE).read_text()) | {"pixel_size_um": pixel_size_um}
+    if object_area_um2 is not None:
+        architecture["object_area_um2"] = object_area_um2
+    (copy / ARCHITECTURE_FILE).write_text(json.dumps(architecture, indent=2))
+    return copy

@@ -6,7 +6,8 @@
 - a glob (``slides/*.ome.zarr``, ``s3://bucket/cohort/*.zarr``) or a folder / prefix holding slides: every
   Zarr store and TIFF/SVS file it matches or holds (sorted by name) is one slide;
 - a manifest, a ``.csv`` with a header or a ``.yaml`` list, one slide per row: ``input`` and optionally
-  ``output`` and ``level``; relative paths are relative to the manifest's folder.
+  ``output``, ``level`` and ``pixel_size_um`` (level 0's, for a slide whose metadata states none); relative
+  paths are relative to the manifest's folder.
 
 With several slides ``infer.output`` is a folder (or prefix): slide ``NAME.EXT`` is written to
 ``OUTPUT/NAME.ome.zarr`` (``EXT`` is ``.ome.zarr``, ``.zarr``, ``.ome.tif(f)``, ``.tif(f)`` or ``.svs``)
@@ -41,11 +42,13 @@ SUMMARY_NAME = "batch_summary.csv"
 
 @dataclass(frozen=True)
 class Item:
-    """One slide of a job: where it is read, which level, where its result goes (all resolved)."""
+    """One slide of a job: where it is read, where its result goes (both resolved), which level (None: chosen for
+    the model's pixel size) and level 0's pixel size where given (None: the slide's metadata)."""
 
     input: str
     output: str
-    level: int
+    level: int | None
+    pixel_size_um: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,13 @@ class ManifestRow(BaseModel):
     input: str = Field(min_length=1)
     output: str | None = None
     level: int | None = Field(None, ge=0)
+    pixel_size_um: float | None = Field(None, gt=0)
 
 
-def expand(input: str, output: str, level: int) -> Cohort:
+def expand(input: str, output: str, level: int | None, pixel_size_um: float | None = None) -> Cohort:
     """The slides named by ``infer.input`` (see the module docstring), each with its output and level."""
     if is_manifest(input):
-        return _checked(_from_manifest(input, output, level), output)
+        return _checked(_from_manifest(input, output, level, pixel_size_um), output)
     if any(char in input for char in "*?["):
         slides = [match for match in _glob(input) if is_slide(match)]
         if not slides:
@@ -81,7 +85,7 @@ def expand(input: str, output: str, level: int) -> Cohort:
     elif not storage.exists(input):
         raise UserError(f"infer.input not found: {input}")
     elif storage.is_file(input) or is_zarr(input):
-        item = Item(storage.resolve(input), storage.resolve(output), level)
+        item = Item(storage.resolve(input), storage.resolve(output), level, pixel_size_um)
         if clash := overlap(item.output, item.input):  # --overwrite would replace the slide with its result
             raise UserError(f"infer.output {output} {clash} infer.input {input}; choose another output")
         return Cohort([item], batch=False)
@@ -91,7 +95,7 @@ def expand(input: str, output: str, level: int) -> Cohort:
         slides = [child for child in _children(input) if is_slide(child)]
         if not slides:
             raise UserError(f"{input} is a folder without slides (Zarr stores or TIFF/SVS files)")
-    return _checked([Item(slide, output_for(slide, output), level) for slide in slides], output)
+    return _checked([Item(slide, output_for(slide, output), level, pixel_size_um) for slide in slides], output)
 
 
 def output_for(slide: str, folder: str) -> str:
@@ -136,7 +140,7 @@ def _children(folder: str) -> list[str]:
     return sorted(fs.unstrip_protocol(n) if storage.is_url(folder) else n for n in names)
 
 
-def _from_manifest(manifest: str, output: str, level: int) -> list[Item]:
+def _from_manifest(manifest: str, output: str, level: int | None, pixel_size_um: float | None) -> list[Item]:
     import fsspec
 
     with fsspec.open(storage.resolve(manifest), "r") as handle:
@@ -164,7 +168,7 @@ def _from_manifest(manifest: str, output: str, level: int) -> list[Item]:
     for row in parsed:
         slide = _relative_to(base, row.input)
         items.append(Item(slide, _relative_to(base, row.output) if row.output else output_for(slide, output),
-                          level if row.level is None else row.level))  # fmt: skip
+                          level if row.level is None else row.level, row.pixel_size_um or pixel_size_um))  # fmt: skip
     return items
 
 

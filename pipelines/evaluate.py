@@ -10,12 +10,16 @@ import argparse
 import csv
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.cli import make_parser, run
 from unet.config import Config
 from unet.errors import UserError
 
 # heavy modules (torch, mlflow, zarr, scipy) are imported where they are used, so that --help answers at once
+if TYPE_CHECKING:
+    from unet.data.store import TrainingStore
+    from unet.model import UNet
 
 log = logging.getLogger("evaluate")
 SUMMARY_KEYS = ("iou", "dice", "precision", "recall", "f1", "merged", "split", "n_true", "n_pred")
@@ -42,6 +46,7 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[d
         raise UserError(
             f"{store.location} has {store.attrs['channels']}-channel images; the model expects {model.n_channels}"
         )
+    check_resolution(store, model)
     tally, rows, probabilities = SegmentationTally(settings.iou_threshold), [], []
     out_dir = Path(settings.output)
     with ChunkPredictor(model, InferenceSettings.from_config(infer)) as predictor:
@@ -54,6 +59,18 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[d
             write_png(out_dir / f"{ex.name}.png", panel)
             probabilities.append(probability)
     return tally.scores(), rows, probabilities
+
+
+def check_resolution(store: TrainingStore, model: UNet) -> None:
+    """Scores mean something only at the model's pixel size: a store of another is refused in one line."""
+    from unet.resample import TOLERANCE, same_size
+
+    stored, trained = store.pixel_size_um, model.pixel_size_um
+    if stored is not None and trained is not None and not same_size(stored, trained):
+        raise UserError(
+            f"{store.location} holds images at {stored:g} um/px but the model was trained at {trained:g} (more than "
+            f"{TOLERANCE:.0%} apart); prepare the store with data.pixel_size_um={trained:g}"
+        )
 
 
 def main(config: Config, args: argparse.Namespace) -> dict:

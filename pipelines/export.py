@@ -3,7 +3,9 @@
     python -m pipelines.export OUT.ome.zarr [--format geojson|qupath] [--min-area N] [--output FILE] [--overwrite]
 
 One Feature per object of OUT's objects.parquet: a Polygon along the pixel edges of its mask in
-``labels/nuclei/0``, in that level's pixel coordinates (x, y). ``geojson`` gives the label id as the
+``labels/nuclei/0``, in the slide's level-0 pixel coordinates (x, y): where QuPath, opening the slide, puts
+them, whatever resolution the slide was segmented at (``unet.resolution``; ``--min-area`` counts pixels of the
+label image). ``geojson`` gives the label id as the
 feature's id and the table's columns as its properties; ``qupath`` gives what QuPath (0.4 and later) imports
 as detections of class Nucleus with measurements, ids deterministic UUIDs. The default output is beside OUT:
 NAME.geojson or NAME.qupath.geojson. OUT may be a local folder or an object-store URL (see unet.storage).
@@ -77,8 +79,9 @@ def export(
     if min_area:
         log.info("%d of them have at least %d pixels", keep.sum(), min_area)
     columns = {name: values[keep] for name, values in columns.items()}
+    to_level0 = level0_scale(source)
     with staged_text(target, overwrite) as handle:
-        written, missing = write_features(handle, labels, columns, fmt, storage.basename(source))
+        written, missing = write_features(handle, labels, columns, fmt, storage.basename(source), to_level0)
     if missing:
         log.warning("%d objects of objects.parquet are not in %s; they were left out", missing, LABELS)
     return target, written
@@ -108,6 +111,15 @@ def open_labels(source: str) -> zarr.Array:
             "re-run inference with this version to write it"
         )
     return labels
+
+
+def level0_scale(source: str) -> float:
+    """Level-0 pixels per label-image pixel, from the output's lineage (1 for outputs made before it was recorded,
+    which were all segmented as stored)."""
+    from pipelines.infer_output import recorded_lineage
+
+    resolution = (recorded_lineage(source) or {}).get("resolution") or {}
+    return float(resolution.get("to_level0", 1.0))
 
 
 def default_destination(source: str, fmt: str) -> str:
@@ -168,9 +180,11 @@ def read_window(labels: zarr.Array, y0: int, y1: int, x0: int, x1: int) -> np.nd
 
 
 def write_features(
-    handle: TextIO, labels: zarr.Array, columns: dict[str, np.ndarray], fmt: str, source: str
+    handle: TextIO, labels: zarr.Array, columns: dict[str, np.ndarray], fmt: str, source: str, to_level0: float = 1.0
 ) -> tuple[int, int]:
-    """Write the FeatureCollection, chunk by chunk; return (features written, objects not found)."""
+    """Write the FeatureCollection, chunk by chunk, outlines scaled by ``to_level0`` into the slide's level-0
+    frame; return (features written, objects not found)."""
+    import shapely
     from tqdm import tqdm
 
     from unet.outlines import geojson_feature, outline, qupath_feature
@@ -189,6 +203,8 @@ def write_features(
                 if geometry is None:
                     missing += 1
                     continue
+                if to_level0 != 1:  # pixel edge e of the label image is level-0 edge e * to_level0
+                    geometry = shapely.transform(geometry, lambda points: points * to_level0)
                 feature = qupath_feature(geometry, row, source) if fmt == "qupath" else geojson_feature(geometry, row)
                 # compact, one feature a line; NaN is not JSON (the table's nulls are None by now)
                 handle.write((SEPARATOR if written else "") + json.dumps(feature, separators=COMPACT, allow_nan=False))

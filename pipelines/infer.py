@@ -119,7 +119,7 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
         raise UserError("set infer.input and infer.output, e.g. --set infer.input=slide.ome.zarr")
     if infer.scheduler:
         client_security(infer, warn=False)  # a missing or wrong TLS setting fails here, before any output
-    cohort = expand(infer.input, infer.output, infer.level)
+    cohort = expand(infer.input, infer.output, infer.level, infer.pixel_size_um)
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     model_uri, model_version = resolve_model(infer.model, tracking_uri)
     model = load_model(model_uri, tracking_uri=tracking_uri)
@@ -201,10 +201,13 @@ def report(job: SlideJob, context: JobContext) -> None:
 
     stats, slide, levels = job.stats, job.slide, job.spec.levels
     print()
-    print(f"  input           {job.item.input} (level {job.item.level}, {slide.width} x {slide.height} px)")
+    print(f"  input           {job.item.input}")
+    print(f"  resolution      {job.resolution.describe()}; segmented at {slide.width} x {slide.height} px")
     print(f"  model           {job.lineage['model_uri']}")
     print(f"  output          {job.item.output}  (probability: /{PROBABILITY}, instance labels: /{LABELS})")
     print(f"  chunks          {stats['chunks']} ({stats['chunks_skipped']} without tissue), {stats['objects']} objects")
+    if "object_area_um2_median" in stats:
+        print(f"  object area     median {stats['object_area_um2_median']:.1f} um2" + _training_areas(context))
     print(f"  levels          {len(levels)} (the smallest {levels[-1][1]} x {levels[-1][0]} px)")
     if job.spec.objects:
         print(f"  objects table   {job.item.output}/{OBJECTS}")
@@ -215,6 +218,11 @@ def report(job: SlideJob, context: JobContext) -> None:
     print(f"  MLflow run      {job.run_id}")
     print(f"  view            napari --plugin napari-ome-zarr {job.item.output}")
     print(f"  QuPath          python -m pipelines.export {job.item.output} --format qupath")
+
+
+def _training_areas(context: JobContext) -> str:
+    areas = context.model.object_area_um2
+    return f" (the model's training objects: median {areas['p50']:.1f} um2)" if areas else ""
 
 
 def cli(argv: list[str] | None = None) -> int:

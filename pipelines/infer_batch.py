@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("infer")
 BATCH_JOB = "inference-batch"  # the JOB_TAG of a batch's run
-COLUMNS = ("slide", "status", "megapixels", "objects", "seconds", "output", "model_version", "reason", "input")
+COLUMNS = ("slide", "status", "megapixels", "objects", "seconds", "output", "model_version", "level",
+           "slide_um_per_px", "um_per_px", "resolution", "reason", "input")  # fmt: skip
 
 
 def start_run(config: Config, context: JobContext, cohort: Cohort) -> str:
@@ -120,9 +121,22 @@ def row(job: SlideJob) -> dict:
         "seconds": round(stats["seconds"], 2) if "seconds" in stats else "",
         "output": job.item.output if job.state != FAILED else "",
         "model_version": job.lineage.get("model_version") or job.lineage.get("model_uri", ""),
+        **_resolution_columns(job),
         "reason": job.reason,
         "input": job.item.input,
     }
+
+
+def _resolution_columns(job: SlideJob) -> dict:
+    """Which level was read, the slide's and the output's pixel sizes, and how (empty where the slide failed
+    before it was opened)."""
+    resolution = job.resolution
+    if resolution is None:
+        return {"level": "", "slide_um_per_px": "", "um_per_px": "", "resolution": ""}
+    sizes = (resolution.slide_pixel_size_um, resolution.pixel_size_um)
+    slide, output = ("" if size is None else round(size, 5) for size in sizes)
+    return {"level": resolution.level, "slide_um_per_px": slide, "um_per_px": output,
+            "resolution": resolution.describe()}  # fmt: skip
 
 
 def to_csv(rows: list[dict]) -> str:

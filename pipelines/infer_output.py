@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
     from pipelines.infer_tasks import JobSpec
     from pipelines.locks import Lock
+    from unet.resample import Resampled
+    from unet.resolution import Resolution
 
 # the store's layout
 PROBABILITY, LABELS = "0", "labels/nuclei/0"  # level 0 of the image (foreground probability) and of its labels
@@ -43,16 +45,16 @@ def done_level(level: int) -> str:
 
 LINEAGE_KEY = "unet_inference"
 # what must not change between an interrupted run and its --resume
-RESUME_KEYS = ("model_uri", "input", "level")
+RESUME_KEYS = ("model_uri", "input", "level", "resolution")
 # input, output and level are compared resolved (RESUME_KEYS) or are where the output is; a batch and a
 # single-slide run of the same slide agree on the rest
 IGNORED_CONFIG = ("infer.overwrite", "infer.resume", "infer.scheduler", "infer.workers", "infer.tasks_per_worker",
-                  "infer.input", "infer.output", "infer.level",
+                  "infer.input", "infer.output", "infer.level", "infer.pixel_size_um",
                   "infer.tls_ca_file", "infer.tls_cert", "infer.tls_key", "infer.require_encryption")  # fmt: skip
 
 
-def _axes(slide: Slide, channel: bool = True) -> list[dict]:
-    unit = {"unit": "micrometer"} if slide.pixel_size_um else {}
+def _axes(resolution: Resolution, channel: bool = True) -> list[dict]:
+    unit = {"unit": "micrometer"} if resolution.pixel_size_um else {}
     space = [{"name": n, "type": "space", **unit} for n in ("y", "x")]
     return ([{"name": "c", "type": "channel"}] if channel else []) + space
 
@@ -75,7 +77,7 @@ def lock_output(staged: storage.Staging) -> Lock | None:
     return acquire(staged.final, busy)
 
 
-def create_output(location: str, slide: Slide, spec: JobSpec, lineage: dict) -> None:
+def create_output(location: str, slide: Slide | Resampled, spec: JobSpec, lineage: dict) -> None:
     """Create the (partial) output group with empty arrays and completion records."""
     root = zarr.open_group(location, mode="w-", zarr_format=3)
     chunks = (1, spec.chunk, spec.chunk)
@@ -103,7 +105,7 @@ def recorded_lineage(location: str) -> dict | None:
 
 def lineage_matches(recorded: dict, lineage: dict) -> bool:
     """Whether an interrupted output was started with the same model, input and config."""
-    if any(recorded.get(key) != lineage[key] for key in RESUME_KEYS):
+    if any(recorded.get(key) != lineage.get(key) for key in RESUME_KEYS):
         return False
     before, now = recorded.get("config", {}), lineage["config"]
     keys = {k for k in before.keys() | now.keys() if k.startswith(("infer.", "model.")) and k not in IGNORED_CONFIG}
@@ -119,7 +121,18 @@ def write_objects(location: str, table: pd.DataFrame) -> None:
     storage.write_bytes(f"{location.rstrip('/')}/{OBJECTS}", buffer.getvalue())
 
 
-def finalize_output(staged: storage.Staging, slide: Slide, levels: int, lineage: dict, overwrite: bool) -> str:
+def ngff_frame(resolution: Resolution) -> tuple[float | None, float]:
+    """The output's level-0 pixel size and the position of its first pixel's centre, in the slide's physical
+    coordinates (micrometres; level-0 pixels where the pixel size is unknown): it overlays the slide's level 0,
+    whose first pixel centre is at 0 (``unet.resolution``)."""
+    if resolution.pixel_size_um is None:
+        return resolution.to_level0, (resolution.to_level0 - 1) / 2
+    return resolution.pixel_size_um, (resolution.pixel_size_um - resolution.slide_pixel_size_um) / 2
+
+
+def finalize_output(
+    staged: storage.Staging, resolution: Resolution, levels: int, lineage: dict, overwrite: bool
+) -> str:
     """Write the NGFF metadata (``levels`` levels) and lineage, drop the work arrays, move the output into place."""
     if not (staged.in_place or overwrite) and storage.exists(staged.final):  # appeared while the job ran
         raise UserError(f"{staged.final} was created while this job ran; its result stays in {staged.partial}")
@@ -128,10 +141,11 @@ def finalize_output(staged: storage.Staging, slide: Slide, levels: int, lineage:
 
     fmt = FormatV05()
     root = zarr.open_group(staged.partial, mode="r+")
-    datasets = ngff_datasets(levels, slide.pixel_size_um)
-    write_multiscales_metadata(root, datasets, fmt=fmt, axes=_axes(slide), name="foreground probability")
+    datasets = ngff_datasets(levels, *ngff_frame(resolution))
+    axes = _axes(resolution)
+    write_multiscales_metadata(root, datasets, fmt=fmt, axes=axes, name="foreground probability")
     labels_root = root["labels"]
-    write_multiscales_metadata(labels_root["nuclei"], datasets, fmt=fmt, axes=_axes(slide), name="nuclei")
+    write_multiscales_metadata(labels_root["nuclei"], datasets, fmt=fmt, axes=axes, name="nuclei")
     write_label_metadata(labels_root, "nuclei", fmt=fmt, source={"image": "../../"})
     del root[WORK]
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": True}

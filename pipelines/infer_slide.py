@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from unet.config import Config
     from unet.instances import ChunkEdges
     from unet.model import UNet
+    from unet.resample import Resampled
+    from unet.resolution import Resolution
     from unet.slide import Slide
     from unet.storage import Staging
 
@@ -53,7 +55,8 @@ class SlideJob:
     item: Item
     state: str = NEW
     reason: str = ""
-    slide: Slide | None = None
+    slide: Slide | Resampled | None = None  # the level read, at the resolution it is segmented at
+    resolution: Resolution | None = None
     spec: JobSpec | None = None
     staged: Staging | None = None
     lineage: dict = field(default_factory=dict)
@@ -104,10 +107,12 @@ def _open(job: SlideJob, context: JobContext) -> None:
     from pipelines.infer_output import output_staging
     from pipelines.infer_tasks import JobSpec
     from unet.pyramid import level_shapes
-    from unet.slide import open_slide
+    from unet.resolution import open_at, plan_resolution
 
     item, infer, model = job.item, context.config.infer, context.model
-    job.slide = open_slide(item.input, item.level)  # its metadata's claims are checked (unet.slide.MAX_PIXELS, ...)
+    resolution = plan_resolution(item.input, model.pixel_size_um, item.level, item.pixel_size_um, infer.resample)
+    # its metadata's claims are checked (unet.slide.MAX_PIXELS, ...)
+    job.slide = open_at(item.input, resolution.level, resolution.scale)
     if job.slide.channels != model.n_channels:
         raise UserError(f"{item.input} has {job.slide.channels} channels but the model expects {model.n_channels}")
     if infer.tissue_mask and job.slide.levels > 1:
@@ -115,10 +120,13 @@ def _open(job: SlideJob, context: JobContext) -> None:
     job.staged = output_staging(item.output)
     shape = (job.slide.height, job.slide.width)
     config = {**context.lineage["config"], "infer.input": item.input, "infer.output": item.output}
-    job.lineage = {**context.lineage, "input": item.input, "level": item.level, "config": config}
+    job.lineage = {**context.lineage, "input": item.input, "level": resolution.level, "config": config,
+                   "resolution": resolution.as_dict()}  # fmt: skip
+    job.resolution = resolution
     job.spec = JobSpec(
         input=item.input,
-        level=item.level,
+        level=resolution.level,
+        scale=resolution.scale,
         output=job.staged.partial,
         model=context.model_spec,
         chunk=infer.chunk,
@@ -127,10 +135,27 @@ def _open(job: SlideJob, context: JobContext) -> None:
         probability_dtype=infer.probability_dtype,
         levels=tuple(level_shapes(*shape, infer.chunk) if infer.pyramid else [shape]),
         objects=infer.objects,
+        fill_holes=infer.fill_holes,
+        min_object_pixels=min_object_pixels(infer.min_object_area_um2, model, resolution, item.input),
     )
 
 
-def intensity_range(slide: Slide) -> tuple[tuple[float, float], ...]:
+def min_object_pixels(area_um2: float | None, model: UNet, resolution: Resolution, input: str) -> int:
+    """The smallest object kept, in output pixels: ``infer.min_object_area_um2``, or by default half the
+    1st-percentile area of the model's training objects; 0 where either that or the pixel size is unknown."""
+    import math
+
+    if area_um2 is None:
+        area_um2 = 0.5 * model.object_area_um2["p1"] if model.object_area_um2 else 0.0
+    if not area_um2:
+        return 0
+    if resolution.pixel_size_um is None:
+        log.warning("%s: its pixel size is unknown, so no minimum object area applies", input)
+        return 0
+    return math.ceil(area_um2 / resolution.pixel_size_um**2)
+
+
+def intensity_range(slide: Slide | Resampled) -> tuple[tuple[float, float], ...]:
     """Per-channel normalisation range, by the training rule, from the lowest-resolution level (one small
     read, identical for every chunk; none at all for 8-bit images)."""
     import math
@@ -157,7 +182,7 @@ def intensity_range(slide: Slide) -> tuple[tuple[float, float], ...]:
     return ranges
 
 
-def _check_lowest_level(slide: Slide) -> None:
+def _check_lowest_level(slide: Slide | Resampled) -> None:
     """The tissue mask reads a pyramid's lowest level whole: refuse one of absurd size (a corrupt or hostile
     pyramid) before anything is written."""
     from unet.slide import SlideError, open_slide
@@ -171,7 +196,9 @@ def _check_lowest_level(slide: Slide) -> None:
             )
 
 
-def chunk_keys(config: Config, slide: Slide, input: str) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
+def chunk_keys(
+    config: Config, slide: Slide | Resampled, input: str
+) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
     """Every chunk's (row, col), and those to predict (all, or those with tissue)."""
     from unet.tiling import grid
     from unet.tissue import chunks_with_tissue
@@ -255,7 +282,7 @@ def finish(job: SlideJob, context: JobContext, parent_run_id: str | None = None)
     lineage = {**job.lineage, "stats": job.stats, "mlflow_run_id": job.run_id}
     if parent_run_id:
         lineage["mlflow_batch_run_id"] = parent_run_id
-    finalize_output(job.staged, job.slide, len(job.spec.levels), lineage, overwrite=context.overwrite)
+    finalize_output(job.staged, job.resolution, len(job.spec.levels), lineage, overwrite=context.overwrite)
     job.state = DONE
     job.unlock()
 
@@ -265,7 +292,8 @@ def _write_objects(job: SlideJob) -> None:
     from pipelines.infer_output import write_objects
     from unet.objects import objects_table, summary
 
-    table = objects_table(job.parts, job.slide.pixel_size_um, job.slide.channels)
+    resolution = job.resolution
+    table = objects_table(job.parts, resolution.pixel_size_um, job.slide.channels, resolution.to_level0)
     job.parts = []
     if len(table) != job.stats["objects"]:  # both count the merged objects: a difference is a bug, not bad input
         raise RuntimeError(f"{job.item.input}: {len(table)} objects measured but {job.stats['objects']} labelled")
@@ -279,7 +307,9 @@ def _track(job: SlideJob, config: Config, parent_run_id: str | None) -> str:
     from unet import storage
 
     params = {k: job.lineage[k] for k in ("model_uri", "model_version", "input", "level", "code_version")}
-    params |= {"output": job.item.output, "chunk_size": config.infer.chunk}
+    params |= {"output": job.item.output, "chunk_size": config.infer.chunk, "resolution": job.resolution.describe()}
+    resolution = job.resolution.as_dict()
+    params |= {key: resolution[key] for key in ("pixel_size_um", "slide_pixel_size_um", "scale")}
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     name = f"infer {storage.basename(job.item.output)}"
     experiment = config.tracking.experiment

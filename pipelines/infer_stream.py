@@ -149,11 +149,12 @@ def _next_pass(client: Client, job: SlideJob) -> list[tuple]:
 def _label_tasks(client: Client, job: SlideJob) -> list[tuple]:
     """Merge the slide's seams (here: one small array) and describe its label tasks."""
     from pipelines.infer_tasks import label_chunk_globally
-    from unet.instances import merge_ids, offsets, seam_pairs
+    from unet.instances import border_areas, merge_ids, offsets, seam_pairs
 
     edges = {key: job.edges[key] for key in job.keys}  # in grid order, whatever order they finished in
     starts = offsets({key: edge.count for key, edge in edges.items()})
-    mapping = merge_ids(sum(edge.count for edge in edges.values()), seam_pairs(edges, starts))
+    total, areas = sum(edge.count for edge in edges.values()), border_areas(edges, starts)
+    mapping = merge_ids(total, seam_pairs(edges, starts), areas, job.spec.min_object_pixels)
     job.stats |= {"chunks": len(job.keys), "chunks_skipped": len(job.keys) - len(job.tissue)}
     job.stats["objects"] = int(mapping.max())
     shared = client.scatter(mapping, broadcast=True)

@@ -35,7 +35,9 @@ from unet.instances import ChunkEdges, label_chunk, relabel
 from unet.model import UNet
 from unet.objects import chunk_sums
 from unet.pyramid import mean_2x2, nearest_2x2, source_window
-from unet.slide import Slide, open_slide
+from unet.resample import Resampled
+from unet.resolution import open_at
+from unet.slide import Slide
 from unet.tiling import Region
 
 
@@ -54,7 +56,8 @@ class JobSpec:
     """Everything a worker needs to process chunks of one slide (small and picklable)."""
 
     input: str
-    level: int
+    level: int  # the level read
+    scale: float  # its pixels per output pixel (unet.resolution): 1 reads it as stored
     output: str  # the Zarr group being written
     model: ModelSpec
     chunk: int
@@ -63,6 +66,8 @@ class JobSpec:
     probability_dtype: str
     levels: tuple[tuple[int, int], ...]  # (height, width) of each pyramid level, level 0 first
     objects: bool  # measure every object for the objects table
+    fill_holes: bool  # fill holes inside objects (within a chunk) before labelling
+    min_object_pixels: int  # objects smaller than this are dropped before ids are assigned
 
     def region(self, key: tuple[int, int], height: int, width: int) -> Region:
         row, col = key
@@ -141,8 +146,9 @@ def _predictor(spec: ModelSpec) -> ChunkPredictor:
 
 
 @functools.lru_cache(maxsize=8)  # a batch has a few slides in flight at once
-def _slide(input: str, level: int) -> Slide:
-    return open_slide(input, level)
+def _slide(input: str, level: int, scale: float) -> Slide | Resampled:
+    """The level a job reads, at the resolution it segments (``unet.resolution``)."""
+    return open_at(input, level, scale)
 
 
 def _cell(key: tuple[int, int]) -> tuple[slice, slice]:
@@ -171,13 +177,13 @@ def predict_chunk(spec: JobSpec, key: tuple[int, int], has_tissue: bool = True) 
         local = np.asarray(local_array[region.slices])
         return ChunkEdges.of(local, int(local.max()))
     if has_tissue:
-        read = _slide(spec.input, spec.level).read
+        read = _slide(spec.input, spec.level, spec.scale).read
         probability = _predictor(spec.model).predict_chunk(read, height, width, region, spec.intensity_range)
     else:
         probability = np.zeros((region.height, region.width), np.float32)
     stored = to_stored(probability, spec.probability_dtype)
     write_block(probability_array, (slice(0, 1), *region.slices), stored[None])
-    local, count = label_chunk(_foreground(stored, spec))
+    local, count = label_chunk(_foreground(stored, spec), spec.fill_holes, spec.min_object_pixels)
     write_block(local_array, region.slices, local)
     write_block(done, _cell(key), np.ones((1, 1)))  # only now: the chunk is complete
     return ChunkEdges.of(local, count)
@@ -203,7 +209,7 @@ def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mappin
         return None
     (probability_array,) = _arrays(spec, PROBABILITY)
     probability = from_stored(np.asarray(probability_array[(0, *region.slices)]))
-    image = _slide(spec.input, spec.level).read(region.y0, region.y1, region.x0, region.x1)
+    image = _slide(spec.input, spec.level, spec.scale).read(region.y0, region.y1, region.x0, region.x1)
     return chunk_sums(final, probability, image, region.y0, region.x0)
 
 

@@ -11,6 +11,7 @@ import pytest
 import zarr
 from scipy import ndimage as ndi
 
+from benchmarks.models import with_resolution
 from pipelines.evaluate import cli, evaluate_model
 from tests.helpers import ROOT
 from tests.test_infer import infer
@@ -64,3 +65,7 @@ def test_scores_agree_with_independent_counts(trained_model_dir, store, tmp_path
         assert (tmp_path / "eval" / f"{name}.png").is_file()
     out = capsys.readouterr().out
     assert "images: 3 (val split" in out and "MLflow run" in out
+    # a model trained at another pixel size than the store's (0.25 um/px) is not scored on it
+    other = with_resolution(trained_model_dir, tmp_path, 0.5)
+    assert cli([*args, "--set", f"evaluate.model={other}"]) == 2
+    assert "holds images at 0.25 um/px but the model was trained at 0.5" in capsys.readouterr().err

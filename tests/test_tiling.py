@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 
 from unet.fused import inference_model
 from unet.inference import ChunkPredictor, InferenceSettings, InputDataError, pass_memory_mb, predict_image
-from unet.instances import ChunkEdges, label_chunk, merge_ids, offsets, relabel, seam_pairs
+from unet.instances import ChunkEdges, border_areas, label_chunk, merge_ids, offsets, relabel, seam_pairs
 from unet.model import UNet, autocast_context
 from unet.tiling import Region, grid, padded_reference_shape, read_mirrored, reflect_indices, tiles_of
 
@@ -157,15 +157,16 @@ def test_nan_pixels_are_reported_with_their_place(model) -> None:
         tiled_probability(model, image, 64, InferenceSettings(tile=64, precision="fp32"))
 
 
-def chunked_labels(foreground: np.ndarray, chunk: int) -> np.ndarray:
+def chunked_labels(foreground: np.ndarray, chunk: int, fill_holes: bool = False, min_area: int = 0) -> np.ndarray:
     height, width = foreground.shape
     local, edges = {}, {}
     for key, region in grid(height, width, chunk):
-        labels, count = label_chunk(foreground[region.slices])
+        labels, count = label_chunk(foreground[region.slices], fill_holes, min_area)
         local[key] = (region, labels)
         edges[key] = ChunkEdges.of(labels, count)
     starts = offsets({k: e.count for k, e in edges.items()})
-    mapping = merge_ids(sum(e.count for e in edges.values()), seam_pairs(edges, starts))
+    total, areas = sum(e.count for e in edges.values()), border_areas(edges, starts)
+    mapping = merge_ids(total, seam_pairs(edges, starts), areas, min_area)
     out = np.zeros((height, width), np.int32)
     for key, (region, labels) in local.items():
         out[region.slices] = relabel(labels, starts[key], mapping)
@@ -188,6 +189,27 @@ def test_chunked_labels_equal_global_connected_components(chunk: int) -> None:
     expected, count = ndi.label(foreground)
     assert same_partition(merged, expected)
     assert merged.max() == count and set(np.unique(merged)) == set(range(count + 1))  # unique, consecutive
+
+
+@pytest.mark.parametrize(("chunk", "min_area"), [(16, 5), (37, 12), (64, 30)])
+def test_small_objects_go_before_ids_are_given_whatever_the_chunks(chunk: int, min_area: int) -> None:
+    rng = np.random.default_rng(chunk)
+    foreground = ndi.gaussian_filter(rng.random((150, 170)), 1.5) > 0.52  # blobs of many sizes
+    merged = chunked_labels(foreground, chunk, min_area=min_area)
+    expected, count = ndi.label(foreground)
+    small = np.bincount(expected.ravel()) < min_area
+    expected[small[expected]] = 0  # whole-image components of fewer pixels, wherever they lie
+    assert small[1:].sum() > 5 and same_partition(merged, expected)
+    kept = count - int(small[1:].sum())
+    assert merged.max() == kept and set(np.unique(merged)) == set(range(kept + 1))  # unique, consecutive
+
+
+def test_holes_inside_a_chunk_are_filled_those_cut_by_a_seam_stay_open() -> None:
+    yy, xx = np.mgrid[:128, :128]
+    ring = lambda y, x: ((yy - y) ** 2 + (xx - x) ** 2 < 12**2) & ((yy - y) ** 2 + (xx - x) ** 2 >= 4**2)  # noqa: E731
+    foreground = ring(30, 30) | ring(64, 100)  # the second straddles the seam at row 64
+    labels = chunked_labels(foreground, 64, fill_holes=True)
+    assert labels[30, 30] > 0 and labels[64, 100] == 0 and labels.max() == 2
 
 
 def test_objects_on_seams_get_one_id() -> None:

@@ -4,6 +4,11 @@ continue across chunk seams into one id, unique over the whole slide.
 Chunks are labelled with 4-connectivity, and two chunks' objects are joined where foreground
 pixels face each other across the seam (also 4-connectivity), so the result equals connected
 components of the whole foreground, computed without ever holding it in memory.
+
+Objects smaller than a minimum area are dropped before final ids are given, so ids stay 1..K: an object
+inside one chunk is dropped there (``label_chunk``), one that crosses seams once its parts' areas are added
+up (``merge_ids``), so the rule is exact whatever the chunking. Holes are filled within a chunk (background
+that a chunk's foreground encloses); a hole cut by a chunk seam stays open.
 """
 
 from __future__ import annotations
@@ -16,25 +21,47 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 
-def label_chunk(foreground: np.ndarray) -> tuple[np.ndarray, int]:
-    """Local instance ids 1..n of a chunk's foreground (int32) and n."""
+def label_chunk(foreground: np.ndarray, fill_holes: bool = False, min_area: int = 0) -> tuple[np.ndarray, int]:
+    """Local instance ids 1..n of a chunk's foreground (int32) and n: holes inside the chunk filled if asked,
+    objects of fewer than ``min_area`` pixels dropped unless they touch the chunk's border (``merge_ids``
+    judges those, once their parts in other chunks are known)."""
+    if fill_holes:
+        foreground = ndi.binary_fill_holes(foreground)
     labels, count = ndi.label(foreground)
+    if min_area > 1 and count:
+        areas = np.bincount(labels.ravel(), minlength=count + 1)
+        keep = areas >= min_area
+        keep[np.unique(_border(labels))] = True  # their whole area is not known here
+        keep[0] = False
+        ids = np.zeros(count + 1, np.int32)
+        ids[keep] = np.arange(1, int(keep.sum()) + 1)
+        labels, count = ids[labels], int(keep.sum())
     return labels.astype(np.int32, copy=False), int(count)
+
+
+def _border(labels: np.ndarray) -> np.ndarray:
+    return np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
 
 
 @dataclass(frozen=True)
 class ChunkEdges:
-    """A chunk's object count and the local ids along its four borders."""
+    """A chunk's object count, the local ids along its four borders, and the area (pixels) of each object
+    touching a border (index: local id; 0 for the others, whose area ``label_chunk`` has judged already)."""
 
     count: int
     top: np.ndarray
     bottom: np.ndarray
     left: np.ndarray
     right: np.ndarray
+    areas: np.ndarray
 
     @classmethod
     def of(cls, labels: np.ndarray, count: int) -> ChunkEdges:
-        return cls(count, labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
+        areas = np.bincount(labels.ravel(), minlength=count + 1).astype(np.int64)
+        inside = np.ones(count + 1, bool)
+        inside[np.unique(_border(labels))] = False
+        areas[inside] = 0
+        return cls(count, labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy(), areas)
 
 
 def offsets(counts: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:
@@ -63,18 +90,37 @@ def seam_pairs(edges: dict[tuple[int, int], ChunkEdges], starts: dict[tuple[int,
     return np.unique(np.concatenate(pairs), axis=0)
 
 
-def merge_ids(total: int, pairs: np.ndarray) -> np.ndarray:
+def border_areas(edges: dict[tuple[int, int], ChunkEdges], starts: dict[tuple[int, int], int]) -> np.ndarray:
+    """Area (pixels) of every provisional id that touches its chunk's border, 0 for the others (index: id)."""
+    total = sum(edge.count for edge in edges.values())
+    areas = np.zeros(total + 1, np.int64)
+    for key, edge in edges.items():
+        areas[starts[key] + 1 : starts[key] + edge.count + 1] = edge.areas[1:]
+    return areas
+
+
+def merge_ids(total: int, pairs: np.ndarray, areas: np.ndarray | None = None, min_area: int = 0) -> np.ndarray:
     """Mapping (length total + 1) from provisional ids to final ids 1..K; 0 stays background.
 
-    Objects joined by ``pairs`` share one id; final ids follow the order of first appearance.
+    Objects joined by ``pairs`` share one id; final ids follow the order of first appearance. With ``areas``
+    (``border_areas``), an object whose parts touching chunk borders add up to fewer than ``min_area`` pixels,
+    and no part lies inside a chunk, is dropped (mapped to 0); objects inside one chunk were judged by
+    ``label_chunk``.
     """
     if total == 0:
         return np.zeros(1, np.int64)
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0] - 1, pairs[:, 1] - 1)), shape=(total, total))
-    _, component = connected_components(graph, directed=False)
+    count, component = connected_components(graph, directed=False)
+    kept = np.ones(count, bool)
+    if areas is not None and min_area > 1:
+        parts = areas[1:]
+        summed = np.bincount(component, weights=parts, minlength=count)
+        judged = np.bincount(component, weights=parts == 0, minlength=count) > 0  # held a part inside a chunk
+        kept = judged | (summed >= min_area)
     _, first = np.unique(component, return_index=True)
-    order = np.empty(len(first), np.int64)
-    order[np.argsort(first)] = np.arange(1, len(first) + 1)
+    order = np.zeros(count, np.int64)
+    survivors = np.argsort(first)[kept[np.argsort(first)]]  # components in order of first appearance, kept ones
+    order[survivors] = np.arange(1, len(survivors) + 1)
     return np.concatenate([[0], order[component]])
 
 

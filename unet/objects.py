@@ -6,10 +6,13 @@ full extent. Nothing ever needs the whole label image in memory: a chunk at a ti
 object part.
 
 Columns, one row per object, sorted by id:
-``id``; ``area`` (pixels); ``centroid_y``, ``centroid_x`` (pixels: the mean row and column, as
-``skimage.measure.regionprops``); ``centroid_y_um``, ``centroid_x_um``, ``area_um2`` (null when the pixel size
-is unknown); ``bbox_y0``, ``bbox_x0``, ``bbox_y1``, ``bbox_x1`` (half-open); ``mean_probability`` (of the
-stored foreground probability, in [0, 1]); ``mean_intensity_0`` ... (the input's pixel values, per channel).
+``id``; ``area`` (pixels of the label image); ``centroid_y``, ``centroid_x`` (the mean row and column, as
+``skimage.measure.regionprops``, in the slide's level-0 pixels: where the slide's viewer and QuPath put them,
+whatever resolution it was segmented at); ``centroid_y_um``, ``centroid_x_um`` (from level 0's top-left pixel
+centre), ``area_um2`` (null when the pixel size is unknown); ``bbox_y0``, ``bbox_x0``, ``bbox_y1``, ``bbox_x1``
+(half-open, in the label image's pixels: where to find the object in ``labels/nuclei/0``); ``mean_probability``
+(of the stored foreground probability, in [0, 1]); ``mean_intensity_0`` ... (the input's pixel values as
+segmented, per channel).
 """
 
 from __future__ import annotations
@@ -53,8 +56,12 @@ def chunk_sums(labels: np.ndarray, probability: np.ndarray, image: np.ndarray, y
     return parts
 
 
-def objects_table(parts: list[dict], pixel_size_um: float | None, channels: int) -> pd.DataFrame:
-    """One row per object from the partial sums of all chunks (see the module docstring for the columns)."""
+def objects_table(
+    parts: list[dict], pixel_size_um: float | None, channels: int, to_level0: float = 1.0
+) -> pd.DataFrame:
+    """One row per object from the partial sums of all chunks (see the module docstring for the columns):
+    ``pixel_size_um`` is the label image's, ``to_level0`` its pixels' side in level-0 pixels
+    (``unet.resolution``)."""
     import pandas as pd
 
     intensities = [f"sum_intensity_{c}" for c in range(channels)]
@@ -67,10 +74,11 @@ def objects_table(parts: list[dict], pixel_size_um: float | None, channels: int)
     area = grouped["area"].to_numpy(np.float64)
     size = np.nan if pixel_size_um is None else pixel_size_um
     table = pd.DataFrame({"id": grouped["id"].astype(np.int64), "area": grouped["area"].astype(np.int64)})
-    table["centroid_y"] = grouped["sum_y"] / area
-    table["centroid_x"] = grouped["sum_x"] / area
-    table["centroid_y_um"] = table["centroid_y"] * size
-    table["centroid_x_um"] = table["centroid_x"] * size
+    for axis in "yx":  # the mean pixel centre, mapped to level 0 (the same numbers when segmented as stored)
+        centre = grouped[f"sum_{axis}"] / area
+        table[f"centroid_{axis}"] = centre if to_level0 == 1 else (centre + 0.5) * to_level0 - 0.5
+    for axis in "yx":
+        table[f"centroid_{axis}_um"] = table[f"centroid_{axis}"] * (size / to_level0)
     table["area_um2"] = area * size * size
     for name in (*MINIMA, *MAXIMA):
         table[name] = grouped[name].astype(np.int64)

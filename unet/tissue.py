@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from skimage.filters import threshold_otsu
 
+from unet.resample import Resampled
 from unet.slide import Slide, open_slide
 from unet.tiling import grid
 
@@ -30,17 +31,18 @@ def thumbnail(slide: Slide, factor: int, window: int) -> np.ndarray:
     return np.concatenate(rows, axis=1)
 
 
-def chunks_with_tissue(path: str, slide: Slide, chunk: int) -> set[tuple[int, int]]:
-    """Keys (row, col) of the ``chunk``-sized chunks of ``slide`` that contain any tissue.
+def chunks_with_tissue(path: str, slide: Slide | Resampled, chunk: int) -> set[tuple[int, int]]:
+    """Keys (row, col) of the ``chunk``-sized chunks of ``slide`` (a level, or a level resampled) that contain
+    any tissue.
 
-    The mask comes from the slide's lowest-resolution level, mapped back to full-resolution chunks
-    with a one-pixel margin so that no tissue at a chunk border is missed.
+    The mask comes from the slide's lowest-resolution level (or a thumbnail of the level as stored), mapped back
+    to the chunks with a one-pixel margin so that no tissue at a chunk border is missed.
     """
     if slide.levels > 1:
         small = open_slide(path, slide.levels - 1)
         mask = tissue_mask(small.read(0, small.height, 0, small.width))
-    else:
-        mask = tissue_mask(thumbnail(slide, factor=16, window=chunk))
+    else:  # the level as stored: a resampled view would resample the whole slide for a thumbnail
+        mask = tissue_mask(thumbnail(open_slide(path, slide.level), factor=16, window=chunk))
     scale_y, scale_x = slide.height / mask.shape[0], slide.width / mask.shape[1]
     keys = set()
     for key, region in grid(slide.height, slide.width, chunk):

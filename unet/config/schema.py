@@ -42,7 +42,13 @@ class DataConfig(Section):
     foreground_bias: float = Field(
         0.5, ge=0.0, le=1.0, description="Probability that a patch is centred on a foreground pixel."
     )
-    pixel_size_um: float | None = Field(None, gt=0, description="Pixel size in micrometres, if known.")
+    pixel_size_um: float | None = Field(
+        None,
+        gt=0,
+        description="Micrometres per pixel of the training store: images whose metadata states another size are "
+        "resampled to it; images without metadata are taken to have it. null: the images' metadata must state one "
+        "size.",
+    )
     max_image_pixels: int = Field(
         2**28,
         ge=1,
@@ -146,7 +152,35 @@ class InferConfig(Section):
         "goes to OUTPUT/NAME.ome.zarr, the table of results to OUTPUT/batch_summary.csv.",
     )
     model: str = Field("models:/unet@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")
-    level: int = Field(0, ge=0, description="Resolution level of a multiscale input.")
+    level: int | None = Field(
+        None,
+        ge=0,
+        description="Pyramid level to read. null: the coarsest level whose pixels are not larger than the model's "
+        "(within 5%), else level 0; it is then resampled to the model's pixel size.",
+    )
+    pixel_size_um: float | None = Field(
+        None,
+        gt=0,
+        description="Micrometres per pixel of the slides' level 0, for slides whose metadata states none (it "
+        "overrides theirs, with a warning). null: from each slide's metadata; a slide without is refused.",
+    )
+    resample: bool = Field(
+        True,
+        description="Read every slide at the model's pixel size (the pyramid level closest to it, resampled per "
+        "chunk). false: segment infer.level (default 0) as stored, whatever its pixel size (recorded in the lineage).",
+    )
+    min_object_area_um2: float | None = Field(
+        None,
+        ge=0,
+        description="Objects smaller than this (square micrometres, after hole filling) are dropped before ids are "
+        "assigned. null: half the 1st-percentile area of the model's training objects (0 if the model records "
+        "none). 0: keep every object.",
+    )
+    fill_holes: bool = Field(
+        True,
+        description="Fill holes inside objects (background enclosed by foreground within one output chunk) before "
+        "labelling.",
+    )
     chunk_size: int | None = Field(
         None,
         ge=16,

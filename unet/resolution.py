@@ -1,0 +1,109 @@
+"""At which resolution a slide is segmented: the level read, the resampling to the model's pixel size, and the
+frame that maps the output back onto the slide.
+
+The output of a slide is an image at the model's pixel size (``Resolution.pixel_size_um``). Its pixel ``i``
+covers level-0 pixels ``[i * to_level0, (i + 1) * to_level0)`` (``unet.resample``: the grids share their
+top-left corner), so a point at output pixel coordinate ``c`` (pixel centres at integers) lies at level-0
+coordinate ``(c + 0.5) * to_level0 - 0.5``, and a pixel edge ``e`` at ``e * to_level0``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+from unet.errors import UserError
+from unet.resample import TOLERANCE, Resampled, choose_level, same_size
+from unet.slide import Slide, SlideError, open_slide
+
+log = logging.getLogger(__name__)
+FAR_UPSAMPLING = 1.5  # up-sampling a slide more than this is warned of: it holds less detail than the model saw
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How one slide is read: level ``level`` (whose pixels are ``level_pixel_size_um``) at ``scale`` of its
+    pixels per output pixel (1: as stored). Sizes are micrometres per pixel, None where unknown."""
+
+    level: int
+    scale: float
+    to_level0: float  # level-0 pixels per output pixel
+    slide_pixel_size_um: float | None  # level 0's: from the slide's metadata or infer.pixel_size_um
+    level_pixel_size_um: float | None
+    model_pixel_size_um: float | None
+    reason: str  # why the slide is read this way, one phrase
+
+    @property
+    def resampled(self) -> bool:
+        return self.scale != 1.0
+
+    @property
+    def pixel_size_um(self) -> float | None:
+        """The output's pixel size."""
+        return None if self.level_pixel_size_um is None else self.level_pixel_size_um * self.scale
+
+    def level0_point(self, coordinate: float) -> float:
+        """An output pixel coordinate (pixel centres at integers) in level-0 pixels."""
+        return (coordinate + 0.5) * self.to_level0 - 0.5
+
+    def describe(self) -> str:
+        """One line, e.g. "level 0 (0.499 um/px) resampled to 0.25 um/px (the model's)"."""
+        size = f" ({self.level_pixel_size_um:.4g} um/px)" if self.level_pixel_size_um else " (pixel size unknown)"
+        if self.resampled:
+            return f"level {self.level}{size} resampled to {self.pixel_size_um:.4g} um/px: {self.reason}"
+        return f"level {self.level}{size} as stored: {self.reason}"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "pixel_size_um": self.pixel_size_um, "resampled": self.resampled}
+
+
+def plan_resolution(
+    path: str,
+    model_pixel_size_um: float | None,
+    level: int | None = None,
+    pixel_size_um: float | None = None,
+    resample: bool = True,
+) -> Resolution:
+    """How to read slide ``path`` for a model trained at ``model_pixel_size_um``: ``level`` (None: the coarsest
+    not coarser than the model's pixels, ``unet.resample.choose_level``), resampled to the model's pixel size
+    unless within ``unet.resample.TOLERANCE``. ``pixel_size_um`` gives level 0's pixel size where the slide's
+    metadata has none (or overrides it); ``resample=False`` reads ``level`` (default 0) as stored."""
+    with open_slide(path, 0) as first:
+        widths, stated = [first.width], first.pixel_size_um
+        for index in range(1, first.levels):
+            with open_slide(path, index) as lower:
+                widths.append(lower.width)
+    if pixel_size_um is not None and stated is not None and not same_size(stated, pixel_size_um):
+        log.warning("%s: its metadata says %.4g um/px; infer.pixel_size_um=%g is used", path, stated, pixel_size_um)
+    slide_size = pixel_size_um or stated
+    sizes = [None if slide_size is None else slide_size * widths[0] / width for width in widths]
+    if level is not None and not 0 <= level < len(widths):
+        raise SlideError(f"{path}: level {level} does not exist; it has {len(widths)} levels (0 to {len(widths) - 1})")
+    if not resample or model_pixel_size_um is None:
+        chosen = level or 0
+        reason = "infer.resample is false" if not resample else "the model records no pixel size"
+        return Resolution(chosen, 1.0, widths[0] / widths[chosen], slide_size, sizes[chosen], model_pixel_size_um,
+                          reason)  # fmt: skip
+    if slide_size is None:
+        raise UserError(
+            f"{path} has no pixel size in its metadata; set infer.pixel_size_um to its level 0's micrometres per "
+            f"pixel (the model was trained at {model_pixel_size_um:.4g}), or infer.resample=false to segment it as "
+            "stored"
+        )
+    chosen = choose_level(sizes, model_pixel_size_um) if level is None else level
+    if same_size(sizes[chosen], model_pixel_size_um):
+        scale, reason = 1.0, f"within {TOLERANCE:.0%} of the model's {model_pixel_size_um:.4g} um/px"
+    else:
+        scale, reason = model_pixel_size_um / sizes[chosen], "the model's pixel size"
+    if scale < 1 / FAR_UPSAMPLING:
+        log.warning("%s: its finest pixels (%.4g um) are %.1fx the model's (%.4g um): up-sampled, small objects may "
+                    "be missed", path, sizes[chosen], 1 / scale, model_pixel_size_um)  # fmt: skip
+    return Resolution(chosen, scale, scale * widths[0] / widths[chosen], slide_size, sizes[chosen],
+                      model_pixel_size_um, reason)  # fmt: skip
+
+
+def open_at(path: str, level: int, scale: float) -> Slide | Resampled:
+    """Level ``level`` of a slide at ``scale`` of its pixels per pixel (``Resolution``): the level itself where
+    ``scale`` is 1, else a resampled view of it."""
+    slide = open_slide(path, level)
+    return Resampled(slide, scale) if scale != 1.0 else slide

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks import batch, chunk_size, inference, memory, results, startup, train_step, weight_map
+from benchmarks import batch, chunk_size, inference, memory, resolution, results, startup, train_step, weight_map
 
 BENCHMARKS = {
     "weight_map": weight_map,
@@ -28,6 +28,7 @@ BENCHMARKS = {
     "memory": memory,
     "batch": batch,
     "results": results,
+    "resolution": resolution,
     "startup": startup,
 }
 PACKAGES = ("torch", "numpy", "scipy", "zarr", "dask", "ray", "mlflow", "monai")

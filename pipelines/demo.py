@@ -16,6 +16,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,7 +24,10 @@ from pipelines.cli import make_parser, run
 from unet.config import Config, flatten_config
 from unet.errors import UserError
 
-# heavy modules and the other pipelines are imported where they are used, so that --help answers at once
+if TYPE_CHECKING:  # heavy modules and the other pipelines are imported where they are used: --help answers at once
+    import zarr
+
+    from unet.data.store import TrainingStore
 
 log = logging.getLogger("demo")
 STEPS = 8
@@ -81,30 +85,64 @@ def finished_model(config: Config, store_sha: str) -> str | None:
     return None
 
 
+def labels_on_slide(labels: zarr.Array, side: float, window: tuple[int, int, int, int]) -> np.ndarray:
+    """A label image level over ``window`` = (y0, y1, x0, x1) of a slide level, a label pixel being ``side`` pixels
+    of that slide level: for each slide pixel, the label pixel holding its centre (nearest neighbour)."""
+    y0, y1, x0, x1 = window
+    rows = np.minimum(((np.arange(y0, y1) + 0.5) / side).astype(np.int64), labels.shape[-2] - 1)
+    cols = np.minimum(((np.arange(x0, x1) + 0.5) / side).astype(np.int64), labels.shape[-1] - 1)
+    block = np.asarray(labels[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
+    return block[(rows - rows.min())[:, None], (cols - cols.min())[None, :]]
+
+
 def result_pictures(slide_path: str, output: str, folder: Path, size: int = 768) -> tuple[str, str]:
-    """From the pyramids: the whole slide zoomed out (the output's lowest level and the slide's level of the same
-    size, never level 0) and a crop from the middle at full resolution, nuclei outlined in green."""
+    """From the pyramids: the whole slide zoomed out (the slide's lowest level, outlined with the output's level of
+    about its size; never level 0) and a crop from the middle at full resolution, nuclei outlined in green. The
+    output may be at another resolution than the slide (the model's): its labels are mapped onto the slide's
+    pixels through the output's frame (``unet.resolution``)."""
     import zarr
 
-    from pipelines.infer_output import labels_level
+    from pipelines.infer_output import LINEAGE_KEY, labels_level
     from unet.io import write_png
     from unet.slide import open_slide
     from unet.visualize import outline
 
-    labels = zarr.open_group(output, mode="r")
-    level = open_slide(output).levels - 1
-    low = open_slide(slide_path, min(level, open_slide(slide_path).levels - 1))  # convert's and ours: same halving
-    overview_labels = np.asarray(labels[labels_level(level)][0, : low.height, : low.width])
-    height, width = overview_labels.shape
-    overview = np.moveaxis(low.read(0, height, 0, width), 0, -1)
-    pictures = [write_png(folder / "slide_overview.png", outline(np.ascontiguousarray(overview), overview_labels))]
+    root = zarr.open_group(output, mode="r")
+    to_level0 = root.attrs[LINEAGE_KEY].get("resolution", {}).get("to_level0", 1.0)
     slide = open_slide(slide_path)
+    low = open_slide(slide_path, slide.levels - 1)
+    factor = slide.width / low.width  # level-0 pixels per pixel of the slide's lowest level
+    levels = open_slide(output).levels  # the output level whose pixels are closest to (not larger than) low's
+    level = max((k for k in range(levels) if to_level0 * 2**k <= factor * 1.05), default=0)
+    overview_labels = labels_on_slide(root[labels_level(level)], to_level0 * 2**level / factor,
+                                      (0, low.height, 0, low.width))  # fmt: skip
+    overview = np.moveaxis(low.read(0, low.height, 0, low.width), 0, -1)
+    pictures = [write_png(folder / "slide_overview.png", outline(np.ascontiguousarray(overview), overview_labels))]
     y0, x0 = max(slide.height // 2 - size // 2, 0), max(slide.width // 2 - size // 2, 0)
     y1, x1 = min(y0 + size, slide.height), min(x0 + size, slide.width)
     rgb = np.moveaxis(slide.read(y0, y1, x0, x1), 0, -1)
-    crop_labels = np.asarray(labels[labels_level(0)][0, y0:y1, x0:x1])
+    crop_labels = labels_on_slide(root[labels_level(0)], to_level0, (y0, y1, x0, x1))
     pictures.append(write_png(folder / "slide_overlay.png", outline(np.ascontiguousarray(rgb), crop_labels)))
     return pictures[0], pictures[1]
+
+
+def nuclei(stats: dict, store: TrainingStore) -> str:
+    """The slide's objects beside the training nuclei: how many, and their median area."""
+    median = stats.get("object_area_um2_median")
+    area = f", median {median:.1f} um2" if median is not None else ""
+    training = store.object_area_um2
+    return f"{stats['objects']} nuclei{area} (training nuclei: median {training['p50']:.1f} um2)"
+
+
+def describe(lineage: dict) -> str:
+    """The resolution the slide was segmented at, from its output's lineage."""
+    resolution = lineage.get("resolution") or {}
+    size, slide = resolution.get("pixel_size_um"), resolution.get("slide_pixel_size_um")
+    if size is None or slide is None:
+        return "the slide's own resolution (pixel size unknown)"
+    return (
+        f"{size:.4g} um/px (the slide's level {resolution['level']} is {resolution['level_pixel_size_um']:.4g} um/px)"
+    )
 
 
 def main(config: Config, args: argparse.Namespace) -> None:
@@ -131,7 +169,8 @@ def main(config: Config, args: argparse.Namespace) -> None:
     if not store_is_current(store_path, config):
         prepare(config, overwrite=True)
     store = TrainingStore(store_path)
-    steps.done(f"{store.location}: {len(store.names_in('train'))} train / {len(store.names_in('val'))} val images")
+    steps.done(f"{store.location}: {len(store.names_in('train'))} train / {len(store.names_in('val'))} val images, "
+               f"{store.pixel_size_um:g} um/px (configs/demo.yaml: the crops' pixel size, see the README)")  # fmt: skip
 
     steps.begin("train with Ray Train (2 workers)")
     model_uri = finished_model(config, storage.sha256(store.location))
@@ -155,10 +194,12 @@ def main(config: Config, args: argparse.Namespace) -> None:
     lineage = zarr.open_group(output, mode="r").attrs.get(LINEAGE_KEY, {}) if output.exists() else {}
     if lineage.get("complete") and lineage.get("model_uri") == champion:
         stats = lineage["stats"]
-        steps.done(f"{output} by {champion} (reused): {stats['objects']} nuclei")
+        steps.done(f"{output} by {champion} (reused): {nuclei(stats, store)}")
     else:
         stats = infer.infer(config.model_copy(update={"infer": config.infer.model_copy(update={"overwrite": True})}))
-        steps.done(f"{output}: {stats['objects']} nuclei, {stats['mpx_per_s']:.2f} Mpx/s")
+        steps.done(f"{output}: {nuclei(stats, store)}, {stats['mpx_per_s']:.2f} Mpx/s")
+        lineage = zarr.open_group(output, mode="r").attrs[LINEAGE_KEY]
+    log.info("segmented at %s", describe(lineage))
 
     steps.begin("evaluate on held-out images")
     scores = evaluate.evaluate(config)

@@ -63,3 +63,22 @@ def test_seed_study_holds_its_test_images_out_and_reports_every_variant(tmp_path
     assert seeds_main(["--table-only", "--results", str(results), "--output", str(output)]) == 0
     row = next(line for line in output.read_text().splitlines() if line.startswith("| v | he |"))
     assert row.endswith("| 0: 0.800 (2), 1: 0.900 (0), 2: 0.850 (1) | 0.850 | 0.100 | 1.0 | 0.100 | 1.0 min |"), row
+
+
+def test_resampling_benchmark_times_every_window_inference_resamples(tmp_path: Path) -> None:
+    """`benchmarks.resolution` counts each chunk with its halo and the chunk again, as inference reads them."""
+    import zarr
+
+    from benchmarks.resolution import resampling_seconds, to_markdown
+    from unet.tiling import grid, input_region
+
+    rgb = np.random.default_rng(0).integers(0, 255, (3, 150, 130), dtype=np.uint8)
+    zarr.create_array(tmp_path / "slide.zarr", data=rgb, chunks=(3, 64, 64))
+    seconds, pixels = resampling_seconds(tmp_path / "slide.zarr", 0.5, chunk=128, halo=32, multiple=16)
+    regions = [region for _, region in grid(300, 260, 128)]  # the slide at twice its pixels
+    assert seconds > 0 and pixels == sum(
+        input_region(r, 32, 16).height * input_region(r, 32, 16).width + r.height * r.width for r in regions
+    )
+    row = {"slide": "s", "model_um": 0.25, "scale": 0.5, "output_mpx": 0.078, "seconds": 2.0, "resampling": seconds,
+           "resampled_mpx": pixels / 1e6}  # fmt: skip
+    assert "| s | 0.25 | 0.50 |" in to_markdown({"rows": [row]})

@@ -37,8 +37,11 @@ def test_shortened_demo_runs_end_to_end_and_reuses_its_results(tmp_path: Path) -
                  "export the outlines for QuPath"):  # fmt: skip
         assert step in output
     assert "models:/unet-demo/1, 2 epochs" in output and "F1@0.5" in output and "mlflow ui" in output
+    # the slide (0.499 um/px) is segmented at the training crops' pixel size, and the nuclei found are set beside
+    # the training nuclei
+    assert "0.25 um/px (configs/demo.yaml: the crops' pixel size" in output and "training nuclei: median" in output
     labels = zarr.open_group(tmp_path / "nuclei.ome.zarr", mode="r")["labels/nuclei/0"]
-    assert labels.shape[1:] == (2967, 2220)
+    assert labels.shape[1:] == (round(2967 * 0.499 / 0.25), round(2220 * 0.499 / 0.25))
     for picture in ("slide_overview.png", "slide_overlay.png"):
         assert (tmp_path / "outputs" / picture).stat().st_size > 10_000
     table = pd.read_parquet(tmp_path / "nuclei.ome.zarr" / "objects.parquet")

@@ -95,16 +95,24 @@ class Prepared:
                  len(ids) - 1)  # fmt: skip
         return True
 
-    def resample_to(self, pixel_size: float, chunk: int) -> None:
+    def resample_to(self, pixel_size: float, chunk: int, max_pixels: int) -> None:
         """Image and labels at ``pixel_size`` (um/px) when the size their metadata states differs by more than
         ``unet.resample.TOLERANCE`` (an image that states none has the store's): one task per array (training reads
-        an example whole anyway), computed only when the example is, so examples are not all in memory at once."""
-        from unet.resample import resample_image, resample_labels, same_size
+        an example whole anyway), computed only when the example is, so examples are not all in memory at once.
+        A resampled image of more than ``max_pixels`` is refused, as a stored one is."""
+        from unet.data.sources import DataError
+        from unet.resample import resample_image, resample_labels, resampled_length, same_size
 
         own = self.stated_pixel_size
         if own is None or same_size(own, pixel_size):
             return
         scale = pixel_size / own  # source pixels per stored pixel (2: a stored pixel is twice as wide)
+        height, width = (resampled_length(n, scale) for n in self.labels.shape)
+        if height * width > max_pixels:
+            raise DataError(
+                f"image {self.pair.image} states {own:.4g} um/px: at data.pixel_size_um={pixel_size:g} it would have "
+                f"{height:,} x {width:,} pixels, more than data.max_image_pixels={max_pixels:,}; check its metadata"
+            )
         self.image = resampled(self.image, scale, resample_image, (self.channels, chunk, chunk))
         self.labels = resampled(self.labels, scale, resample_labels, (chunk, chunk))
         self.resampled = True
@@ -222,7 +230,7 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews
             raise DataError(message)
     renumbered = [ex.renumber_if_needed(int(top)) for ex, top in zip(examples, largest, strict=True)]
     for ex in examples:  # before the target and weight map: they are computed at the training resolution
-        ex.resample_to(pixel_size, chunk)
+        ex.resample_to(pixel_size, chunk, data.max_image_pixels)
 
     params = WeightMapParams.from_config(config.loss)
     splits = split_names([ex.pair.name for ex in examples], data.val_fraction, config.train.seed)

@@ -208,6 +208,12 @@ def test_images_of_two_pixel_sizes_are_stored_at_one(fluo, tmp_path: Path, caplo
     )
     assert TrainingStore(config.data.store).names == ["coarse", "fine"]  # the store made before is kept
 
+    # a stated size that would make an image larger than data.max_image_pixels (72 dpi reads as 352.8 um/px)
+    config.data.pixel_size_um, config.data.max_image_pixels = 0.0625, 512 * 512 * 4
+    refused = r"coarse.tif states 0.5 um/px: at data.pixel_size_um=0.0625 it would have 4,096 x 4,096 pixels, more "
+    with pytest.raises(DataError, match=refused + "than data.max_image_pixels=1,048,576"):
+        prepare(config, overwrite=True, previews=0)
+
 
 def test_the_pixel_size_comes_from_the_metadata_or_data_pixel_size_um(fluo, tmp_path: Path) -> None:
     image, labels, folder = fluo

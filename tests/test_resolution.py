@@ -49,6 +49,16 @@ def region(cmu_slide: Path) -> np.ndarray:
     return open_slide(cmu_slide).read(800, 1568, 600, 1368)
 
 
+def test_integer_images_keep_their_range_when_resampled() -> None:
+    for dtype in (np.uint8, np.uint16, np.int16, np.uint32, np.int32):
+        info = np.iinfo(dtype)
+        image = np.full((1, 6, 7), info.max, dtype)
+        image[0, 0, 0] = info.min
+        for scale in (0.5, 2.0):
+            resampled = resample_image(image, scale)
+            assert resampled.dtype == dtype and resampled.max() == info.max and resampled.min() >= info.min
+
+
 @pytest.mark.parametrize("scale", [0.499, 2.0, 1.37, 0.73])
 def test_any_window_of_a_resampled_image_is_the_whole_image_s(region, scale) -> None:
     image = region[:, :150, :131]
@@ -105,6 +115,23 @@ def test_resolution_plan_on_the_real_pyramid(cmu_ome_zarr, region, tmp_path) -> 
         plan_resolution(str(plain), 0.25)
     given = plan_resolution(str(plain), 0.25, pixel_size_um=0.5)
     assert given.scale == 0.5 and given.slide_pixel_size_um == 0.5
+    # a size no scan has: 72 dpi, what image editors write, reads as 352.8 um/px; and a level too fine to shrink
+    dpi = write_tiff(tmp_path / "dpi.tif", region[:, :64, :64], 25400 / 72)
+    with pytest.raises(UserError, match=r"dpi.tif: its pixels \(352.8 um\) are 14\d\d.\dx the model's \(0.25 um\), "
+                                        r"more than the 8x it is up-sampled at most; if its metadata is wrong, set "
+                                        r"infer.pixel_size_um"):  # fmt: skip
+        plan_resolution(str(dpi), 0.25)
+    with pytest.raises(UserError, match=r"9.0x finer than the model's 4.5 um/px.*python -m pipelines.convert"):
+        plan_resolution(str(plain), 4.5, pixel_size_um=0.5)
+    # a zero or NaN pixel size in the metadata is no size at all
+    scaled = zarr.open_group(tmp_path / "zero.ome.zarr", mode="w", zarr_format=3)
+    scaled.create_array("0", data=region[:, :32, :32], chunks=(3, 32, 32))
+    axes = [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space", "unit": "micrometer"} for n in "yx"]
+    for size in (0.0, float("nan")):
+        transforms = [{"type": "scale", "scale": [1.0, size, size]}]
+        scaled.attrs["ome"] = {"version": "0.5", "multiscales": [
+            {"axes": axes, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}  # fmt: skip
+        assert open_slide(tmp_path / "zero.ome.zarr").pixel_size_um is None
 
 
 def test_tiles_at_the_model_s_resolution_equal_the_whole_resampled_image(trained_model_dir, region, tmp_path) -> None:

@@ -210,6 +210,9 @@ def test_holes_inside_a_chunk_are_filled_those_cut_by_a_seam_stay_open() -> None
     foreground = ring(30, 30) | ring(64, 100)  # the second straddles the seam at row 64
     labels = chunked_labels(foreground, 64, fill_holes=True)
     assert labels[30, 30] > 0 and labels[64, 100] == 0 and labels.max() == 2
+    diamond = np.zeros((5, 5), bool)
+    diamond[[1, 2, 2, 3], [2, 1, 3, 2]] = True  # four objects touching only at corners: no hole between them
+    assert chunked_labels(diamond, 64, fill_holes=True).max() == 4
 
 
 def test_objects_on_seams_get_one_id() -> None:

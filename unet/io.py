@@ -191,7 +191,13 @@ def write_png(location: str | Path, rgb: np.ndarray) -> str:
 
 
 def pixel_size_um(path: str | Path) -> float | None:
-    """Pixel size in micrometres from TIFF metadata (Aperio MPP, OME PhysicalSizeX, resolution tags)."""
+    """Pixel size in micrometres from TIFF metadata (Aperio MPP, OME PhysicalSizeX, resolution tags); None where
+    it states none, or a size that is not a positive number."""
+    size = _stated_pixel_size_um(path)
+    return size if size is not None and math.isfinite(size) and size > 0 else None
+
+
+def _stated_pixel_size_um(path: str | Path) -> float | None:
     path = Path(path)
     if image_suffix(path) not in TIFF_SUFFIXES:
         return None

@@ -18,6 +18,7 @@ neighbour, so ids are kept and never blended.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,7 +76,8 @@ def _as_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Filtered values in the source's dtype: integers rounded to nearest and clipped to their range."""
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        values = np.rint(np.clip(values, info.min, info.max, out=values), out=values)
+        high = float(info.max) if float(info.max) <= info.max else np.nextafter(float(info.max), 0)  # 64-bit ids
+        values = np.rint(np.clip(values, info.min, high, out=values), out=values)
     return values.astype(dtype, copy=False)
 
 
@@ -92,7 +94,8 @@ def resample_window(
     cols, col_weights = taps(x0, x1, scale, size[1])
     top, left = int(rows.min()), int(cols.min())
     source = read(top, int(rows.max()) + 1, left, int(cols.max()) + 1)
-    values = _filter_rows(source.astype(np.float32, copy=False), rows, row_weights, top)
+    precise = np.float64 if source.dtype.itemsize >= 4 else np.float32  # float32 holds 16-bit values exactly
+    values = _filter_rows(source.astype(precise, copy=False), rows, row_weights, top)
     values = np.ascontiguousarray(np.swapaxes(values, -1, -2))  # columns as rows: gathered whole as well
     values = _filter_rows(values, cols, col_weights, left)
     return _as_dtype(np.swapaxes(values, -1, -2), source.dtype)
@@ -170,6 +173,7 @@ class Resampled:
         """The window ``[y0:y1, x0:x1]`` of the resampled level as (C, y1 - y0, x1 - x0)."""
         from unet.slide import SlideError
 
+        y0, y1, x0, x1 = (operator.index(v) for v in (y0, y1, x0, x1))
         if not (0 <= y0 <= y1 <= self.height and 0 <= x0 <= x1 <= self.width):
             raise SlideError(f"{self.path}: window y {y0}:{y1}, x {x0}:{x1} is outside the resampled level "
                              f"({self.height} x {self.width} pixels)")  # fmt: skip

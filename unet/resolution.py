@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass
 
 from unet.errors import UserError
 from unet.resample import TOLERANCE, Resampled, choose_level, same_size
-from unet.slide import Slide, SlideError, open_slide
+from unet.slide import MAX_PIXELS, Slide, SlideError, open_slide
 
 log = logging.getLogger(__name__)
 FAR_UPSAMPLING = 1.5  # up-sampling a slide more than this is warned of: it holds less detail than the model saw
+MAX_FACTOR = 8  # resampling by more than this, either way, is refused (see check_scale)
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,11 @@ def plan_resolution(
     unless within ``unet.resample.TOLERANCE``. ``pixel_size_um`` gives level 0's pixel size where the slide's
     metadata has none (or overrides it); ``resample=False`` reads ``level`` (default 0) as stored."""
     with open_slide(path, 0) as first:
-        widths, stated = [first.width], first.pixel_size_um
+        widths, heights, stated = [first.width], [first.height], first.pixel_size_um
         for index in range(1, first.levels):
             with open_slide(path, index) as lower:
                 widths.append(lower.width)
+                heights.append(lower.height)
     if pixel_size_um is not None and stated is not None and not same_size(stated, pixel_size_um):
         log.warning("%s: its metadata says %.4g um/px; infer.pixel_size_um=%g is used", path, stated, pixel_size_um)
     slide_size = pixel_size_um or stated
@@ -95,11 +97,31 @@ def plan_resolution(
         scale, reason = 1.0, f"within {TOLERANCE:.0%} of the model's {model_pixel_size_um:.4g} um/px"
     else:
         scale, reason = model_pixel_size_um / sizes[chosen], "the model's pixel size"
-    if scale < 1 / FAR_UPSAMPLING:
-        log.warning("%s: its finest pixels (%.4g um) are %.1fx the model's (%.4g um): up-sampled, small objects may "
-                    "be missed", path, sizes[chosen], 1 / scale, model_pixel_size_um)  # fmt: skip
+    check_scale(path, scale, sizes[chosen], model_pixel_size_um, widths[chosen] * heights[chosen])
     return Resolution(chosen, scale, scale * widths[0] / widths[chosen], slide_size, sizes[chosen],
                       model_pixel_size_um, reason)  # fmt: skip
+
+
+def check_scale(path: str, scale: float, size: float, model_size: float, pixels: int) -> None:
+    """Warn of a slide up-sampled by more than ``FAR_UPSAMPLING``; refuse one resampled by more than
+    ``MAX_FACTOR`` either way, or whose resampled level would exceed ``unet.slide.MAX_PIXELS``: its stated pixel
+    size is wrong (a TIFF's 72 dpi reads as 352.8 um/px), it lacks the pyramid levels between (each chunk would
+    read a window ``scale`` times its side), or it is no slide for this model."""
+    if scale > MAX_FACTOR:
+        raise SlideError(
+            f"{path}: its finest level fit for the model ({size:.4g} um/px) is {scale:.1f}x finer than the model's "
+            f"{model_size:.4g} um/px, more than the {MAX_FACTOR}x it is down-sampled at most; add pyramid levels "
+            "(python -m pipelines.convert writes them) or set infer.pixel_size_um if its metadata is wrong"
+        )
+    if scale < 1 / MAX_FACTOR or pixels / scale**2 > MAX_PIXELS:
+        raise SlideError(
+            f"{path}: its pixels ({size:.4g} um) are {1 / scale:.1f}x the model's ({model_size:.4g} um), more than "
+            f"the {MAX_FACTOR}x it is up-sampled at most; if its metadata is wrong, set infer.pixel_size_um to its "
+            "level 0's micrometres per pixel"
+        )
+    if scale < 1 / FAR_UPSAMPLING:
+        log.warning("%s: its pixels (%.4g um) are %.1fx the model's (%.4g um): up-sampled, small objects may be "
+                    "missed", path, size, 1 / scale, model_size)  # fmt: skip
 
 
 def open_at(path: str, level: int, scale: float) -> Slide | Resampled:

@@ -288,6 +288,8 @@ def _make_slide(path: str, level: int, levels: int, axes: str, array: Any, pixel
             "only c, y and x may be larger than 1"
         )
     _check_claims(path, level, axes, array)
+    if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
+        pixel_size = None  # a zero, negative or NaN size in the metadata says nothing: unknown, not believed
     return Slide(
         path=path,
         level=level,

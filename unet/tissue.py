@@ -42,7 +42,8 @@ def chunks_with_tissue(path: str, slide: Slide | Resampled, chunk: int) -> set[t
         small = open_slide(path, slide.levels - 1)
         mask = tissue_mask(small.read(0, small.height, 0, small.width))
     else:  # the level as stored: a resampled view would resample the whole slide for a thumbnail
-        mask = tissue_mask(thumbnail(open_slide(path, slide.level), factor=16, window=chunk))
+        with open_slide(path, slide.level) as level:
+            mask = tissue_mask(thumbnail(level, factor=16, window=chunk))
     scale_y, scale_x = slide.height / mask.shape[0], slide.width / mask.shape[1]
     keys = set()
     for key, region in grid(slide.height, slide.width, chunk):

@@ -37,7 +37,7 @@ def make_cohort(folder: Path, count: int) -> Path:
     import zarr
 
     from unet.samples import fetch_samples
-    from unet.slide import open_slide
+    from unet.slides import open_slide
 
     slide = open_slide(fetch_samples(["cmu_slide"])["cmu_slide"] / "cmu_small_region.svs")
     rng = np.random.default_rng(0)
@@ -58,7 +58,7 @@ def pure_compute(cohort: str, model_dir: str) -> None:
     from unet.inference import ChunkPredictor, InferenceSettings, predict_image
     from unet.intensity import intensity_ranges
     from unet.model_files import load_weights
-    from unet.slide import open_slide
+    from unet.slides import open_slide
 
     torch.set_num_threads(THREADS)
     infer = load_config(ROOT / "configs" / "infer.yaml").infer

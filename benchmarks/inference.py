@@ -78,7 +78,7 @@ def in_memory(kind: str, slide: str, model_dir: str, device: str = "cpu") -> Non
 
     from unet.model import autocast_context
     from unet.model_files import load_weights
-    from unet.slide import open_slide
+    from unet.slides import open_slide
 
     torch.set_num_threads(THREADS)
     model = load_weights(model_dir).eval().to(device, memory_format=torch.channels_last)
@@ -119,7 +119,7 @@ def make_inputs(folder: Path, plan: list) -> tuple[dict[str, Path], dict[int, Pa
     from pipelines import registry
     from pipelines.convert import convert
     from unet.samples import fetch_samples
-    from unet.slide import open_slide
+    from unet.slides import open_slide
 
     svs = fetch_samples(["cmu_slide"])["cmu_slide"] / "cmu_small_region.svs"
     real_slide = open_slide(svs)

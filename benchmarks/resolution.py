@@ -35,7 +35,7 @@ def resampling_seconds(slide_path: Path, scale: float, chunk: int, halo: int, mu
     """Seconds to resample every chunk's input window (chunk and halo, mirrored at the border) and the chunk again
     at ``scale``, one thread, from memory; and the pixels resampled."""
     from unet.resample import Resampled
-    from unet.slide import open_slide
+    from unet.slides import open_slide
     from unet.tiling import grid, input_region, read_mirrored
 
     slide = open_slide(slide_path)

@@ -2,7 +2,7 @@
 
     python -m pipelines.convert INPUT OUTPUT [--chunk 512] [--ngff 0.4|0.5] [--overwrite]
 
-INPUT is whatever ``unet.slide.open_slide`` reads, chosen by content rather than by name: TIFF, OME-TIFF and
+INPUT is whatever ``unet.slides.open_slide`` reads, chosen by content rather than by name: TIFF, OME-TIFF and
 Aperio SVS through tifffile (any channel count and bit depth), and through OpenSlide, as 8-bit RGB, the other
 vendor formats it reads: Hamamatsu .ndpi/.vms/.vmu, Leica .scn, MIRAX .mrxs (the index file beside its
 folder), Philips .tiff, Sakura .svslide, Trestle .tif, Ventana .bif/.tif, Zeiss .czi and DICOM; also OME-Zarr
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --h
     import zarr
     from ome_zarr.format import Format
 
-    from unet.slide import Slide
+    from unet.slides import Slide
 
 log = logging.getLogger("convert")
 
@@ -49,7 +49,7 @@ def convert(input: str | Path, output: str | Path, chunk: int = 512, ngff: str =
     from pipelines.cohort import overlap
     from unet import storage
     from unet.samples import resolve_location
-    from unet.slide import SlideError, open_slide
+    from unet.slides import SlideError, open_slide
 
     source, staged = storage.resolve(resolve_location(str(input))), storage.staging(output)
     if ngff not in NGFF_FORMATS:
@@ -163,7 +163,7 @@ def omero_metadata(channels: int, dtype: np.dtype, name: str) -> dict[str, Any]:
 
 def describe(path: str) -> list[str]:
     """One line per level of a written OME-Zarr image."""
-    from unet.slide import open_slide
+    from unet.slides import open_slide
 
     lines = []
     with open_slide(path) as first:
@@ -176,7 +176,7 @@ def describe(path: str) -> list[str]:
 
 
 def main(config: Config, args: argparse.Namespace) -> None:
-    from unet.slide import SlideError
+    from unet.slides import SlideError
 
     if args.input is None or args.output is None:
         raise SlideError("give INPUT and OUTPUT, e.g. python -m pipelines.convert slide.svs slide.ome.zarr")

@@ -104,7 +104,7 @@ def result_pictures(slide_path: str, output: str, folder: Path, size: int = 768)
 
     from pipelines.infer_output import LINEAGE_KEY, labels_level
     from unet.io import write_png
-    from unet.slide import open_slide
+    from unet.slides import open_slide
     from unet.visualize import outline
 
     root = zarr.open_group(output, mode="r")
@@ -157,7 +157,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
     from unet import storage
     from unet.data.store import TrainingStore
     from unet.samples import fetch_samples
-    from unet.slide import open_slide
+    from unet.slides import open_slide
 
     steps = Steps()
     steps.begin("fetch real sample data")

@@ -13,7 +13,7 @@ import zarr
 from unet import storage
 from unet.errors import UserError
 from unet.pyramid import ngff_datasets
-from unet.slide import Slide
+from unet.slides import Slide
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from unet.model import UNet
     from unet.resample import Resampled
     from unet.resolution import Resolution
-    from unet.slide import Slide
+    from unet.slides import Slide
     from unet.storage import Staging
 
 log = logging.getLogger("infer")
@@ -111,7 +111,7 @@ def _open(job: SlideJob, context: JobContext) -> None:
 
     item, infer, model = job.item, context.config.infer, context.model
     resolution = plan_resolution(item.input, model.pixel_size_um, item.level, item.pixel_size_um, infer.resample)
-    # its metadata's claims are checked (unet.slide.MAX_PIXELS, ...)
+    # its metadata's claims are checked (unet.slides.MAX_PIXELS, ...)
     job.slide = open_at(item.input, resolution.level, resolution.scale)
     if job.slide.channels != model.n_channels:
         raise UserError(f"{item.input} has {job.slide.channels} channels but the model expects {model.n_channels}")
@@ -163,7 +163,7 @@ def intensity_range(slide: Slide | Resampled) -> tuple[tuple[float, float], ...]
     import numpy as np
 
     from unet.intensity import MAX_INTENSITY_SPAN, intensity_ranges
-    from unet.slide import SlideError, open_slide
+    from unet.slides import SlideError, open_slide
 
     lowest = open_slide(slide.path, slide.levels - 1)
     if lowest.dtype.kind in "iu" and lowest.dtype.itemsize > 2:  # 32/64-bit: the histogram must stay small
@@ -185,7 +185,7 @@ def intensity_range(slide: Slide | Resampled) -> tuple[tuple[float, float], ...]
 def _check_lowest_level(slide: Slide | Resampled) -> None:
     """The tissue mask reads a pyramid's lowest level whole: refuse one of absurd size (a corrupt or hostile
     pyramid) before anything is written."""
-    from unet.slide import SlideError, open_slide
+    from unet.slides import SlideError, open_slide
 
     with open_slide(slide.path, slide.levels - 1) as lowest:
         if lowest.height * lowest.width > MAX_WHOLE_LEVEL_PIXELS:

@@ -37,7 +37,7 @@ from unet.objects import chunk_sums
 from unet.pyramid import mean_2x2, nearest_2x2, source_window
 from unet.resample import Resampled
 from unet.resolution import open_at
-from unet.slide import Slide
+from unet.slides import Slide
 from unet.tiling import Region
 
 

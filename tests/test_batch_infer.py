@@ -24,7 +24,7 @@ from pipelines.convert import convert
 from tests.helpers import ROOT, environment, in_the_foreground
 from tests.test_infer import chunk_files, infer
 from unet.samples import fetch_samples
-from unet.slide import open_slide
+from unet.slides import open_slide
 
 pytestmark = pytest.mark.slow
 SMALL = ("infer.chunk_size=256", "infer.tile_size=128")

@@ -38,8 +38,8 @@ from unet.config import load_config
 from unet.data.sources import DataError
 from unet.data.store import TrainingStore
 from unet.errors import UserError
-from unet.openslide_reader import openslide_vendor
-from unet.slide import SlideError, open_slide
+from unet.slides import SlideError, open_slide
+from unet.slides.openslide import openslide_vendor
 from unet.weights import target_and_weights
 
 pytestmark = pytest.mark.timeout(180)  # a check gone missing can also mean a loop over 10**18 chunks

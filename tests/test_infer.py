@@ -27,7 +27,7 @@ from tests.helpers import ROOT, environment, free_port, in_the_foreground
 from tests.test_tiling import same_partition, whole_image_probability
 from unet.config import load_config
 from unet.model_files import load_weights
-from unet.slide import open_slide
+from unet.slides import open_slide
 
 pytestmark = pytest.mark.slow
 

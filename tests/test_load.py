@@ -31,7 +31,7 @@ from unet.errors import UserError
 from unet.inference import ChunkPredictor, InferenceSettings
 from unet.model import UNet
 from unet.model_files import load_weights, save_weights
-from unet.slide import open_slide
+from unet.slides import open_slide
 
 SMALL = ("infer.chunk_size=256", "infer.tile_size=128")
 BIN = Path(sys.executable).parent

@@ -23,7 +23,7 @@ from tests.test_infer import infer, run_infer_process, stored
 from unet import storage
 from unet.config import load_config
 from unet.data.store import ARRAYS, StoreError, StoreWriter, TrainingStore
-from unet.slide import SlideError, open_slide
+from unet.slides import SlideError, open_slide
 
 pytestmark = pytest.mark.slow
 

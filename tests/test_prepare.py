@@ -29,7 +29,7 @@ from unet.errors import UserError
 from unet.io import pixel_size_um
 from unet.resample import resample_image, resample_labels
 from unet.samples import fetch_samples
-from unet.slide import open_slide
+from unet.slides import open_slide
 from unet.weights import WeightMapParams, target_and_weights
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from unet.model_files import load_weights
 from unet.resample import Resampled, choose_level, resample_image, resample_labels, resample_window
 from unet.resolution import plan_resolution
 from unet.samples import fetch_samples, sample_pairs
-from unet.slide import open_slide
+from unet.slides import open_slide
 
 CMU_UM = 0.499  # the demo slide's pixel size (its Aperio metadata)
 AREAS = {"count": 100, "p1": 4.0, "p5": 6.0, "p25": 12.0, "p50": 20.0, "p75": 28.0, "p95": 40.0, "p99": 50.0}

@@ -21,7 +21,7 @@ from skimage.measure import regionprops
 
 from pipelines.export import export
 from tests.test_infer import infer
-from unet.slide import open_slide
+from unet.slides import open_slide
 
 pytestmark = pytest.mark.slow
 CHUNK = 512

@@ -1,4 +1,4 @@
-"""Lazy slide access (unet.slide) and TIFF/SVS -> OME-Zarr conversion (pipelines.convert), on the real CMU slide."""
+"""Lazy slide access (unet.slides) and TIFF/SVS -> OME-Zarr conversion (pipelines.convert), on the real CMU slide."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ome_zarr.writer import write_multiscales_metadata
 
 from pipelines.convert import convert
 from unet.samples import fetch_samples
-from unet.slide import SlideError, open_slide
+from unet.slides import SlideError, open_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"0.4": FormatV04, "0.5": FormatV05}

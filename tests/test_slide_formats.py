@@ -1,4 +1,4 @@
-"""Slide files read through OpenSlide (unet.slide, pipelines.convert): the reader is chosen by content.
+"""Slide files read through OpenSlide (unet.slides, pipelines.convert): the reader is chosen by content.
 
 The vendor file is a Trestle TIFF written here with tifffile (Software "MedScan", tiled, lossless deflate) holding
 the real CMU slide's pixels; OpenSlide detects it as "trestle", a vendor the content check sends to OpenSlide.
@@ -20,8 +20,8 @@ import zarr
 from PIL import Image
 
 from pipelines.convert import convert
-from unet.openslide_reader import OpenSlideLevel, _over_white, open_openslide, openslide_vendor
-from unet.slide import READABLE, SlideError, open_slide
+from unet.slides import READABLE, SlideError, open_slide
+from unet.slides.openslide import OpenSlideLevel, _over_white, open_openslide, openslide_vendor
 
 ROOT = Path(__file__).resolve().parents[1]
 MPP = 0.499  # the CMU slide's pixel size; Trestle keeps it, non-standardly, in XResolution

@@ -24,7 +24,7 @@ def intensity_range_from_histogram(counts: np.ndarray, low: float = 1.0, high: f
 
 
 def intensity_ranges(image: Any) -> tuple[tuple[float, float], ...]:
-    """Per-channel normalisation range of a CYX image (NumPy, lazy Dask, or a ``unet.slide.Slide``), the same
+    """Per-channel normalisation range of a CYX image (NumPy, lazy Dask, or a ``unet.slides.Slide``), the same
     rule for training and inference: 8-bit images 0..255, others their (1, 99.8) percentiles, exact for integer
     images (from a histogram; Dask merges per-chunk percentiles of floating-point images: close, not exact)."""
     if np.dtype(image.dtype) == np.uint8:  # nothing to read

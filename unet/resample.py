@@ -125,11 +125,11 @@ def resample_labels(labels: np.ndarray, scale: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Resampled:
-    """A slide level (``unet.slide.Slide``) seen at ``scale`` source pixels per output pixel: ``read`` returns
+    """A slide level (``unet.slides.Slide``) seen at ``scale`` source pixels per output pixel: ``read`` returns
     windows of the resampled image, exact whatever the window. It stands in for a ``Slide`` where inference
     reads pixels (``path``, ``levels``, ``channels``, ``height``, ``width``, ``dtype``, ``pixel_size_um``)."""
 
-    source: object  # a unet.slide.Slide
+    source: object  # a unet.slides.Slide
     scale: float
 
     @property
@@ -171,7 +171,7 @@ class Resampled:
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """The window ``[y0:y1, x0:x1]`` of the resampled level as (C, y1 - y0, x1 - x0)."""
-        from unet.slide import SlideError
+        from unet.slides import SlideError
 
         y0, y1, x0, x1 = (operator.index(v) for v in (y0, y1, x0, x1))
         if not (0 <= y0 <= y1 <= self.height and 0 <= x0 <= x1 <= self.width):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from unet.errors import UserError
 from unet.resample import TOLERANCE, Resampled, choose_level, same_size
-from unet.slide import MAX_PIXELS, Slide, SlideError, open_slide
+from unet.slides import MAX_PIXELS, Slide, SlideError, open_slide
 
 log = logging.getLogger(__name__)
 FAR_UPSAMPLING = 1.5  # up-sampling a slide more than this is warned of: it holds less detail than the model saw
@@ -104,7 +104,7 @@ def plan_resolution(
 
 def check_scale(path: str, scale: float, size: float, model_size: float, pixels: int) -> None:
     """Warn of a slide up-sampled by more than ``FAR_UPSAMPLING``; refuse one resampled by more than
-    ``MAX_FACTOR`` either way, or whose resampled level would exceed ``unet.slide.MAX_PIXELS``: its stated pixel
+    ``MAX_FACTOR`` either way, or whose resampled level would exceed ``unet.slides.MAX_PIXELS``: its stated pixel
     size is wrong (a TIFF's 72 dpi reads as 352.8 um/px), it lacks the pyramid levels between (each chunk would
     read a window ``scale`` times its side), or it is no slide for this model."""
     if scale > MAX_FACTOR:

@@ -6,7 +6,7 @@ import numpy as np
 from skimage.filters import threshold_otsu
 
 from unet.resample import Resampled
-from unet.slide import Slide, open_slide
+from unet.slides import Slide, open_slide
 from unet.tiling import grid
 
 

@@ -114,7 +114,7 @@ def stated_pixel_size_um(path: Path) -> float | None:
     tags) or an OME-Zarr image's scale; None for PNG, NumPy, plain Zarr and files that state none."""
     if image_suffix(path) != ".zarr":
         return pixel_size_um(path)
-    from unet.slide import open_slide
+    from unet.slides import open_slide
 
     try:
         with open_slide(path) as slide:

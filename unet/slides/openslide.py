@@ -1,5 +1,5 @@
 """Slides read through OpenSlide (``openslide-python`` with the library from the ``openslide-bin`` wheel): every
-vendor format OpenSlide detects, as 8-bit RGB composited over white. ``unet.slide.open_slide`` sends a file here
+vendor format OpenSlide detects, as 8-bit RGB composited over white. ``unet.slides.open_slide`` sends a file here
 by its content; this module only knows how to read one.
 """
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from unet.slide import MAX_CHUNK_BYTES, READABLE, Slide, SlideError, _check_level, _make_slide
+from unet.slides.base import MAX_CHUNK_BYTES, READABLE, Slide, SlideError, check_level, make_slide
 
 
 def openslide_vendor(path: str | Path) -> str | None:
@@ -33,14 +33,14 @@ def open_openslide(path: str | Path, level: int = 0) -> Slide:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise SlideError(f"{path}: OpenSlide cannot read it ({reason}); readable: {READABLE}") from None
     try:
-        _check_level(str(path), level, handle.level_count)
+        check_level(str(path), level, handle.level_count)
         try:
             mpp = float(handle.properties[openslide.PROPERTY_NAME_MPP_X])
         except (KeyError, ValueError):
             mpp = 0.0
         pixel_size = mpp * handle.level_downsamples[level] if mpp > 0 else None
         level_array = OpenSlideLevel(handle, level, str(path))
-        slide = _make_slide(str(path), level, handle.level_count, "yxc", level_array, pixel_size)
+        slide = make_slide(str(path), level, handle.level_count, "yxc", level_array, pixel_size)
         _check_openslide_tiles(str(path), level, handle.properties)
         return slide
     except BaseException:
@@ -60,8 +60,8 @@ def _check_openslide_tiles(path: str, level: int, properties: Any) -> None:
     if tile_bytes > MAX_CHUNK_BYTES:
         raise SlideError(
             f"{path}: level {level} is stored in tiles of {height:,} x {width:,} pixels ({tile_bytes / 2**20:,.0f} "
-            f"MiB decoded), more than unet.slide.MAX_CHUNK_BYTES = {MAX_CHUNK_BYTES // 2**20:,} MiB: reading any pixel "
-            "would decode a whole tile"
+            f"MiB decoded), more than unet.slides.MAX_CHUNK_BYTES = {MAX_CHUNK_BYTES // 2**20:,} MiB: reading any "
+            "pixel would decode a whole tile"
         )
 
 

@@ -1,0 +1,184 @@
+"""What every slide reader shares: ``Slide`` (one resolution level, pixels read only when indexed), ``SlideError``,
+the limits on what a slide's metadata may claim, and ``make_slide``, which checks a level's axes and claims before
+any pixel is read.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from unet.errors import UserError
+from unet.io import GuardedReads
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+SPATIAL = "yx"
+KNOWN_AXES = "tczyx"
+# What a slide's metadata may claim (per level). The largest scanners write about 2e10 pixels a slide (200,000 x
+# 100,000); beyond these limits a header is corrupt or hostile, and believing it would allocate absurd memory.
+MAX_SIDE = 2**24  # pixels a side (16.7 million): Dask's and the tiling's bookkeeping grows with it
+MAX_PIXELS = 2**36  # pixels a level (68.7 billion, e.g. 262,144 x 262,144)
+MAX_CHANNELS = 256
+MAX_CHUNK_BYTES = 2**30  # one stored chunk (a TIFF strip or tile) decoded: reading any pixel of it costs this much
+READABLE = (
+    "OME-Zarr, Zarr, TIFF/OME-TIFF, and OpenSlide formats (Aperio .svs/.tif, DICOM .dcm, Hamamatsu "
+    ".ndpi/.vms/.vmu, Leica .scn, MIRAX .mrxs, Philips .tiff, Sakura .svslide, Trestle .tif, Ventana .bif/.tif, "
+    "Zeiss .czi, generic tiled TIFF)"
+)
+
+
+class SlideError(UserError):
+    """A slide that cannot be opened or read as asked (the message names the path)."""
+
+
+@dataclass(frozen=True)
+class Slide:
+    """One resolution level of a slide; pixels are read only when indexed.
+
+    ``array`` is the stored array in its own axis order (``axes``); ``read`` and ``to_dask`` return CYX.
+    """
+
+    path: str  # a local path or URL
+    level: int
+    levels: int
+    axes: str
+    channels: int
+    height: int
+    width: int
+    dtype: np.dtype
+    pixel_size_um: float | None
+    array: Any = field(repr=False, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of this level."""
+        return self.channels, self.height, self.width
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The window ``[y0:y1, x0:x1]`` as a (C, y1 - y0, x1 - x0) array; it must lie inside the level."""
+        y0, y1, x0, x1 = (operator.index(v) for v in (y0, y1, x0, x1))
+        if not (0 <= y0 <= y1 <= self.height and 0 <= x0 <= x1 <= self.width):
+            raise SlideError(
+                f"{self.path}: window y {y0}:{y1}, x {x0}:{x1} is outside level {self.level} "
+                f"({self.height} x {self.width} pixels)"
+            )
+        return self._to_cyx(np.asarray(self._reads[self._selection(slice(y0, y1), slice(x0, x1))]))
+
+    def to_dask(self, chunk: int = 512) -> da.Array:
+        """The whole level as a lazy CYX Dask array with chunks (C, chunk, chunk)."""
+        sizes = {"y": chunk, "x": chunk, "c": -1}
+        chunks = tuple(sizes.get(axis, 1) for axis in self.axes)
+        import dask.array as da
+
+        meta = np.empty((0,) * self.array.ndim, self.dtype)
+        if isinstance(self.array, zarr.Array):  # read errors become one line naming the slide and the chunk
+            whole = da.from_array(self._reads, chunks=chunks, lock=False, meta=meta)
+        else:  # an OpenSlide level; OpenSlide handles are thread-safe, so no lock; name=False: nothing to hash
+            whole = da.from_array(self.array, chunks=chunks, lock=False, name=False, meta=meta)
+        return self._to_cyx(whole[self._selection(slice(None), slice(None))])
+
+    @property
+    def _reads(self) -> Any:
+        """The array to read from: a Zarr array's read errors become a ``SlideError`` (OpenSlide's already are)."""
+        if isinstance(self.array, zarr.Array):
+            return GuardedReads(self.array, f"{self.path} (level {self.level})", SlideError)
+        return self.array
+
+    def close(self) -> None:
+        """Release the file handle a TIFF- or OpenSlide-backed slide keeps open (harmless for Zarr)."""
+        close = getattr(self.array, "close", None) or getattr(getattr(self.array, "store", None), "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _selection(self, ys: slice, xs: slice) -> tuple[slice | int, ...]:
+        # extra axes (t, z, ...) are singleton, checked at open: index them away
+        return tuple({"y": ys, "x": xs, "c": slice(None)}.get(axis, 0) for axis in self.axes)
+
+    def _to_cyx(self, block: Any) -> Any:
+        kept = [axis for axis in self.axes if axis in "cyx"]
+        if "c" not in kept:
+            return block[None]
+        return block.transpose([kept.index(axis) for axis in "cyx"])
+
+
+def check_level(path: str, level: int, levels: int) -> None:
+    if not 0 <= level < levels:
+        raise SlideError(
+            f"{path}: level {level} does not exist; it has {levels} level{'s' if levels != 1 else ''} "
+            f"(0 to {levels - 1})"
+        )
+
+
+def make_slide(path: str, level: int, levels: int, axes: str, array: Any, pixel_size: float | None) -> Slide:
+    """Check the axes against the array and build the Slide."""
+    if len(axes) != array.ndim or len(set(axes)) != len(axes):
+        raise SlideError(f"{path}: axes {axes!r} do not fit an array of shape {tuple(array.shape)}")
+    if not set(SPATIAL) <= set(axes):
+        raise SlideError(f"{path}: axes {axes!r} lack y and x; a slide needs both")
+    sizes = dict(zip(axes, array.shape, strict=True))
+    if extra := {a: n for a, n in sizes.items() if a not in "cyx" and n != 1}:
+        described = ", ".join(f"{a}={n}" for a, n in extra.items())
+        raise SlideError(
+            f"{path}: axes {axes!r} of shape {tuple(array.shape)} have non-singleton {described}; "
+            "only c, y and x may be larger than 1"
+        )
+    check_claims(path, level, axes, array)
+    if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
+        pixel_size = None  # a zero, negative or NaN size in the metadata says nothing: unknown, not believed
+    return Slide(
+        path=path,
+        level=level,
+        levels=levels,
+        axes=axes,
+        channels=int(sizes.get("c", 1)),
+        height=int(sizes["y"]),
+        width=int(sizes["x"]),
+        dtype=np.dtype(array.dtype),
+        pixel_size_um=pixel_size,
+        array=array,
+    )
+
+
+def check_claims(path: str, level: int, axes: str, array: Any) -> None:
+    """Refuse a level whose metadata claims what no slide has (see ``MAX_SIDE`` and the others), before any read."""
+    shape = tuple(int(n) for n in array.shape)
+    sizes = dict(zip(axes, shape, strict=True))
+    height, width, channels = sizes["y"], sizes["x"], sizes.get("c", 1)
+    if min(shape) <= 0:
+        raise SlideError(f"{path}: level {level} has no pixels (shape {shape})")
+    if max(height, width) > MAX_SIDE or height * width > MAX_PIXELS:
+        raise SlideError(
+            f"{path}: level {level} claims {height:,} x {width:,} pixels (shape {shape}), more than a slide may have "
+            f"(unet.slides.MAX_SIDE = {MAX_SIDE:,} pixels a side, MAX_PIXELS = {MAX_PIXELS:,} a level)"
+        )
+    if channels > MAX_CHANNELS:
+        raise SlideError(
+            f"{path}: level {level} claims {channels:,} channels (shape {shape}), more than unet.slides.MAX_CHANNELS "
+            f"= {MAX_CHANNELS}"
+        )
+    try:
+        chunks = getattr(array, "chunks", None)
+    except (NotImplementedError, ValueError, TypeError):  # a chunk grid without one chunk shape
+        chunks = None
+    if chunks is not None:
+        chunks = tuple(int(n) for n in chunks)
+        chunk_bytes = math.prod(chunks) * np.dtype(array.dtype).itemsize
+        if chunk_bytes > MAX_CHUNK_BYTES:
+            raise SlideError(
+                f"{path}: level {level} is stored in chunks of {chunks} ({chunk_bytes / 2**20:,.0f} MiB decoded), "
+                f"more than unet.slides.MAX_CHUNK_BYTES = {MAX_CHUNK_BYTES // 2**20:,} MiB: reading any "
+                "pixel would decode a whole chunk; save it tiled or in smaller chunks"
+            )

@@ -106,7 +106,7 @@ def end_to_end(slide: Path, model_dir: Path, device: str, folder: Path) -> dict:
     """``pipelines.infer`` on ``slide`` (Zarr in, OME-Zarr out) as a user runs it: its report and its wall time."""
     import zarr
 
-    from pipelines.infer_output import LINEAGE_KEY
+    from pipelines.infer.output import LINEAGE_KEY
 
     output = folder / "out.ome.zarr"
     command = [sys.executable, "-m", "pipelines.infer", "--config", str(ROOT / "configs" / "infer.yaml")]

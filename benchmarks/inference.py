@@ -153,7 +153,7 @@ def measure(method: str, slide: Path, model: Path, tracking: str, out: Path, *ov
     if method == "ours":
         import zarr
 
-        from pipelines.infer_output import LINEAGE_KEY
+        from pipelines.infer.output import LINEAGE_KEY
 
         stats = zarr.open_group(out, mode="r").attrs[LINEAGE_KEY]["stats"]
         row |= {"mpx": stats["megapixels"], "startup": stats["startup_seconds"], "throughput": stats["mpx_per_s"]}

@@ -46,10 +46,10 @@ def convert(input: str | Path, output: str | Path, chunk: int = 512, ngff: str =
     """Write ``input`` (TIFF/SVS, an OpenSlide format, or anything ``open_slide`` reads) as OME-Zarr at ``output``."""
     import zarr
 
-    from pipelines.cohort import overlap
     from unet import storage
     from unet.samples import resolve_location
     from unet.slides import SlideError, open_slide
+    from unet.storage import overlap
 
     source, staged = storage.resolve(resolve_location(str(input))), storage.staging(output)
     if ngff not in NGFF_FORMATS:

@@ -102,7 +102,7 @@ def result_pictures(slide_path: str, output: str, folder: Path, size: int = 768)
     pixels through the output's frame (``unet.resolution``)."""
     import zarr
 
-    from pipelines.infer_output import LINEAGE_KEY, labels_level
+    from pipelines.infer.output import LINEAGE_KEY, labels_level
     from unet.io import write_png
     from unet.slides import open_slide
     from unet.visualize import outline
@@ -149,11 +149,13 @@ def main(config: Config, args: argparse.Namespace) -> None:
     import pandas as pd
     import zarr
 
-    from pipelines import evaluate, infer, registry, train
+    from pipelines import evaluate, registry
     from pipelines.convert import convert
     from pipelines.export import export
-    from pipelines.infer_output import LINEAGE_KEY, OBJECTS
+    from pipelines.infer.job import infer
+    from pipelines.infer.output import LINEAGE_KEY, OBJECTS
     from pipelines.prepare import prepare
+    from pipelines.train.job import train
     from unet import storage
     from unet.data.store import TrainingStore
     from unet.samples import fetch_samples
@@ -175,7 +177,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
     steps.begin("train with Ray Train (2 workers)")
     model_uri = finished_model(config, storage.sha256(store.location))
     if model_uri is None:
-        trained = train.train(config)
+        trained = train(config)
         model_uri = trained["model_uri"]
         steps.done(f"{model_uri}, {trained['epochs']} epochs")
     else:
@@ -189,14 +191,14 @@ def main(config: Config, args: argparse.Namespace) -> None:
 
     steps.begin("segment the slide with Dask")
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
-    champion, _ = infer.resolve_model(config.infer.model, tracking_uri)
+    champion, _ = registry.resolve_model(config.infer.model, tracking_uri)
     output = Path(config.infer.output)
     lineage = zarr.open_group(output, mode="r").attrs.get(LINEAGE_KEY, {}) if output.exists() else {}
     if lineage.get("complete") and lineage.get("model_uri") == champion:
         stats = lineage["stats"]
         steps.done(f"{output} by {champion} (reused): {nuclei(stats, store)}")
     else:
-        stats = infer.infer(config.model_copy(update={"infer": config.infer.model_copy(update={"overwrite": True})}))
+        stats = infer(config.model_copy(update={"infer": config.infer.model_copy(update={"overwrite": True})}))
         steps.done(f"{output}: {nuclei(stats, store)}, {stats['mpx_per_s']:.2f} Mpx/s")
         lineage = zarr.open_group(output, mode="r").attrs[LINEAGE_KEY]
     log.info("segmented at %s", describe(lineage))

@@ -80,7 +80,7 @@ def main(config: Config, args: argparse.Namespace) -> dict:
 def evaluate(config: Config) -> dict:
     """Score ``evaluate.model`` on ``evaluate.split`` of the store; write the table and pictures, log an MLflow run."""
     from pipelines import registry
-    from pipelines.infer import resolve_model
+    from pipelines.registry import resolve_model
     from unet import storage
     from unet.devices import check_device
 

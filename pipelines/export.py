@@ -58,7 +58,7 @@ def export(
     overwrite: bool = False,
 ) -> tuple[str, int]:
     """Write the outlines of ``output``'s objects of at least ``min_area`` pixels; return (file, features)."""
-    from pipelines.infer_output import LABELS
+    from pipelines.infer.output import LABELS
     from unet import storage
 
     if fmt not in FORMATS:
@@ -91,7 +91,7 @@ def open_labels(source: str) -> zarr.Array:
     """Level 0 of the output's label image; a one-line error if ``source`` is not an inference output."""
     import zarr
 
-    from pipelines.infer_output import LABELS, OBJECTS
+    from pipelines.infer.output import LABELS, OBJECTS
     from unet import storage
 
     if not storage.exists(source):
@@ -116,7 +116,7 @@ def open_labels(source: str) -> zarr.Array:
 def level0_scale(source: str) -> float:
     """Level-0 pixels per label-image pixel, from the output's lineage (1 for outputs made before it was recorded,
     which were all segmented as stored)."""
-    from pipelines.infer_output import recorded_lineage
+    from pipelines.infer.output import recorded_lineage
 
     resolution = (recorded_lineage(source) or {}).get("resolution") or {}
     return float(resolution.get("to_level0", 1.0))
@@ -139,7 +139,7 @@ def read_objects(source: str, fmt: str) -> dict[str, np.ndarray]:
     """
     import pyarrow.parquet as pq
 
-    from pipelines.infer_output import OBJECTS
+    from pipelines.infer.output import OBJECTS
     from unet import storage
     from unet.outlines import INTENSITY_PREFIX, QUPATH_MEASUREMENTS
 

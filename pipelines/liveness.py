@@ -1,7 +1,7 @@
 """Whether the job that drives an MLflow run is still alive: its driver ("HOST PID") and a heartbeat, tags renewed
 while it runs and read by the next job that finds the run RUNNING. A training run with a live driver elsewhere is
 refused (``pipelines.train``); a batch run whose driver is gone (killed: SIGKILL, a lost node) is marked KILLED
-by the next run of the batch (``pipelines.infer_batch``)."""
+by the next run of the batch (``pipelines.infer.batch``)."""
 
 from __future__ import annotations
 

@@ -285,9 +285,9 @@ def check_store_location(store: str, folders: list[str], pairs: list[Pair]) -> N
     """Refuse a ``data.store`` (or its previews folder) that is, holds or lies inside an input: a folder of
     ``data.images`` or ``data.labels``, or one of their files. ``--overwrite`` would replace it; a store inside an
     input folder would be read as an input next time."""
-    from pipelines.cohort import overlap
     from unet import storage
     from unet.data.sources import DataError
+    from unet.storage import overlap
 
     inputs = [folder for folder in folders if not storage.is_url(folder) and Path(folder).is_dir()]
     inputs += [str(path) for pair in pairs for path in (pair.image, pair.labels)]

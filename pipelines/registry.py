@@ -343,3 +343,25 @@ def current_champion(client: MlflowClient, name: str):
         if exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {CHAMPION} not found" in str(exc):
             return None
         raise UserError(f"cannot read the champion of {name} ({first_line(exc)[:200]}); nothing promoted") from None
+
+
+def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str | None]:
+    """(URI pinned to a version or an absolute folder, version or None); clear errors if missing."""
+    from unet.model_files import ARCHITECTURE_FILE, BEST_MODEL_DIR
+
+    if uri.startswith("models:/") and "@" in uri:
+        name, alias = uri.removeprefix("models:/").split("@", 1)
+        client = connect(tracking_uri)
+        try:
+            version = client.get_model_version_by_alias(name, alias).version
+        except Exception as exc:
+            raise UserError(f"cannot resolve model {uri}: {first_line(exc)}") from None
+        return f"models:/{name}/{version}", str(version)
+    if uri.startswith(("models:/", "runs:/")):
+        return uri, uri.rstrip("/").rsplit("/", 1)[-1] if uri.startswith("models:/") else None
+    path = Path(uri).expanduser().resolve()
+    if (path / BEST_MODEL_DIR).is_dir():  # a Ray Train checkpoint folder
+        path = path / BEST_MODEL_DIR
+    if not (path / ARCHITECTURE_FILE).is_file():
+        raise UserError(f"model not found: {uri} (expected models:/NAME@ALIAS, models:/NAME/VERSION or a folder)")
+    return str(path), None

@@ -177,11 +177,11 @@ def test_the_stream_keeps_a_bounded_number_of_tasks(trained_model_dir, cohort, t
     up front."""
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    from pipelines.dask_cluster import start_dask
-    from pipelines.infer import set_up
-    from pipelines.infer_slide import finish, plan
-    from pipelines.infer_stream import stream
-    from pipelines.infer_tasks import use_model
+    from pipelines.infer.cluster import start_dask
+    from pipelines.infer.job import set_up
+    from pipelines.infer.slide import finish, plan
+    from pipelines.infer.stream import stream
+    from pipelines.infer.tasks import use_model
     from unet.config import load_config
 
     class PeakTasks(SchedulerPlugin):

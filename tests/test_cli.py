@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = sorted(
-    f"pipelines.{p.stem}" for p in (ROOT / "pipelines").glob("*.py") if 'if __name__ == "__main__":' in p.read_text()
+ENTRY_POINTS = sorted(  # modules, and packages with a __main__
+    f"pipelines.{p.stem if p.stem != '__main__' else p.parent.name}"
+    for p in [*(ROOT / "pipelines").glob("*.py"), *(ROOT / "pipelines").glob("*/__main__.py")]
+    if 'if __name__ == "__main__":' in p.read_text()
 )
 
 
@@ -20,7 +22,8 @@ def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.Complete
 
 
 def test_entry_points_are_found() -> None:
-    assert {"pipelines.demo", "pipelines.prepare", "pipelines.train", "pipelines.fetch_samples"} <= set(ENTRY_POINTS)
+    expected = {"pipelines.demo", "pipelines.prepare", "pipelines.train", "pipelines.infer", "pipelines.fetch_samples"}
+    assert expected <= set(ENTRY_POINTS)
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

@@ -1,4 +1,4 @@
-"""Which slides a job segments (pipelines.cohort): one store, a glob, a folder, a CSV or YAML manifest; output
+"""Which slides a job segments (pipelines.infer.cohort): one store, a glob, a folder, a CSV or YAML manifest; output
 names; refusals of colliding or self-overwriting outputs and of malformed manifests."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipelines.cohort import Item, expand, stem
+from pipelines.infer.cohort import Item, expand, stem
 from unet.errors import UserError
 
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from distributed import Client
 
-from pipelines.dask_cluster import client_security, start_dask
+from pipelines.infer.cluster import client_security, start_dask
 from tests.helpers import ROOT, environment, free_port
 from tests.test_infer import infer, stored
 from unet.config import InferConfig
@@ -368,7 +368,7 @@ def test_tcp_with_certificates_needs_an_explicit_opt_out(certs, caplog) -> None:
 def test_how_the_job_reaches_dask_is_not_part_of_what_an_output_is(certs) -> None:
     """An output started on a local cluster is resumed through a TLS scheduler, and the other way round, and
     outputs written before these settings existed still match."""
-    from pipelines.infer_output import lineage_matches
+    from pipelines.infer.output import lineage_matches
     from unet.config import Config, flatten_config
 
     def lineage(**infer) -> dict:

@@ -15,8 +15,8 @@ import pytest
 import torch
 import zarr
 
-from pipelines.dask_cluster import gpu_cluster, in_process, start_dask, task_resources, worker_count
-from pipelines.train import check_gpu_build, check_resources
+from pipelines.infer.cluster import gpu_cluster, in_process, start_dask, task_resources, worker_count
+from pipelines.train.job import check_gpu_build, check_resources
 from tests.helpers import ROOT, environment
 from unet.config import InferConfig, load_config
 from unet.devices import DeviceError, check_device, visible_gpus

@@ -29,9 +29,9 @@ import tifffile
 import zarr
 from PIL import Image
 
-from pipelines.cohort import expand
 from pipelines.convert import convert
-from pipelines.infer import cli as infer_cli
+from pipelines.infer.__main__ import cli as infer_cli
+from pipelines.infer.cohort import expand
 from pipelines.prepare import prepare
 from tests.helpers import ROOT, environment
 from unet.config import load_config

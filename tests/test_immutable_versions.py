@@ -19,7 +19,8 @@ import mlflow.pyfunc
 import pytest
 
 from pipelines import registry
-from pipelines.infer_tasks import ModelSpec, _predictor
+from pipelines.infer.spec import ModelSpec
+from pipelines.infer.tasks import _predictor
 from pipelines.mlflow_app import check_write_routes
 from pipelines.models import DIGESTS_TAG, LOADER_MODULE, load_model, log_and_register
 from pipelines.prepare import prepare

@@ -19,8 +19,8 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Reader
 from scipy import ndimage as ndi
 
-from pipelines.dask_cluster import dashboard, start_dask
-from pipelines.infer import cli
+from pipelines.infer.__main__ import cli
+from pipelines.infer.cluster import dashboard, start_dask
 from pipelines.models import log_and_register
 from pipelines.registry import connect, promote
 from tests.helpers import ROOT, environment, free_port, in_the_foreground

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from pipelines.dask_cluster import task_resources
+from pipelines.infer.cluster import task_resources
 from tests.helpers import ROOT
 from unet.config import InferConfig, load_config
 
@@ -86,7 +86,8 @@ def test_commands_are_real_entry_points_with_valid_configs() -> None:
     for path, text in ALL_TEXT.items():
         for command in pipeline_commands(text):
             module = command[2]
-            assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), (path, module)
+            where = ROOT / module.replace(".", "/")  # a module, or a package run by its __main__
+            assert where.with_suffix(".py").is_file() or (where / "__main__.py").is_file(), (path, module)
             config = command[command.index("--config") + 1] if "--config" in command else None
             overrides = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
             if config:

@@ -1,4 +1,5 @@
-"""The library stays free of the orchestration frameworks (Ray, Dask, MLflow)."""
+"""The layers hold: the library stays free of the orchestration frameworks (Ray, Dask, MLflow) and of
+``pipelines/``, and no module imports one that imports it back."""
 
 from __future__ import annotations
 
@@ -35,6 +36,60 @@ def test_the_library_imports_frameworks_only_where_allowed() -> None:
             for framework in {name.split(".")[0] for name in names} & FRAMEWORKS:
                 place = (path.relative_to(ROOT).as_posix(), framework)
                 assert place in ALLOWED, f"{place[0]} imports {framework} (line {node.lineno})"
+
+
+def _project_imports(path) -> set[str]:
+    """The project modules (``unet.*``, ``pipelines.*``) a file imports anywhere: at module level, inside
+    functions, under ``TYPE_CHECKING`` (a circle of types is a circle for its reader too)."""
+    modules = {module for module, _ in PROJECT}
+    module = PROJECT_NAMES[path]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package, up level - 1 packages
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:  # a name imported from a module: that module
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
+    return found
+
+
+PROJECT = [(p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__"), p)
+           for p in sorted([*(ROOT / "unet").rglob("*.py"), *(ROOT / "pipelines").rglob("*.py")])]  # fmt: skip
+PROJECT_NAMES = {path: module for module, path in PROJECT}
+
+
+def test_the_library_never_imports_the_pipelines() -> None:
+    for module, path in PROJECT:
+        if module.startswith("unet"):
+            wrong = sorted(name for name in _project_imports(path) if name.startswith("pipelines"))
+            assert not wrong, f"{module} imports {', '.join(wrong)}"
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    """No circle of imports of any length (strongly connected components of the import graph)."""
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    index = {module: i for i, (module, _) in enumerate(PROJECT)}
+    edges = [(index[module], index[imported]) for module, path in PROJECT for imported in _project_imports(path)]
+    rows, cols = np.array(edges).T
+    graph = coo_matrix((np.ones(len(edges)), (rows, cols)), shape=(len(index), len(index)))
+    _, component = connected_components(graph, directed=True, connection="strong")
+    circles = [sorted(m for m, c in zip(index, component, strict=True) if c == k) for k in np.unique(component)]
+    circles = [circle for circle in circles if len(circle) > 1]
+    assert not circles, f"import circles: {circles}"
 
 
 def _is_type_checking(node: ast.AST) -> bool:

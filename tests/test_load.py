@@ -21,8 +21,9 @@ import torch
 import zarr
 from mlflow.tracking import MlflowClient
 
-from pipelines import infer_tasks, locks
+from pipelines import locks
 from pipelines.checkpoints import recorded_by_ray
+from pipelines.infer import tasks as infer_tasks
 from pipelines.prepare import prepare
 from tests.helpers import ROOT, environment, free_port, train_command
 from tests.test_infer import infer
@@ -281,8 +282,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_run_driven_from_another_machine_is_recognised_by_its_heartbeat(tmp_path: Path) -> None:
-    """What a job checks in MLflow before it starts or resumes a run (``pipelines.train.not_running_elsewhere``)."""
-    from pipelines import liveness, registry, train
+    """What a job checks in MLflow before it starts or resumes a run (``pipelines.train.job.not_running_elsewhere``)."""
+    from pipelines import liveness, registry
+    from pipelines.train import job as train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config(ROOT / "configs" / "train.yaml", ["train.run_name=shared", f"tracking.tracking_uri={uri}"])

@@ -18,9 +18,9 @@ import tifffile
 import zarr
 from PIL import Image
 
-from pipelines.infer_slide import intensity_range
+from pipelines.infer.slide import intensity_range
 from pipelines.prepare import overlap_depth, prepare, split_names
-from pipelines.train import check_store
+from pipelines.train.job import check_store
 from tests.helpers import in_the_foreground
 from unet.config import load_config
 from unet.data.sources import DataError

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.infer_tasks import ModelSpec, _predictor
+from pipelines.infer.spec import ModelSpec
+from pipelines.infer.tasks import _predictor
 from pipelines.models import DIGESTS_TAG, OBJECT_AREA_TAG, PIXEL_SIZE_TAG, load_model, log_and_register
 from pipelines.registry import connect, promote, resolve_tracking_uri, using_tracking_uri
 from tests.helpers import free_port, mlflow_server

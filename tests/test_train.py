@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.models import DIGESTS_TAG, OBJECT_AREA_TAG, PIXEL_SIZE_TAG, load_model
 from pipelines.prepare import prepare
-from pipelines.train import check_store
+from pipelines.train.job import check_store
 from tests.helpers import (
     ROOT,
     environment,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -157,3 +158,36 @@ def publish(staged: Staging) -> str:
     if old is not None:
         remove(old)
     return staged.final
+
+
+# Comparing locations: whether writing one would touch another (an output that is, holds or lies inside an input)
+
+
+def normal(location: str) -> str:
+    """``location`` resolved for comparison: a local path absolute with symlinks followed (``storage.resolve``), a
+    URL with ``.``, ``..`` and repeated or trailing slashes folded."""
+    location = resolve(location)
+    if not is_url(location):
+        return location
+    scheme, _, path = location.partition("://")
+    return f"{scheme}://{posixpath.normpath('/' + path).lstrip('/')}"
+
+
+def parents(location: str) -> list[str]:
+    """The folders (prefixes) holding a ``normal`` location, nearest first (for a URL, down to its bucket)."""
+    if is_url(location):
+        scheme, _, path = location.partition("://")
+        return [f"{scheme}://{parent}" for parent in PurePosixPath(path).parents if str(parent) != "."]
+    return [str(parent) for parent in PurePosixPath(location).parents]
+
+
+def overlap(output: str, input: str) -> str | None:
+    """How writing ``output`` would touch ``input`` ("is the same location as", "lies inside", "holds"), or None."""
+    output, input = normal(output), normal(input)
+    if output == input:
+        return "is the same location as"
+    if input in parents(output):
+        return "lies inside"
+    if output in parents(input):
+        return "holds"
+    return None

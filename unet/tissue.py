@@ -6,8 +6,10 @@ import numpy as np
 from skimage.filters import threshold_otsu
 
 from unet.resample import Resampled
-from unet.slides import Slide, open_slide
+from unet.slides import Slide, SlideError, open_slide
 from unet.tiling import grid
+
+MAX_WHOLE_LEVEL_PIXELS = 2**26  # the lowest level of a pyramid is read whole for the tissue mask (67 Mpx)
 
 
 def tissue_mask(rgb_or_gray: np.ndarray) -> np.ndarray:
@@ -52,3 +54,15 @@ def chunks_with_tissue(path: str, slide: Slide | Resampled, chunk: int) -> set[t
         if mask[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1].any():
             keys.add(key)
     return keys
+
+
+def check_lowest_level(slide: Slide | Resampled) -> None:
+    """The tissue mask reads a pyramid's lowest level whole: refuse one of absurd size (a corrupt or hostile
+    pyramid) before anything is written."""
+    with open_slide(slide.path, slide.levels - 1) as lowest:
+        if lowest.height * lowest.width > MAX_WHOLE_LEVEL_PIXELS:
+            raise SlideError(
+                f"{slide.path}: its lowest level ({lowest.level}) has {lowest.height:,} x {lowest.width:,} pixels, "
+                f"more than the {MAX_WHOLE_LEVEL_PIXELS:,} infer.tissue_mask reads whole; add smaller levels "
+                "(python -m pipelines.convert writes a full pyramid) or set infer.tissue_mask=false"
+            )

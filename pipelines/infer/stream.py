@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from pipelines.infer_slide import FAILED, SlideJob
+from pipelines.infer.slide import FAILED, SlideJob
 from unet.errors import first_line
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class ChunkStream:
     def __init__(self, client, jobs, window, resources, on_done, on_failed) -> None:
         from distributed import as_completed
 
-        from pipelines.infer_tasks import predict_chunk
+        from pipelines.infer.tasks import predict_chunk
 
         self.client, self.jobs, self.window = client, jobs, window
         self.on_done, self.on_failed = on_done, on_failed
@@ -130,7 +130,7 @@ def _units(job: SlideJob) -> int:
 
 def _next_pass(client: Client, job: SlideJob) -> list[tuple]:
     """The tasks of the slide's next pass (none: it is segmented)."""
-    from pipelines.infer_tasks import downsample_chunk
+    from pipelines.infer.tasks import downsample_chunk
     from unet.tiling import grid
 
     job.stage += 1
@@ -148,7 +148,7 @@ def _next_pass(client: Client, job: SlideJob) -> list[tuple]:
 
 def _label_tasks(client: Client, job: SlideJob) -> list[tuple]:
     """Merge the slide's seams (here: one small array) and describe its label tasks."""
-    from pipelines.infer_tasks import label_chunk_globally
+    from pipelines.infer.tasks import label_chunk_globally
     from unet.instances import border_areas, merge_ids, offsets, seam_pairs
 
     edges = {key: job.edges[key] for key in job.keys}  # in grid order, whatever order they finished in

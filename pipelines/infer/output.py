@@ -1,11 +1,15 @@
-"""The inference output store: an OME-Zarr (NGFF 0.5) image of foreground probability with an
-NGFF ``labels/nuclei`` label image, both multiscale (``unet.pyramid``), and ``objects.parquet``, one row per
-object (``unet.objects``). Locally it is written under a hidden name and renamed when
-complete; on object stores it is written in place (see ``unet.storage``). Either way its NGFF
-metadata, and ``complete: true`` in its lineage, are written only at the end."""
+"""One inference output's whole life: its layout, its lock, what a job does with it (new, resumed, skipped),
+its creation, its objects table, its lineage and its finalisation.
+
+The output is an OME-Zarr (NGFF 0.5) image of foreground probability with an NGFF ``labels/nuclei`` label image,
+both multiscale (``unet.pyramid``), and ``objects.parquet``, one row per object (``unet.objects``). Locally it is
+written under a hidden name and renamed when complete; on object stores it is written in place (see
+``unet.storage``). Either way its NGFF metadata, and ``complete: true`` in its lineage, are written only at the
+end."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import zarr
@@ -18,10 +22,12 @@ from unet.slides import Slide
 if TYPE_CHECKING:
     import pandas as pd
 
-    from pipelines.infer_tasks import JobSpec
+    from pipelines.infer.spec import JobSpec
     from pipelines.locks import Lock
     from unet.resample import Resampled
     from unet.resolution import Resolution
+
+log = logging.getLogger("infer")
 
 # the store's layout
 PROBABILITY, LABELS = "0", "labels/nuclei/0"  # level 0 of the image (foreground probability) and of its labels
@@ -43,6 +49,7 @@ def done_level(level: int) -> str:
     return f"{WORK}/done_level_{level}"
 
 
+NEW, RESUMED, SKIPPED = "new", "resumed", "skipped"  # what a job does with an output (open_output)
 LINEAGE_KEY = "unet_inference"
 # what must not change between an interrupted run and its --resume
 RESUME_KEYS = ("model_uri", "input", "level", "resolution")
@@ -75,6 +82,77 @@ def lock_output(staged: storage.Staging) -> Lock | None:
         return f"{staged.final} is being written by another job ({holder}); wait for it, or stop it and use --resume"
 
     return acquire(staged.final, busy)
+
+
+def open_output(
+    staged: storage.Staging,
+    slide: Slide | Resampled,
+    spec: JobSpec,
+    lineage: dict,
+    *,
+    overwrite: bool,
+    resume: bool,
+    batch: bool,
+) -> tuple[str, Lock | None, dict]:
+    """Lock the output (``lock_output``) and decide what to do with it: NEW (created here), RESUMED or SKIPPED,
+    with the stats a skipped output recorded. The lock is kept while there is work to do."""
+    from pipelines.locks import release
+
+    lock = lock_output(staged)
+    try:
+        state, recorded = _decide(staged, slide, spec, lineage, overwrite=overwrite, resume=resume, batch=batch)
+    except BaseException:
+        release(lock)
+        raise
+    if state == SKIPPED:
+        release(lock)
+        lock = None
+    return state, lock, recorded
+
+
+def _decide(
+    staged: storage.Staging,
+    slide: Slide | Resampled,
+    spec: JobSpec,
+    lineage: dict,
+    *,
+    overwrite: bool,
+    resume: bool,
+    batch: bool,
+) -> tuple[str, dict]:
+    """Create the partial output, continue an interrupted one, or find a complete one. A single slide keeps the
+    strict rules (``--overwrite`` replaces, ``--resume`` continues); a batch resumes and skips by itself."""
+    resume = resume or batch
+    final_exists = storage.exists(staged.final)
+    final_lineage = recorded_lineage(staged.final) if final_exists else None
+    if staged.in_place:  # object store: an interrupted output sits at the final location, marked incomplete
+        partial = final_lineage is not None and not final_lineage.get("complete")
+        partial_lineage = final_lineage if partial else None
+    else:
+        partial = storage.exists(staged.partial)
+        partial_lineage = recorded_lineage(staged.partial) if partial else None
+    complete = final_exists and not (staged.in_place and partial)
+    if overwrite:
+        storage.remove(staged.partial)
+        if staged.in_place:  # no rename to replace it atomically: the old output goes first
+            storage.remove(staged.final)
+    elif complete and batch:
+        if final_lineage and final_lineage.get("complete") and lineage_matches(final_lineage, lineage):
+            return SKIPPED, final_lineage.get("stats", {})
+        raise UserError(f"{staged.final} exists, not made with this model, input and config; --overwrite replaces it")
+    elif complete and not resume:
+        raise UserError(f"{staged.final} already exists; pass --overwrite to replace it or --resume to continue")
+    elif partial and resume:
+        if partial_lineage is None or not lineage_matches(partial_lineage, lineage):
+            raise UserError(f"{staged.partial} was started with another model, input or config; use --overwrite")
+        log.info("resuming into %s", staged.partial)
+        return RESUMED, {}
+    elif partial:
+        raise UserError(f"an interrupted run left {staged.partial}; pass --resume to continue or --overwrite")
+    elif complete:
+        raise UserError(f"{staged.final} is already complete; nothing to resume")
+    create_output(staged.partial, slide, spec, lineage)
+    return NEW, {}
 
 
 def create_output(location: str, slide: Slide | Resampled, spec: JobSpec, lineage: dict) -> None:

@@ -1,5 +1,5 @@
 """The function every Ray Train worker runs: DDP training with checkpoints, validation on rank 0,
-and MLflow logging from rank 0 only. Started by ``pipelines.train``."""
+and MLflow logging from rank 0 only. Started by ``pipelines.train.job``."""
 
 from __future__ import annotations
 

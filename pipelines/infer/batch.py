@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.cohort import stem
-from pipelines.infer_slide import DONE, FAILED, RESUMED, SKIPPED
+from pipelines.infer.cohort import stem
+from pipelines.infer.slide import DONE, FAILED, RESUMED, SKIPPED
 from unet.errors import UserError
 
 if TYPE_CHECKING:
-    from pipelines.cohort import Cohort
-    from pipelines.infer_slide import JobContext, SlideJob
+    from pipelines.infer.cohort import Cohort
+    from pipelines.infer.slide import JobContext, SlideJob
     from unet.config import Config
 
 log = logging.getLogger("infer")

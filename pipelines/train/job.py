@@ -1,17 +1,10 @@
-"""Train the U-Net with Ray Train (DDP), tracked and registered in MLflow.
-
-    python -m pipelines.train --config configs/train.yaml                 # starts a local Ray
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python -m pipelines.train --config configs/train.yaml             # on a Ray cluster
-
-Re-running with the same ``train.run_name`` and ``train.storage_path`` resumes from the last
-checkpoint and continues the same MLflow run. At the end the best epoch's model is logged,
-registered as a new version (alias ``candidate``) and promoted to ``champion`` if it beats it.
-"""
+"""The driver of a training job: checks (store, Ray address, resources, GPUs), the Ray Train run tracked in
+MLflow (one job per run, resumed from its last checkpoint), and the best model registered and promoted
+(``train``). The command line is ``pipelines.train``'s ``__main__``; what each worker does is
+``pipelines.train.worker``."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import logging
@@ -26,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from pipelines.cli import Terminated, make_parser, run
+from pipelines.cli import Terminated
 from unet.config import Config, dump_config, flatten_config
 from unet.errors import UserError
 
@@ -142,7 +135,7 @@ def build_trainer(config: Config, loop_config: dict):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train_worker import train_loop_per_worker
+    from pipelines.train.worker import train_loop_per_worker
 
     train = config.train
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
@@ -164,10 +157,6 @@ def build_trainer(config: Config, loop_config: dict):
             logging_config=LoggingConfig(log_level="WARNING"),  # one line per epoch, not per report
         ),
     )
-
-
-def main(config: Config, args: argparse.Namespace) -> dict:
-    return train(config)
 
 
 def train(config: Config) -> dict:
@@ -396,12 +385,3 @@ def report(config: Config, metrics: dict, summary: dict) -> None:
         print(f"  MLflow UI       {uri}/#/experiments")
     else:
         print(f"  MLflow UI       mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-
-
-def cli(argv: list[str] | None = None) -> int:
-    parser = make_parser("python -m pipelines.train", __doc__.splitlines()[0], default_config="configs/train.yaml")
-    return run(main, parser, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli())

@@ -13,13 +13,12 @@ from __future__ import annotations
 import functools
 import threading
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import zarr
 
-from pipelines.infer_output import (
+from pipelines.infer.output import (
     DONE_LABELS,
     DONE_PREDICT,
     LABELS,
@@ -29,8 +28,9 @@ from pipelines.infer_output import (
     labels_level,
     probability_level,
 )
+from pipelines.infer.spec import JobSpec, ModelSpec
 from unet.chunk_writes import write_block
-from unet.inference import ChunkPredictor, InferenceSettings
+from unet.inference import ChunkPredictor
 from unet.instances import ChunkEdges, label_chunk, relabel
 from unet.model import UNet
 from unet.objects import chunk_sums
@@ -38,42 +38,6 @@ from unet.pyramid import mean_2x2, nearest_2x2, source_window
 from unet.resample import Resampled
 from unet.resolution import open_at
 from unet.slides import Slide
-from unet.tiling import Region
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model a worker predicts with, and how (small and picklable; one per job, whatever the slides)."""
-
-    model_uri: str  # resolved: models:/NAME/VERSION or a local folder
-    tracking_uri: str | None
-    settings: InferenceSettings
-    threads: int  # torch threads per worker process; 0 leaves them as they are
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything a worker needs to process chunks of one slide (small and picklable)."""
-
-    input: str
-    level: int  # the level read
-    scale: float  # its pixels per output pixel (unet.resolution): 1 reads it as stored
-    output: str  # the Zarr group being written
-    model: ModelSpec
-    chunk: int
-    threshold: float
-    intensity_range: tuple[tuple[float, float], ...]
-    probability_dtype: str
-    levels: tuple[tuple[int, int], ...]  # (height, width) of each pyramid level, level 0 first
-    objects: bool  # measure every object for the objects table
-    fill_holes: bool  # fill holes inside objects (within a chunk) before labelling
-    min_object_pixels: int  # objects smaller than this are dropped before ids are assigned
-
-    def region(self, key: tuple[int, int], height: int, width: int) -> Region:
-        row, col = key
-        y0, x0 = row * self.chunk, col * self.chunk
-        return Region(y0, min(y0 + self.chunk, height), x0, min(x0 + self.chunk, width))
-
 
 # Each worker process keeps the predictors of the last MODELS_PER_WORKER model specs used (model URI and
 # inference settings; the least recently used goes first), so jobs sharing a cluster with different models or

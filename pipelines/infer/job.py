@@ -1,78 +1,29 @@
-"""Segment (whole-slide) images far larger than memory: overlap-tile U-Net inference on Dask.
-
-    python -m pipelines.infer --config configs/infer.yaml \\
-        [--set infer.input=slide.ome.zarr --set infer.output=out.ome.zarr \\
-         --set infer.model=models:/unet@champion --set infer.scheduler=tcp://host:8786] [--resume | --overwrite]
-
-``infer.input`` is one slide, or a cohort: a glob (``'slides/*.ome.zarr'``, ``'s3://bucket/cohort/*.zarr'``),
-a folder or prefix of slides, or a CSV / YAML manifest (see ``pipelines.cohort``); then ``infer.output`` is a
-folder and slide NAME.EXT is written to OUTPUT/NAME.ome.zarr, with OUTPUT/batch_summary.csv beside them.
-
-One Dask task per output chunk, each predicted in one forward pass with its halo; the model is loaded
-once per worker process for all slides, and the chunks of every slide form one bounded stream, so
-workers never idle between slides. Without a scheduler the worker runs inside this process. Each
-output is an OME-Zarr image (foreground probability) with an NGFF ``labels/nuclei`` group of instance
-ids unique across the slide, objects crossing chunk seams merged. A killed single-slide job continues
-with ``--resume``; a re-run batch skips complete outputs and resumes interrupted ones by itself. An
-existing output is replaced only with ``--overwrite``. In a batch, a slide that fails is reported with
-its reason, the others finish, and the job exits non-zero naming the failures.
-"""
+"""The driver of an inference job: set-up (the request checked, the slides found, the model loaded once), the
+segmentation of every slide on Dask, and the report (``infer``). Its shape is set-up, loop, report; the
+command line is ``pipelines.infer``'s ``__main__``, what happens to one slide ``pipelines.infer.slide``."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.cli import make_parser, run
 from unet.config import Config, flatten_config
 from unet.errors import UserError, first_line
 
-if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
-    from pipelines.cohort import Cohort
-    from pipelines.infer_slide import JobContext, SlideJob
+if TYPE_CHECKING:
+    from pipelines.infer.cohort import Cohort
+    from pipelines.infer.slide import JobContext, SlideJob
 
 log = logging.getLogger("infer")
 
 
-def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str | None]:
-    """(URI pinned to a version or an absolute folder, version or None); clear errors if missing."""
-    from unet.model_files import ARCHITECTURE_FILE, BEST_MODEL_DIR
-
-    if uri.startswith("models:/") and "@" in uri:
-        from pipelines import registry
-
-        name, alias = uri.removeprefix("models:/").split("@", 1)
-        client = registry.connect(tracking_uri)
-        try:
-            version = client.get_model_version_by_alias(name, alias).version
-        except Exception as exc:
-            raise UserError(f"cannot resolve model {uri}: {first_line(exc)}") from None
-        return f"models:/{name}/{version}", str(version)
-    if uri.startswith(("models:/", "runs:/")):
-        return uri, uri.rstrip("/").rsplit("/", 1)[-1] if uri.startswith("models:/") else None
-    path = Path(uri).expanduser().resolve()
-    if (path / BEST_MODEL_DIR).is_dir():  # a Ray Train checkpoint folder
-        path = path / BEST_MODEL_DIR
-    if not (path / ARCHITECTURE_FILE).is_file():
-        raise UserError(f"model not found: {uri} (expected models:/NAME@ALIAS, models:/NAME/VERSION or a folder)")
-    return str(path), None
-
-
-def main(config: Config, args: argparse.Namespace) -> dict:
-    """The command line: ``--overwrite`` and ``--resume`` join ``infer.overwrite`` and ``infer.resume``."""
-    update = {"overwrite": config.infer.overwrite or args.overwrite, "resume": config.infer.resume or args.resume}
-    return infer(config.model_copy(update={"infer": config.infer.model_copy(update=update)}))
-
-
 def infer(config: Config) -> dict:
     """Segment every slide ``infer.input`` names; return the single slide's stats, or the batch's counts."""
-    from pipelines import infer_batch as batch
-    from pipelines.infer_slide import plan
+    from pipelines.infer import batch
+    from pipelines.infer.slide import plan
 
     context, cohort = set_up(config)
     jobs = [plan(item, context) for item in cohort.items]  # opens each slide: metadata only
@@ -100,10 +51,10 @@ def infer(config: Config) -> dict:
 def set_up(config: Config) -> tuple[JobContext, Cohort]:
     """Check the request, find the slides and load the model once for all of them."""
     from pipelines import registry
-    from pipelines.cohort import expand
-    from pipelines.dask_cluster import client_security, worker_count
-    from pipelines.infer_slide import JobContext
-    from pipelines.infer_tasks import ModelSpec
+    from pipelines.infer.cluster import client_security, worker_count
+    from pipelines.infer.cohort import expand
+    from pipelines.infer.slide import JobContext
+    from pipelines.infer.spec import ModelSpec
     from pipelines.models import load_model
     from unet import __version__
     from unet.devices import check_device, visible_gpus
@@ -121,7 +72,7 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
         client_security(infer, warn=False)  # a missing or wrong TLS setting fails here, before any output
     cohort = expand(infer.input, infer.output, infer.level, infer.pixel_size_um)
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
-    model_uri, model_version = resolve_model(infer.model, tracking_uri)
+    model_uri, model_version = registry.resolve_model(infer.model, tracking_uri)
     model = load_model(model_uri, tracking_uri=tracking_uri)
     if infer.tile_size and infer.tile_size % model.size_multiple:  # the config checks it against model.depth
         raise UserError(f"infer.tile_size={infer.tile_size} must be a multiple of {model.size_multiple} for this model")
@@ -144,10 +95,10 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
     ``start_run`` opens the batch's MLflow run (returning its id, which this returns), off the critical path."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.dask_cluster import dashboard, in_process, start_dask, task_resources
-    from pipelines.infer_slide import finish
-    from pipelines.infer_stream import stream
-    from pipelines.infer_tasks import use_model
+    from pipelines.infer.cluster import dashboard, in_process, start_dask, task_resources
+    from pipelines.infer.slide import finish
+    from pipelines.infer.stream import stream
+    from pipelines.infer.tasks import use_model
 
     infer = context.config.infer
     client, cluster = start_dask(infer, context.gpus)
@@ -177,10 +128,11 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
         resources = task_resources(infer.device, infer.tasks)
         on_done = lambda job: finished.append(finishing.submit(finish_or_fail, job))  # noqa: E731
         stream(client, jobs, max(4, 2 * threads), resources, on_done, on_failed)
+        finishing.shutdown(wait=True)  # the slides still being finished: a Ctrl-C meanwhile is handled below too
     except BaseException as exc:  # the batch's run ends KILLED (Ctrl-C, SIGTERM) or FAILED, not RUNNING forever
         finishing.shutdown(wait=True, cancel_futures=True)  # a slide being finished is finished; no new ones
         if batch_run is not None and not batch_run.cancelled() and batch_run.exception() is None:
-            from pipelines.infer_batch import end_stopped_run
+            from pipelines.infer.batch import end_stopped_run
 
             status = end_stopped_run(context.config, batch_run.result(), isinstance(exc, KeyboardInterrupt))
             exc.add_note(f"MLflow batch run {batch_run.result()} marked {status}")
@@ -197,7 +149,7 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
 
 def report(job: SlideJob, context: JobContext) -> None:
     """What a single-slide job did."""
-    from pipelines.infer_output import LABELS, OBJECTS, PROBABILITY
+    from pipelines.infer.output import LABELS, OBJECTS, PROBABILITY
 
     stats, slide, levels = job.stats, job.slide, job.spec.levels
     print()
@@ -223,14 +175,3 @@ def report(job: SlideJob, context: JobContext) -> None:
 def _training_areas(context: JobContext) -> str:
     areas = context.model.object_area_um2
     return f" (the model's training objects: median {areas['p50']:.1f} um2)" if areas else ""
-
-
-def cli(argv: list[str] | None = None) -> int:
-    parser = make_parser("python -m pipelines.infer", __doc__.splitlines()[0], default_config="configs/infer.yaml")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    return run(main, parser, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli())

@@ -1,6 +1,6 @@
 """One slide of an inference job: open and check it, create, resume or skip its output, and finish it.
 
-A job segments one slide or a batch of them (``pipelines.cohort``). A single slide keeps the strict rules of
+A job segments one slide or a batch of them (``pipelines.infer.cohort``). A single slide keeps the strict rules of
 one output: an existing one is replaced only with ``--overwrite`` and continued only with ``--resume``. In a
 batch, re-running does only what is missing: complete outputs made with the same model, input and config are
 skipped, interrupted ones are resumed, ``--overwrite`` redoes them all; a slide that cannot be segmented is
@@ -14,11 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pipelines.cohort import Item
+from pipelines.infer.cohort import Item
+from pipelines.infer.output import NEW, RESUMED, SKIPPED
 from unet.errors import UserError
 
 if TYPE_CHECKING:
-    from pipelines.infer_tasks import JobSpec, ModelSpec
+    from pipelines.infer.spec import JobSpec, ModelSpec
     from pipelines.locks import Lock
     from unet.config import Config
     from unet.instances import ChunkEdges
@@ -29,8 +30,7 @@ if TYPE_CHECKING:
     from unet.storage import Staging
 
 log = logging.getLogger("infer")
-NEW, RESUMED, SKIPPED, FAILED, DONE = "new", "resumed", "skipped", "failed", "done"
-MAX_WHOLE_LEVEL_PIXELS = 2**26  # the lowest level of a pyramid is read whole for the tissue mask (67 Mpx)
+FAILED, DONE = "failed", "done"  # and the output's NEW, RESUMED, SKIPPED
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,16 @@ class SlideJob:
 
 def plan(item: Item, context: JobContext) -> SlideJob:
     """Open and check the slide and prepare its output; in a batch a problem fails this slide, not the job."""
+    from pipelines.infer.output import open_output
+
     job = SlideJob(item)
     try:
         _open(job, context)
-        job.state = _prepare_locked(job, context)
+        job.state, job.lock, recorded = open_output(job.staged, job.slide, job.spec, job.lineage,
+                                                    overwrite=context.overwrite, resume=context.resume,
+                                                    batch=context.batch)  # fmt: skip
+        if job.state == SKIPPED:
+            job.stats = recorded  # what the complete output recorded
         job.resumed = job.state == RESUMED
         if job.to_do:
             job.keys, job.tissue = chunk_keys(context.config, job.slide, item.input)
@@ -104,10 +110,11 @@ def plan(item: Item, context: JobContext) -> SlideJob:
 
 
 def _open(job: SlideJob, context: JobContext) -> None:
-    from pipelines.infer_output import output_staging
-    from pipelines.infer_tasks import JobSpec
+    from pipelines.infer.output import output_staging
+    from pipelines.infer.spec import JobSpec
     from unet.pyramid import level_shapes
     from unet.resolution import open_at, plan_resolution
+    from unet.tissue import check_lowest_level
 
     item, infer, model = job.item, context.config.infer, context.model
     resolution = plan_resolution(item.input, model.pixel_size_um, item.level, item.pixel_size_um, infer.resample)
@@ -116,7 +123,7 @@ def _open(job: SlideJob, context: JobContext) -> None:
     if job.slide.channels != model.n_channels:
         raise UserError(f"{item.input} has {job.slide.channels} channels but the model expects {model.n_channels}")
     if infer.tissue_mask and job.slide.levels > 1:
-        _check_lowest_level(job.slide)
+        check_lowest_level(job.slide)
     job.staged = output_staging(item.output)
     shape = (job.slide.height, job.slide.width)
     config = {**context.lineage["config"], "infer.input": item.input, "infer.output": item.output}
@@ -182,20 +189,6 @@ def intensity_range(slide: Slide | Resampled) -> tuple[tuple[float, float], ...]
     return ranges
 
 
-def _check_lowest_level(slide: Slide | Resampled) -> None:
-    """The tissue mask reads a pyramid's lowest level whole: refuse one of absurd size (a corrupt or hostile
-    pyramid) before anything is written."""
-    from unet.slides import SlideError, open_slide
-
-    with open_slide(slide.path, slide.levels - 1) as lowest:
-        if lowest.height * lowest.width > MAX_WHOLE_LEVEL_PIXELS:
-            raise SlideError(
-                f"{slide.path}: its lowest level ({lowest.level}) has {lowest.height:,} x {lowest.width:,} pixels, "
-                f"more than the {MAX_WHOLE_LEVEL_PIXELS:,} infer.tissue_mask reads whole; add smaller levels "
-                "(python -m pipelines.convert writes a full pyramid) or set infer.tissue_mask=false"
-            )
-
-
 def chunk_keys(
     config: Config, slide: Slide | Resampled, input: str
 ) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
@@ -209,66 +202,10 @@ def chunk_keys(
     return keys, chunks_with_tissue(input, slide, config.infer.chunk)
 
 
-def _prepare_locked(job: SlideJob, context: JobContext) -> str:
-    """``_prepare_output`` under the output's lock, kept while there is work to do: a second job writing the same
-    output at once (even with --resume or --overwrite) is refused in one line naming the first."""
-    from pipelines.infer_output import lock_output
-
-    job.lock = lock_output(job.staged)
-    try:
-        state = _prepare_output(job, context)
-    except BaseException:
-        job.unlock()
-        raise
-    if state == SKIPPED:
-        job.unlock()
-    return state
-
-
-def _prepare_output(job: SlideJob, context: JobContext) -> str:
-    """Create the partial output, continue an interrupted one, or find a complete one: NEW, RESUMED or SKIPPED."""
-    from pipelines.infer_output import create_output, lineage_matches, recorded_lineage
-    from unet import storage
-
-    staged, lineage = job.staged, job.lineage
-    resume = context.resume or context.batch
-    final_exists = storage.exists(staged.final)
-    final_lineage = recorded_lineage(staged.final) if final_exists else None
-    if staged.in_place:  # object store: an interrupted output sits at the final location, marked incomplete
-        partial = final_lineage is not None and not final_lineage.get("complete")
-        partial_lineage = final_lineage if partial else None
-    else:
-        partial = storage.exists(staged.partial)
-        partial_lineage = recorded_lineage(staged.partial) if partial else None
-    complete = final_exists and not (staged.in_place and partial)
-    if context.overwrite:
-        storage.remove(staged.partial)
-        if staged.in_place:  # no rename to replace it atomically: the old output goes first
-            storage.remove(staged.final)
-    elif complete and context.batch:
-        if final_lineage and final_lineage.get("complete") and lineage_matches(final_lineage, lineage):
-            job.stats = final_lineage.get("stats", {})
-            return SKIPPED
-        raise UserError(f"{staged.final} exists, not made with this model, input and config; --overwrite replaces it")
-    elif complete and not resume:
-        raise UserError(f"{staged.final} already exists; pass --overwrite to replace it or --resume to continue")
-    elif partial and resume:
-        if partial_lineage is None or not lineage_matches(partial_lineage, lineage):
-            raise UserError(f"{staged.partial} was started with another model, input or config; use --overwrite")
-        log.info("resuming into %s", staged.partial)
-        return RESUMED
-    elif partial:
-        raise UserError(f"an interrupted run left {staged.partial}; pass --resume to continue or --overwrite")
-    elif complete:
-        raise UserError(f"{staged.final} is already complete; nothing to resume")
-    create_output(staged.partial, job.slide, job.spec, lineage)
-    return NEW
-
-
 def finish(job: SlideJob, context: JobContext, parent_run_id: str | None = None) -> None:
     """Write its objects table, record its MLflow run (nested in the batch's), write its metadata and move it
     into place."""
-    from pipelines.infer_output import finalize_output
+    from pipelines.infer.output import finalize_output
 
     if job.spec.objects:
         _write_objects(job)
@@ -289,7 +226,7 @@ def finish(job: SlideJob, context: JobContext, parent_run_id: str | None = None)
 
 def _write_objects(job: SlideJob) -> None:
     """Add up the objects' partial sums into the table, write it, and keep its summary in the stats."""
-    from pipelines.infer_output import write_objects
+    from pipelines.infer.output import write_objects
     from unet.objects import objects_table, summary
 
     resolution = job.resolution

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import posixpath
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -86,7 +85,7 @@ def expand(input: str, output: str, level: int | None, pixel_size_um: float | No
         raise UserError(f"infer.input not found: {input}")
     elif storage.is_file(input) or is_zarr(input):
         item = Item(storage.resolve(input), storage.resolve(output), level, pixel_size_um)
-        if clash := overlap(item.output, item.input):  # --overwrite would replace the slide with its result
+        if clash := storage.overlap(item.output, item.input):  # --overwrite would replace the slide with its result
             raise UserError(f"infer.output {output} {clash} infer.input {input}; choose another output")
         return Cohort([item], batch=False)
     else:
@@ -182,56 +181,26 @@ def _checked(items: list[Item], folder: str) -> Cohort:
     """Refuse two slides writing one output, an output that is, holds or lies inside an input, and an output
     outside ``folder`` (``infer.output``)."""
     seen: dict[str, str] = {}
-    inputs = {normal(item.input): item.input for item in items}
-    outputs = {normal(item.output) for item in items}
-    root = normal(folder)
+    inputs = {storage.normal(item.input): item.input for item in items}
+    outputs = {storage.normal(item.output) for item in items}
+    root = storage.normal(folder)
     for item in items:
-        output = normal(item.output)
+        output = storage.normal(item.output)
         if output in seen:
             raise UserError(
                 f"{seen[output]} and {item.input} would both write {item.output}; name outputs in a manifest"
             )
         if output in inputs:
             raise UserError(f"the output of {item.input} would overwrite an input: {item.output}")
-        if inside := next((inputs[p] for p in _parents(output) if p in inputs), None):
+        if inside := next((inputs[p] for p in storage.parents(output) if p in inputs), None):
             raise UserError(f"the output of {item.input} would be written inside the input {inside}: {item.output}")
-        if root not in _parents(output):
+        if root not in storage.parents(output):
             raise UserError(
                 f"the output of {item.input} is not inside infer.output {storage.resolve(folder)}: {item.output} "
                 "(a manifest's outputs must lie inside infer.output)"
             )
         seen[output] = item.input
     for location, name in inputs.items():  # an input inside an output: --overwrite would delete it
-        if holder := next((p for p in _parents(location) if p in outputs), None):
+        if holder := next((p for p in storage.parents(location) if p in outputs), None):
             raise UserError(f"the input {name} lies inside the output {holder}; choose other outputs")
     return Cohort(items, batch=True, folder=storage.resolve(folder))
-
-
-def normal(location: str) -> str:
-    """``location`` resolved for comparison: a local path absolute with symlinks followed (``storage.resolve``), a
-    URL with ``.``, ``..`` and repeated or trailing slashes folded."""
-    location = storage.resolve(location)
-    if not storage.is_url(location):
-        return location
-    scheme, _, path = location.partition("://")
-    return f"{scheme}://{posixpath.normpath('/' + path).lstrip('/')}"
-
-
-def _parents(location: str) -> list[str]:
-    """The folders (prefixes) holding a ``normal`` location, nearest first (for a URL, down to its bucket)."""
-    if storage.is_url(location):
-        scheme, _, path = location.partition("://")
-        return [f"{scheme}://{parent}" for parent in PurePosixPath(path).parents if str(parent) != "."]
-    return [str(parent) for parent in PurePosixPath(location).parents]
-
-
-def overlap(output: str, input: str) -> str | None:
-    """How writing ``output`` would touch ``input`` ("is the same location as", "lies inside", "holds"), or None."""
-    output, input = normal(output), normal(input)
-    if output == input:
-        return "is the same location as"
-    if input in _parents(output):
-        return "lies inside"
-    if output in _parents(input):
-        return "holds"
-    return None

@@ -1,0 +1,43 @@
+"""What a worker needs to process a slide's chunks: the model (``ModelSpec``) and the slide's own settings
+(``JobSpec``). Both are small and picklable: they travel with every task, and a worker caches by them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unet.inference import InferenceSettings
+from unet.tiling import Region
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model a worker predicts with, and how (small and picklable; one per job, whatever the slides)."""
+
+    model_uri: str  # resolved: models:/NAME/VERSION or a local folder
+    tracking_uri: str | None
+    settings: InferenceSettings
+    threads: int  # torch threads per worker process; 0 leaves them as they are
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to process chunks of one slide (small and picklable)."""
+
+    input: str
+    level: int  # the level read
+    scale: float  # its pixels per output pixel (unet.resolution): 1 reads it as stored
+    output: str  # the Zarr group being written
+    model: ModelSpec
+    chunk: int
+    threshold: float
+    intensity_range: tuple[tuple[float, float], ...]
+    probability_dtype: str
+    levels: tuple[tuple[int, int], ...]  # (height, width) of each pyramid level, level 0 first
+    objects: bool  # measure every object for the objects table
+    fill_holes: bool  # fill holes inside objects (within a chunk) before labelling
+    min_object_pixels: int  # objects smaller than this are dropped before ids are assigned
+
+    def region(self, key: tuple[int, int], height: int, width: int) -> Region:
+        row, col = key
+        y0, x0 = row * self.chunk, col * self.chunk
+        return Region(y0, min(y0 + self.chunk, height), x0, min(x0 + self.chunk, width))

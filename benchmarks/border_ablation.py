@@ -42,6 +42,7 @@ from unet.training import (
 )
 
 CONDITIONS = {"with border term (w0=10, sigma=5)": 10.0, "without (w0=0, class balance only)": 0.0}
+SCORING = load_config(None, [])  # the thresholds training validation and pipelines.evaluate use by default
 KEYS = ("f1", "precision", "recall", "merged", "split", "iou", "n_true", "n_pred")
 
 
@@ -91,7 +92,7 @@ def run(steps: int = 300, seed: int = 0) -> dict:
     images, label_parts = quadrants(image), quadrants(labels)
     results = {}
     for condition, w0 in CONDITIONS.items():
-        tally, started = SegmentationTally(), time.perf_counter()
+        tally, started = SegmentationTally(SCORING.evaluate.iou_threshold), time.perf_counter()
         for test in range(4):
             train = [i for i in range(4) if i != test]
             with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +100,7 @@ def run(steps: int = 300, seed: int = 0) -> dict:
                     Path(tmp), [images[i] for i in train], [label_parts[i] for i in train], w0, steps, seed
                 )
             probability = predicted(model, images[test])
-            tally.add(label_parts[test], probability > 0.5)
+            tally.add(label_parts[test], probability > SCORING.infer.threshold)
             print(f"{condition}: fold {test + 1}/4 done", flush=True)
         results[condition] = {**tally.scores(), "seconds": time.perf_counter() - started}
     return {"steps": steps, "seed": seed, "results": results}

@@ -38,11 +38,14 @@ log = logging.getLogger("convert")
 
 NGFF_FORMATS: dict[str, int] = {"0.4": 2, "0.5": 3}  # OME-NGFF version -> Zarr format it is written as
 MIN_CHUNK = 16
+CHUNK, NGFF = 512, "0.5"  # the defaults of --chunk and --ngff, and of convert()'s arguments
 RGB = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
 OTHER_COLORS = ("FFFFFF", "00FFFF", "FF00FF", "FFFF00")
 
 
-def convert(input: str | Path, output: str | Path, chunk: int = 512, ngff: str = "0.5", overwrite: bool = False) -> str:
+def convert(
+    input: str | Path, output: str | Path, chunk: int = CHUNK, ngff: str = NGFF, overwrite: bool = False
+) -> str:
     """Write ``input`` (TIFF/SVS, an OpenSlide format, or anything ``open_slide`` reads) as OME-Zarr at ``output``."""
     import zarr
 
@@ -196,8 +199,8 @@ def cli(argv: list[str] | None = None) -> int:
         "told apart by content; or Zarr, or samples:SET/FILE",
     )
     parser.add_argument("output", nargs="?", help="OME-Zarr to write: a folder (slide.ome.zarr) or s3://... URL")
-    parser.add_argument("--chunk", type=int, default=512, help="pixels per chunk side (default 512)")
-    parser.add_argument("--ngff", choices=sorted(NGFF_FORMATS), default="0.5", help="OME-NGFF version (default 0.5)")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help=f"pixels per chunk side (default {CHUNK})")
+    parser.add_argument("--ngff", choices=sorted(NGFF_FORMATS), default=NGFF, help=f"OME-NGFF version (default {NGFF})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT once the new one is done")
     return run(main, parser, argv)
 

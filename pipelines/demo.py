@@ -186,7 +186,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
     steps.begin("convert the slide to OME-Zarr")
     slide_zarr = Path(config.infer.input)
     if not (slide_zarr / "zarr.json").is_file():
-        convert(samples["cmu_slide"] / "cmu_small_region.svs", slide_zarr, chunk=512, overwrite=slide_zarr.exists())
+        convert(samples["cmu_slide"] / "cmu_small_region.svs", slide_zarr, overwrite=slide_zarr.exists())
     steps.done(f"{slide_zarr} ({open_slide(slide_zarr).levels} levels)")
 
     steps.begin("segment the slide with Dask")

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --h
 
 log = logging.getLogger("prepare")
 INT32_MAX = 2**31 - 1  # labels are stored as int32
+CHUNK, PREVIEWS = 1024, 3  # the defaults of --chunk-size and --previews, and of prepare()'s arguments
 
 
 class Prepared:
@@ -201,7 +202,7 @@ def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Ar
     return target, weights
 
 
-def prepare(config: Config, overwrite: bool = False, chunk: int = 1024, previews: int = 3) -> str:
+def prepare(config: Config, overwrite: bool = False, chunk: int = CHUNK, previews: int = PREVIEWS) -> str:
     """Build the training store named by ``config.data.store`` (a path or URL); return its location."""
     import dask
 
@@ -348,8 +349,9 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)"
     )
-    parser.add_argument("--chunk-size", type=int, default=1024, help="pixels per chunk side (default 1024)")
-    parser.add_argument("--previews", type=int, default=3, help="weight-map preview PNGs to write (default 3)")
+    parser.add_argument("--chunk-size", type=int, default=CHUNK, help=f"pixels per chunk side (default {CHUNK})")
+    parser.add_argument("--previews", type=int, default=PREVIEWS,
+                        help=f"weight-map preview PNGs to write (default {PREVIEWS})")  # fmt: skip
     return run(main, parser, argv)
 
 

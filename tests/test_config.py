@@ -24,6 +24,18 @@ def test_every_shipped_config_is_valid(path: Path) -> None:
     assert isinstance(load_config(path), Config)
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_hold_only_what_they_change(path: Path) -> None:
+    """A key restating the schema's default would hide a default changed later from every command using the file."""
+    import yaml
+
+    defaults = Config().model_dump()
+    written = yaml.safe_load(path.read_text()) or {}
+    restated = [f"{section}.{key}" for section, values in written.items() for key, value in values.items()
+                if defaults[section][key] == value]  # fmt: skip
+    assert not restated, f"{path.name} restates the defaults of {restated}"
+
+
 def test_shipped_configs_exist() -> None:
     assert {p.name for p in CONFIGS} >= {"default.yaml", "demo.yaml"}
 

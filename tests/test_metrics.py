@@ -30,9 +30,9 @@ def test_pixel_scores() -> None:
 
 def test_perfect_and_empty_predictions() -> None:
     truth = squares((0, 10, 0, 10), (20, 30, 20, 30), ids=[7, 42])
-    perfect = instance_scores(truth, truth)
+    perfect = instance_scores(truth, truth, 0.5)
     assert (perfect.true_positives, perfect.f1, perfect.merged, perfect.split) == (2, 1.0, 0, 0)
-    empty = instance_scores(truth, np.zeros_like(truth))
+    empty = instance_scores(truth, np.zeros_like(truth), 0.5)
     assert (empty.n_pred, empty.recall, empty.f1) == (0, 0.0, 0.0)
 
 
@@ -40,7 +40,7 @@ def test_merge_and_split_are_counted() -> None:
     truth = squares((5, 15, 5, 15), (5, 15, 16, 26), (30, 38, 5, 35))
     # one prediction covers the first two true objects; the third true object is cut in two
     predicted = squares((5, 15, 5, 26), (30, 38, 5, 19), (30, 38, 21, 35))
-    scores = instance_scores(truth, predicted)
+    scores = instance_scores(truth, predicted, 0.5)
     assert (scores.n_true, scores.n_pred, scores.true_positives) == (3, 3, 0)
     assert (scores.merged, scores.split) == (1, 1)
 
@@ -48,21 +48,21 @@ def test_merge_and_split_are_counted() -> None:
 def test_iou_threshold() -> None:
     truth = squares((0, 10, 0, 10))
     shifted = squares((0, 10, 3, 13))  # IoU 70/130 = 0.54
-    assert instance_scores(truth, shifted).true_positives == 1
+    assert instance_scores(truth, shifted, 0.5).true_positives == 1
     assert instance_scores(truth, shifted, threshold=0.6).true_positives == 0
 
 
 def test_touching_prediction_counts_as_one_object() -> None:
     truth = squares((5, 15, 5, 15), (5, 15, 15, 25))  # touching
     predicted_foreground = truth > 0  # right pixels, but no gap: one connected component
-    scores = segmentation_scores(truth, predicted_foreground)
+    scores = segmentation_scores(truth, predicted_foreground, 0.5)
     assert scores["iou"] == 1.0 and scores["n_pred"] == 1 and scores["merged"] == 1 and scores["f1"] == 0.0
     assert instances_from_foreground(predicted_foreground).max() == 1
 
 
 def test_tally_pools_counts_over_images() -> None:
     truth_a, truth_b = squares((0, 10, 0, 10)), squares((0, 10, 0, 10), (20, 30, 20, 30))
-    tally = SegmentationTally()
+    tally = SegmentationTally(0.5)
     tally.add(truth_a, truth_a > 0)  # perfect
     tally.add(truth_b, np.zeros_like(truth_b))  # misses both
     scores = tally.scores()

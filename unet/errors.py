@@ -9,6 +9,12 @@ class ConfigError(UserError, ValueError):
     """An invalid configuration file or ``--set`` override."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's whole message on one line, whitespace folded (its type name if it has none): for messages
+    whose later lines say why (a reader's parse error)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none), for one-line errors."""
     text = str(exc).strip().splitlines()

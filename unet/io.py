@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 
 from unet import storage
-from unet.errors import UserError
+from unet.errors import UserError, one_line
 
 TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -100,11 +100,6 @@ def check_pixels(
 
 class ImageTooLargeError(ImageReadError):
     """An image whose header claims more pixels than the caller's limit (nothing was decoded)."""
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (its type name if it has none)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class GuardedReads:

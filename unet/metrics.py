@@ -76,7 +76,7 @@ class InstanceScores:
         return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
 
 
-def instance_scores(truth: np.ndarray, predicted: np.ndarray, threshold: float = 0.5) -> InstanceScores:
+def instance_scores(truth: np.ndarray, predicted: np.ndarray, threshold: float) -> InstanceScores:
     """Match true and predicted instances one to one at IoU > ``threshold`` (>= 0.5 makes it unique)."""
     table, true_area, pred_area = overlap_table(truth, predicted)
     inter = table[1:, 1:].astype(np.float64)
@@ -93,18 +93,21 @@ def instance_scores(truth: np.ndarray, predicted: np.ndarray, threshold: float =
     return InstanceScores(n_t, n_p, tp, precision, recall, f1, merged, split)
 
 
-def segmentation_scores(truth_instances: np.ndarray, predicted_foreground: np.ndarray) -> dict[str, float]:
-    """Pixel IoU/Dice and instance scores (instances = connected components of the prediction)."""
+def segmentation_scores(
+    truth_instances: np.ndarray, predicted_foreground: np.ndarray, iou_threshold: float
+) -> dict[str, float]:
+    """Pixel IoU/Dice and instance scores at ``iou_threshold`` (instances = connected components of the
+    prediction)."""
     scores = pixel_scores(predicted_foreground, truth_instances)
     predicted = instances_from_foreground(predicted_foreground)
-    scores.update(instance_scores(truth_instances, predicted).as_dict())
+    scores.update(instance_scores(truth_instances, predicted, iou_threshold).as_dict())
     return scores
 
 
 class SegmentationTally:
     """Accumulates counts over several images; ``scores()`` gives pooled (micro-averaged) metrics."""
 
-    def __init__(self, threshold: float = 0.5) -> None:
+    def __init__(self, threshold: float) -> None:
         self.threshold = threshold
         self.counts = dict.fromkeys(
             ("intersection", "union", "pixels_sum", "n_true", "n_pred", "true_positives", "merged", "split"), 0

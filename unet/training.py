@@ -196,8 +196,8 @@ def evaluate(
     examples: Iterable[ValidationExample],
     settings: InferenceSettings,
     chunk: int,
-    threshold: float = 0.5,
-    iou_threshold: float = 0.5,
+    threshold: float,
+    iou_threshold: float,
 ) -> tuple[dict[str, float], list[np.ndarray]]:
     """Scores over all ``examples`` (pixel IoU/Dice, instance F1 at ``iou_threshold``, merges, splits) and the
     foreground probability of each, predicted the way ``pipelines.infer`` predicts a slide (``predict_image``)."""

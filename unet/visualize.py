@@ -53,9 +53,7 @@ def save_weight_map_png(location: str | Path, image: np.ndarray, target: np.ndar
     return write_png(location, weight_map_panel(image, target, weights))
 
 
-def prediction_panel(
-    image: np.ndarray, target: np.ndarray, probability: np.ndarray, threshold: float = 0.5
-) -> np.ndarray:
+def prediction_panel(image: np.ndarray, target: np.ndarray, probability: np.ndarray, threshold: float) -> np.ndarray:
     """Image | target | prediction (probability, with the thresholded objects outlined in green)."""
     rgb = to_rgb(image)
     target_rgb = np.repeat((np.asarray(target) > 0).astype(np.uint8)[..., None] * 255, 3, axis=-1)

@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from unet import storage
-from unet.errors import UserError
+from unet.errors import UserError, first_line
 
 SLIDE_SUFFIXES = (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs")
 MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
@@ -151,7 +151,7 @@ def _from_manifest(manifest: str, output: str, level: int | None, pixel_size_um:
             rows = yaml.safe_load(text)
             rows = rows.get("slides") if isinstance(rows, dict) else rows
     except (csv.Error, yaml.YAMLError) as exc:
-        raise UserError(f"manifest {manifest} cannot be read: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"manifest {manifest} cannot be read: {first_line(exc)}") from None
     if not isinstance(rows, list) or not rows:
         raise UserError(f"manifest {manifest} lists no slides (expected rows with an 'input' column)")
     parsed = []

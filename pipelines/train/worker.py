@@ -204,7 +204,8 @@ class Worker:
         metrics.update(best | {f"best/{k}": v for k, v in self.progress["best_scores"].items()})
         log_metrics(self.tracker, self.run_id, metrics, epoch)
         if self.validation:
-            panel = prediction_panel(self.validation[0].image, self.validation[0].target, probabilities[0])
+            example = self.validation[0]  # outlined as scored: at infer.threshold
+            panel = prediction_panel(example.image, example.target, probabilities[0], infer.threshold)
             _log_picture(self.tracker, self.run_id, panel, f"epoch_{epoch:03d}.png")
 
 

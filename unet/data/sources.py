@@ -10,9 +10,9 @@ import numpy as np
 import tifffile
 import zarr
 
-from unet.errors import UserError
+from unet.errors import UserError, one_line
 from unet.io import (
-    PIL_SUFFIXES,
+    SUPPORTED,
     TIFF_SUFFIXES,
     GuardedReads,
     ImageReadError,
@@ -22,8 +22,6 @@ from unet.io import (
     pixel_size_um,
     read_image,
 )
-
-INPUT_SUFFIXES = sorted(TIFF_SUFFIXES | PIL_SUFFIXES | {".npy", ".zarr"})
 
 
 class DataError(UserError):
@@ -52,14 +50,14 @@ def list_inputs(location: str) -> list[Path]:
         candidates = sorted(Path(p) for p in glob.glob(location))
         if not candidates and not any(ch in location for ch in "*?["):
             raise DataError(f"input folder not found: {location}")
-    return [p for p in candidates if image_suffix(p) in INPUT_SUFFIXES and not p.name.startswith(".")]
+    return [p for p in candidates if image_suffix(p) in SUPPORTED and not p.name.startswith(".")]
 
 
 def find_pairs(images: str, labels: str) -> list[Pair]:
     """Match every image with the label file of the same stem; each must have exactly one."""
     image_files, label_files = list_inputs(images), list_inputs(labels)
     if not image_files:
-        raise DataError(f"no images found in {images} (looked for {', '.join(INPUT_SUFFIXES)})")
+        raise DataError(f"no images found in {images} (looked for {', '.join(SUPPORTED)})")
     by_stem: dict[str, Path] = {}
     for path in label_files:
         if stem(path) in by_stem:
@@ -102,7 +100,7 @@ def open_lazy(path: Path, max_pixels: int | None = None) -> GuardedReads | np.nd
     except ImageReadError as exc:
         raise DataError(str(exc)) from None
     except (OSError, ValueError, TypeError, tifffile.TiffFileError, zarr.errors.BaseZarrError) as exc:
-        raise DataError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+        raise DataError(f"cannot read {path}: {one_line(exc)}") from None
     try:
         return read_image(path, max_pixels, setting)
     except ImageReadError as exc:

@@ -25,6 +25,7 @@ from pathlib import Path
 import zarr
 
 from unet import storage
+from unet.errors import one_line
 from unet.slides.base import (
     MAX_CHANNELS,
     MAX_CHUNK_BYTES,
@@ -60,8 +61,8 @@ def open_slide(path: str | Path, level: int = 0) -> Slide:
     try:
         node = zarr.open(path, mode="r")
     except ZARR_ERRORS as exc:
-        reason = " ".join(str(exc).split())  # e.g. Zarr metadata with a negative shape says so
-        detail = f" ({reason})" if reason and not isinstance(exc, FileNotFoundError) else ""
+        reason = one_line(exc)  # e.g. Zarr metadata with a negative shape says so
+        detail = f" ({reason})" if str(exc).strip() and not isinstance(exc, FileNotFoundError) else ""
         raise SlideError(
             f"{path} is neither a Zarr array or group nor a TIFF file{detail}; readable: {READABLE}"
         ) from None
@@ -81,7 +82,7 @@ def _open_file(path: Path, level: int) -> Slide:
             return open_tiff(path, level)
         except TIFF_ERRORS as exc:
             if vendor is None:
-                reason = " ".join(str(exc).split())  # one line, whatever tifffile says
+                reason = one_line(exc)  # whatever tifffile says
                 detail = "" if reason.startswith("not a TIFF") else f" ({reason})"  # a broken TIFF says why
                 raise SlideError(
                     f"{path} is neither a readable TIFF nor a slide OpenSlide reads{detail}; readable: {READABLE}"

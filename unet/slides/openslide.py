@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from unet.errors import one_line
 from unet.slides.base import MAX_CHUNK_BYTES, READABLE, Slide, SlideError, check_level, make_slide
 
 
@@ -30,7 +31,7 @@ def open_openslide(path: str | Path, level: int = 0) -> Slide:
     try:
         handle = openslide.OpenSlide(path)
     except (OSError, openslide.OpenSlideError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+        reason = one_line(exc)
         raise SlideError(f"{path}: OpenSlide cannot read it ({reason}); readable: {READABLE}") from None
     try:
         check_level(str(path), level, handle.level_count)
@@ -103,7 +104,7 @@ class OpenSlideLevel:
         try:
             return self.handle.read_region(corner, self.level, size)
         except openslide.OpenSlideError as exc:  # a corrupt tile: OpenSlide's handle is unusable after it
-            reason = " ".join(str(exc).split()) or type(exc).__name__
+            reason = one_line(exc)
             raise SlideError(f"{self.path}: OpenSlide cannot read level {self.level} at {corner} ({reason})") from None
 
     def close(self) -> None:

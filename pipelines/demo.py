@@ -88,9 +88,11 @@ def finished_model(config: Config, store_sha: str) -> str | None:
 def labels_on_slide(labels: zarr.Array, side: float, window: tuple[int, int, int, int]) -> np.ndarray:
     """A label image level over ``window`` = (y0, y1, x0, x1) of a slide level, a label pixel being ``side`` pixels
     of that slide level: for each slide pixel, the label pixel holding its centre (nearest neighbour)."""
+    from unet.resample import nearest_indices
+
     y0, y1, x0, x1 = window
-    rows = np.minimum(((np.arange(y0, y1) + 0.5) / side).astype(np.int64), labels.shape[-2] - 1)
-    cols = np.minimum(((np.arange(x0, x1) + 0.5) / side).astype(np.int64), labels.shape[-1] - 1)
+    rows = nearest_indices(y0, y1, 1 / side, labels.shape[-2])  # 1 / side label pixels per slide pixel
+    cols = nearest_indices(x0, x1, 1 / side, labels.shape[-1])
     block = np.asarray(labels[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
     return block[(rows - rows.min())[:, None], (cols - cols.min())[None, :]]
 
@@ -102,13 +104,13 @@ def result_pictures(slide_path: str, output: str, folder: Path, size: int = 768)
     pixels through the output's frame (``unet.resolution``)."""
     import zarr
 
-    from pipelines.infer.output import LINEAGE_KEY, labels_level
+    from pipelines.infer.output import labels_level, level0_scale
     from unet.io import write_png
     from unet.slides import open_slide
     from unet.visualize import outline
 
     root = zarr.open_group(output, mode="r")
-    to_level0 = root.attrs[LINEAGE_KEY].get("resolution", {}).get("to_level0", 1.0)
+    to_level0 = level0_scale(output)
     slide = open_slide(slide_path)
     low = open_slide(slide_path, slide.levels - 1)
     factor = slide.width / low.width  # level-0 pixels per pixel of the slide's lowest level
@@ -134,17 +136,6 @@ def nuclei(stats: dict, store: TrainingStore) -> str:
     return f"{stats['objects']} nuclei{area} (training nuclei: median {training['p50']:.1f} um2)"
 
 
-def describe(lineage: dict) -> str:
-    """The resolution the slide was segmented at, from its output's lineage."""
-    resolution = lineage.get("resolution") or {}
-    size, slide = resolution.get("pixel_size_um"), resolution.get("slide_pixel_size_um")
-    if size is None or slide is None:
-        return "the slide's own resolution (pixel size unknown)"
-    return (
-        f"{size:.4g} um/px (the slide's level {resolution['level']} is {resolution['level_pixel_size_um']:.4g} um/px)"
-    )
-
-
 def main(config: Config, args: argparse.Namespace) -> None:
     import pandas as pd
     import zarr
@@ -153,7 +144,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
     from pipelines.convert import convert
     from pipelines.export import export
     from pipelines.infer.job import infer
-    from pipelines.infer.output import LINEAGE_KEY, OBJECTS
+    from pipelines.infer.output import LINEAGE_KEY, OBJECTS, recorded_resolution
     from pipelines.prepare import prepare
     from pipelines.train.job import train
     from unet import storage
@@ -201,7 +192,8 @@ def main(config: Config, args: argparse.Namespace) -> None:
         stats = infer(config.model_copy(update={"infer": config.infer.model_copy(update={"overwrite": True})}))
         steps.done(f"{output}: {nuclei(stats, store)}, {stats['mpx_per_s']:.2f} Mpx/s")
         lineage = zarr.open_group(output, mode="r").attrs[LINEAGE_KEY]
-    log.info("segmented at %s", describe(lineage))
+    if (resolution := recorded_resolution(lineage)) is not None:
+        log.info("segmented at %s", resolution.describe())
 
     steps.begin("evaluate on held-out images")
     scores = evaluate.evaluate(config)

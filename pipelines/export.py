@@ -58,7 +58,7 @@ def export(
     overwrite: bool = False,
 ) -> tuple[str, int]:
     """Write the outlines of ``output``'s objects of at least ``min_area`` pixels; return (file, features)."""
-    from pipelines.infer.output import LABELS
+    from pipelines.infer.output import LABELS, level0_scale
     from unet import storage
 
     if fmt not in FORMATS:
@@ -111,15 +111,6 @@ def open_labels(source: str) -> zarr.Array:
             "re-run inference with this version to write it"
         )
     return labels
-
-
-def level0_scale(source: str) -> float:
-    """Level-0 pixels per label-image pixel, from the output's lineage (1 for outputs made before it was recorded,
-    which were all segmented as stored)."""
-    from pipelines.infer.output import recorded_lineage
-
-    resolution = (recorded_lineage(source) or {}).get("resolution") or {}
-    return float(resolution.get("to_level0", 1.0))
 
 
 def default_destination(source: str, fmt: str) -> str:

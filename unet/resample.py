@@ -109,17 +109,18 @@ def resample_image(image: np.ndarray, scale: float) -> np.ndarray:
                            (0, shape[0], 0, shape[1]))  # fmt: skip
 
 
-def nearest_indices(length: int, scale: float, source_length: int) -> np.ndarray:
-    """The source index whose pixel holds each output pixel's centre (nearest neighbour)."""
-    centre = (np.arange(length, dtype=np.float64) + 0.5) * scale
+def nearest_indices(start: int, stop: int, scale: float, source_length: int) -> np.ndarray:
+    """For output pixels ``start..stop-1``, the source index whose pixel holds each one's centre (nearest
+    neighbour), at ``scale`` source pixels per output pixel."""
+    centre = (np.arange(start, stop, dtype=np.float64) + 0.5) * scale
     return np.clip(np.floor(centre).astype(np.int64), 0, source_length - 1)
 
 
 def resample_labels(labels: np.ndarray, scale: float) -> np.ndarray:
     """A (..., H, W) label image at ``scale`` by nearest neighbour: every id kept, none blended."""
     height, width = labels.shape[-2:]
-    rows = nearest_indices(resampled_length(height, scale), scale, height)
-    cols = nearest_indices(resampled_length(width, scale), scale, width)
+    rows = nearest_indices(0, resampled_length(height, scale), scale, height)
+    cols = nearest_indices(0, resampled_length(width, scale), scale, width)
     return labels[..., rows[:, None], cols[None, :]]
 
 

@@ -10,7 +10,7 @@ coordinate ``(c + 0.5) * to_level0 - 0.5``, and a pixel edge ``e`` at ``e * to_l
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from unet.errors import UserError
 from unet.resample import TOLERANCE, Resampled, choose_level, same_size
@@ -43,10 +43,6 @@ class Resolution:
         """The output's pixel size."""
         return None if self.level_pixel_size_um is None else self.level_pixel_size_um * self.scale
 
-    def level0_point(self, coordinate: float) -> float:
-        """An output pixel coordinate (pixel centres at integers) in level-0 pixels."""
-        return (coordinate + 0.5) * self.to_level0 - 0.5
-
     def describe(self) -> str:
         """One line, e.g. "level 0 (0.499 um/px) resampled to 0.25 um/px (the model's)"."""
         size = f" ({self.level_pixel_size_um:.4g} um/px)" if self.level_pixel_size_um else " (pixel size unknown)"
@@ -56,6 +52,11 @@ class Resolution:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "pixel_size_um": self.pixel_size_um, "resampled": self.resampled}
+
+    @classmethod
+    def from_dict(cls, recorded: dict) -> Resolution:
+        """The ``Resolution`` an output's lineage records (``as_dict``)."""
+        return cls(**{field.name: recorded[field.name] for field in fields(cls)})
 
 
 def plan_resolution(

@@ -181,6 +181,21 @@ def recorded_lineage(location: str) -> dict | None:
     return recorded if isinstance(recorded, dict) else None
 
 
+def recorded_resolution(lineage: dict | None) -> Resolution | None:
+    """The resolution an output was segmented at, from its lineage (None for outputs made before it was recorded,
+    which were all segmented as stored)."""
+    from unet.resolution import Resolution
+
+    recorded = (lineage or {}).get("resolution")
+    return Resolution.from_dict(recorded) if recorded else None
+
+
+def level0_scale(source: str) -> float:
+    """Level-0 pixels per label-image pixel, from the output's lineage (1 for an output segmented as stored)."""
+    resolution = recorded_resolution(recorded_lineage(source))
+    return resolution.to_level0 if resolution else 1.0
+
+
 def lineage_matches(recorded: dict, lineage: dict) -> bool:
     """Whether an interrupted output was started with the same model, input and config."""
     if any(recorded.get(key) != lineage.get(key) for key in RESUME_KEYS):

@@ -1,10 +1,11 @@
-"""What every entry point shares: ``--config``, ``--set``, printing/saving the resolved config,
-and turning user errors into one line on stderr with a non-zero exit."""
+"""What every entry point shares: ``--config``, ``--set``, printing/saving the resolved config (for those that read
+a config), and turning user errors into one line on stderr with a non-zero exit."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -37,9 +38,19 @@ def stopped_by_signals() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def make_parser(prog: str, description: str, default_config: str | None = None) -> argparse.ArgumentParser:
-    """An argument parser with the options common to every entry point."""
+def make_parser(
+    prog: str, description: str, default_config: str | None = None, config: bool = True
+) -> argparse.ArgumentParser:
+    """An argument parser with the options common to every entry point: ``-v``, and for one that reads a config
+    (``config``) ``--config``, ``--set``, ``--print-config`` and ``--save-config``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    if config:
+        _add_config_options(parser, default_config)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _add_config_options(parser: argparse.ArgumentParser, default_config: str | None) -> None:
     parser.add_argument(
         "--config",
         type=Path,
@@ -56,8 +67,6 @@ def make_parser(prog: str, description: str, default_config: str | None = None) 
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--save-config", type=Path, metavar="PATH", help="also write the resolved config here")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
 
 
 def resolve_config(args: argparse.Namespace) -> Config | None:
@@ -72,11 +81,12 @@ def resolve_config(args: argparse.Namespace) -> Config | None:
 
 
 def run(
-    main: Callable[[Config, argparse.Namespace], object],
+    main: Callable[[Config, argparse.Namespace], object] | Callable[[argparse.Namespace], object],
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Parse ``argv``, load the config and call ``main(config, args)``; return an exit status."""
+    """Parse ``argv``, load the config and call ``main(config, args)``, or ``main(args)`` where the parser offers
+    no ``--config`` (``make_parser(config=False)``); return an exit status."""
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -87,10 +97,14 @@ def run(
         for name in ("mlflow", "botocore", "aiobotocore", "s3fs", "torch"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        config = resolve_config(args)
-        if config is not None:
-            with stopped_by_signals():
-                main(config, args)
+        if "config" not in vars(args):  # an entry point that reads no config
+            job = functools.partial(main, args)
+        elif (config := resolve_config(args)) is not None:
+            job = functools.partial(main, config, args)
+        else:  # --print-config printed it
+            return 0
+        with stopped_by_signals():
+            job()
     except UserError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

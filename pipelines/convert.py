@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.cli import make_parser, run
-from unet.config import Config
 
 if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
     import dask.array as da
@@ -178,7 +177,7 @@ def describe(path: str) -> list[str]:
     return lines
 
 
-def main(config: Config, args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> None:
     from unet.slides import SlideError
 
     if args.input is None or args.output is None:
@@ -190,8 +189,8 @@ def main(config: Config, args: argparse.Namespace) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = make_parser("python -m pipelines.convert", __doc__.splitlines()[0])
-    # optional for argparse so that --print-config works alone; main() insists on both
+    parser = make_parser("python -m pipelines.convert", __doc__.splitlines()[0], config=False)
+    # optional for argparse so that a missing one is a one-line error; main() insists on both
     parser.add_argument(
         "input",
         nargs="?",

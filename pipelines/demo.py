@@ -25,6 +25,7 @@ from unet.config import Config, flatten_config
 from unet.errors import UserError
 
 if TYPE_CHECKING:  # heavy modules and the other pipelines are imported where they are used: --help answers at once
+    import pandas as pd
     import zarr
 
     from unet.data.store import TrainingStore
@@ -137,25 +138,33 @@ def nuclei(stats: dict, store: TrainingStore) -> str:
 
 
 def main(config: Config, args: argparse.Namespace) -> None:
-    import pandas as pd
-    import zarr
-
-    from pipelines import evaluate, registry
-    from pipelines.convert import convert
-    from pipelines.export import export
-    from pipelines.infer.job import infer
-    from pipelines.infer.output import LINEAGE_KEY, OBJECTS, recorded_resolution
-    from pipelines.prepare import prepare
-    from pipelines.train.job import train
-    from unet import storage
-    from unet.data.store import TrainingStore
-    from unet.samples import fetch_samples
-    from unet.slides import open_slide
+    from pipelines import registry
 
     steps = Steps()
+    samples = fetch_step(steps)
+    store = prepare_step(steps, config)
+    train_or_reuse_step(steps, config, store)
+    slide_zarr = convert_step(steps, config, samples)
+    tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)  # the training step's lookup used it
+    output, champion = segment_step(steps, config, store, tracking_uri)
+    evaluate_step(steps, config)
+    folder, table = show_step(steps, config, slide_zarr, output)
+    export_step(steps, output, folder)
+    report(steps, config, output, table, tracking_uri, champion)
+
+
+def fetch_step(steps: Steps) -> dict[str, Path]:
+    from unet.samples import fetch_samples
+
     steps.begin("fetch real sample data")
     samples = fetch_samples(["he_nuclei", "cmu_slide"])
     steps.done(f"H&E nuclei + Aperio slide in {samples['he_nuclei'].parent}")
+    return samples
+
+
+def prepare_step(steps: Steps, config: Config) -> TrainingStore:
+    from pipelines.prepare import prepare
+    from unet.data.store import TrainingStore
 
     steps.begin("prepare the training store")
     store_path = Path(config.data.store)
@@ -164,36 +173,60 @@ def main(config: Config, args: argparse.Namespace) -> None:
     store = TrainingStore(store_path)
     steps.done(f"{store.location}: {len(store.names_in('train'))} train / {len(store.names_in('val'))} val images, "
                f"{store.pixel_size_um:g} um/px (configs/demo.yaml: the crops' pixel size, see the README)")  # fmt: skip
+    return store
+
+
+def train_or_reuse_step(steps: Steps, config: Config, store: TrainingStore) -> None:
+    from pipelines.train.job import train
+    from unet import storage
 
     steps.begin("train with Ray Train (2 workers)")
     model_uri = finished_model(config, storage.sha256(store.location))
     if model_uri is None:
         trained = train(config)
-        model_uri = trained["model_uri"]
-        steps.done(f"{model_uri}, {trained['epochs']} epochs")
+        steps.done(f"{trained['model_uri']}, {trained['epochs']} epochs")
     else:
         steps.done(f"{model_uri} (finished earlier; reused)")
+
+
+def convert_step(steps: Steps, config: Config, samples: dict[str, Path]) -> Path:
+    from pipelines.convert import convert
+    from unet.slides import open_slide
 
     steps.begin("convert the slide to OME-Zarr")
     slide_zarr = Path(config.infer.input)
     if not (slide_zarr / "zarr.json").is_file():
         convert(samples["cmu_slide"] / "cmu_small_region.svs", slide_zarr, overwrite=slide_zarr.exists())
     steps.done(f"{slide_zarr} ({open_slide(slide_zarr).levels} levels)")
+    return slide_zarr
+
+
+def segment_step(steps: Steps, config: Config, store: TrainingStore, tracking_uri: str) -> tuple[Path, str]:
+    """Segment the slide with the champion, unless its output by that model is complete; return the output and the
+    champion's URI."""
+    import zarr
+
+    from pipelines import registry
+    from pipelines.infer.job import infer
+    from pipelines.infer.output import LINEAGE_KEY, recorded_resolution
 
     steps.begin("segment the slide with Dask")
-    tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     champion, _ = registry.resolve_model(config.infer.model, tracking_uri)
     output = Path(config.infer.output)
     lineage = zarr.open_group(output, mode="r").attrs.get(LINEAGE_KEY, {}) if output.exists() else {}
     if lineage.get("complete") and lineage.get("model_uri") == champion:
-        stats = lineage["stats"]
-        steps.done(f"{output} by {champion} (reused): {nuclei(stats, store)}")
+        steps.done(f"{output} by {champion} (reused): {nuclei(lineage['stats'], store)}")
     else:
         stats = infer(config.model_copy(update={"infer": config.infer.model_copy(update={"overwrite": True})}))
         steps.done(f"{output}: {nuclei(stats, store)}, {stats['mpx_per_s']:.2f} Mpx/s")
         lineage = zarr.open_group(output, mode="r").attrs[LINEAGE_KEY]
     if (resolution := recorded_resolution(lineage)) is not None:
         log.info("segmented at %s", resolution.describe())
+    return output, champion
+
+
+def evaluate_step(steps: Steps, config: Config) -> None:
+    from pipelines import evaluate
 
     steps.begin("evaluate on held-out images")
     scores = evaluate.evaluate(config)
@@ -202,16 +235,34 @@ def main(config: Config, args: argparse.Namespace) -> None:
         f"merged {scores['merged']:.0f}, split {scores['split']:.0f} ({scores['images']} images)"
     )
 
+
+def show_step(steps: Steps, config: Config, slide_zarr: Path, output: Path) -> tuple[Path, pd.DataFrame]:
+    """The pictures of the output and its objects table; return the pictures' folder and the table."""
+    import pandas as pd
+
+    from pipelines.infer.output import OBJECTS
+
     steps.begin("show the results: pyramid pictures, objects table")
     folder = Path(config.evaluate.output).parent
     overview, crop = result_pictures(str(slide_zarr), str(output), folder)
     table = pd.read_parquet(output / OBJECTS)
     steps.done(f"{overview} (zoomed out), {crop} (full resolution), {output / OBJECTS} ({len(table)} rows)")
+    return folder, table
+
+
+def export_step(steps: Steps, output: Path, folder: Path) -> None:
+    from pipelines.export import export
+    from unet.io import stem
 
     steps.begin("export the outlines for QuPath")
-    geojson = folder / f"{output.name.removesuffix('.ome.zarr')}.qupath.geojson"
+    geojson = folder / f"{stem(output)}.qupath.geojson"
     exported, count = export(output, "qupath", destination=geojson, overwrite=True)
     steps.done(f"{exported}: {count} nuclei (QuPath: File > Import objects from file)")
+
+
+def report(steps: Steps, config: Config, output: Path, table: pd.DataFrame, tracking_uri: str, champion: str) -> None:
+    """The summary: what each step did, the first rows of the objects table, and where to look further."""
+    from pipelines.infer.output import OBJECTS
 
     print("\nSummary (real data; the model is small and briefly trained, see configs/demo.yaml)\n")
     print(steps.table())

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from pipelines.cli import make_parser, run
-from unet.config import Config
 from unet.errors import UserError
 
 if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
@@ -115,12 +114,10 @@ def open_labels(source: str) -> zarr.Array:
 
 def default_destination(source: str, fmt: str) -> str:
     """NAME.geojson (or NAME.qupath.geojson) beside NAME.ome.zarr."""
+    from unet.io import stem
+
     parent, _, name = source.rstrip("/").rpartition("/")
-    for suffix in (".ome.zarr", ".zarr"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            name = name.removesuffix(suffix)
-            break
-    return f"{parent}/{name}{FORMATS[fmt]}"
+    return f"{parent}/{stem(name)}{FORMATS[fmt]}"
 
 
 def read_objects(source: str, fmt: str) -> dict[str, np.ndarray]:
@@ -274,7 +271,7 @@ def staged_text(target: str, overwrite: bool) -> Iterator[TextIO]:
         raise
 
 
-def main(config: Config, args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> None:
     if args.output_zarr is None:
         raise ExportError("give the inference output, e.g. python -m pipelines.export slide.ome.zarr --format qupath")
     target, count = export(args.output_zarr, args.format, args.min_area, args.output, args.overwrite)
@@ -282,8 +279,8 @@ def main(config: Config, args: argparse.Namespace) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = make_parser("python -m pipelines.export", __doc__.splitlines()[0])
-    # optional for argparse so that --print-config works alone; main() insists on it
+    parser = make_parser("python -m pipelines.export", __doc__.splitlines()[0], config=False)
+    # optional for argparse so that a missing one is a one-line error; main() insists on it
     parser.add_argument("output_zarr", nargs="?", metavar="OUT", help="inference output (OUT.ome.zarr or s3://...)")
     parser.add_argument(
         "--format",

@@ -29,10 +29,11 @@ import numpy as np
 
 from pipelines.cli import make_parser, run
 from unet.config import Config, flatten_config
-from unet.intensity import MAX_INTENSITY_SPAN
+from unet.intensity import check_intensity, intensity_bounds
 
 if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
     import dask.array as da
+    import zarr
 
     from unet.data.sources import Pair
     from unet.weights import WeightMapParams
@@ -63,38 +64,39 @@ class Prepared:
                 f"image {pair.image} has {self.channels} channels but model.n_channels is {config.model.n_channels}"
             )
         self.stated_pixel_size = stated_pixel_size_um(pair.image)  # from its metadata, None if it states none
-        self.resampled = False
+        self.renumbered = self.resampled = False
 
     def checks(self) -> dict[str, Any]:
-        """Dask scalars whose values must be false for the data to be usable."""
-        import dask.array as da
-
+        """What ``check`` needs, as Dask scalars: the image's bounds (``unet.intensity.intensity_bounds``) and
+        whether the labels hold negative ids."""
         checks: dict[str, Any] = {}
-        if np.dtype(self.image.dtype).kind == "f":
-            checks[f"image {self.pair.image} contains NaN or infinite values"] = ~da.isfinite(self.image).all()
-        if np.dtype(self.image.dtype).kind in "iu" and np.dtype(self.image.dtype).itemsize > 2:
-            span = self.image.max().astype(np.float64) - self.image.min().astype(np.float64)
-            message = (
-                f"image {self.pair.image} has {self.image.dtype} values spanning more than {MAX_INTENSITY_SPAN:,}, "
-                "too many for the intensity histogram; save it as float32 or 16-bit"
-            )
-            checks[message] = span > MAX_INTENSITY_SPAN
+        if (bounds := intensity_bounds(self.image)) is not None:
+            checks["bounds"] = bounds
         if np.dtype(self.labels.dtype).kind == "i":
-            checks[f"labels {self.pair.labels} contain negative ids"] = (self.labels < 0).any()
+            checks["negative"] = (self.labels < 0).any()
         return checks
 
-    def renumber_if_needed(self, largest: int) -> bool:
+    def check(self, computed: dict[str, Any]) -> None:
+        """Refuse the example (``DataError``) by its computed ``checks()``."""
+        from unet.data.sources import DataError
+
+        if "bounds" in computed:
+            check_intensity(f"image {self.pair.image}", self.image.dtype, *computed["bounds"], DataError)
+        if computed.get("negative"):
+            raise DataError(f"labels {self.pair.labels} contain negative ids")
+
+    def renumber_if_needed(self, largest: int) -> None:
         """Renumber the labels 1..n in the order of their ids if ``largest`` (their largest id) does not fit int32,
-        the stored type; return whether it did. Every distinct id stays one object."""
+        the stored type (``renumbered`` says whether it did). Every distinct id stays one object."""
         if largest <= INT32_MAX:
-            return False
+            return
         import dask.array as da
 
         ids = np.union1d(np.zeros(1, self.labels.dtype), da.unique(self.labels).compute())  # background first
         self.labels = self.labels.map_blocks(lambda block: np.searchsorted(ids, block).astype(np.int32), dtype=np.int32)
         log.info("labels %s: ids up to %d do not fit int32; stored renumbered 1..%d", self.pair.labels, largest,
                  len(ids) - 1)  # fmt: skip
-        return True
+        self.renumbered = True
 
     def resample_to(self, pixel_size: float, chunk: int, max_pixels: int) -> None:
         """Image and labels at ``pixel_size`` (um/px) when the size their metadata states differs by more than
@@ -119,6 +121,32 @@ class Prepared:
         self.resampled = True
         log.info("image %s: resampled from %.4g um/px to %.4g um/px, now %d x %d pixels", self.pair.image, own,
                  pixel_size, *self.labels.shape)  # fmt: skip
+
+    def arrays(self, params: WeightMapParams) -> dict[str, da.Array]:
+        """What the store holds of the example: image, labels (int32), target and weight map."""
+        target, weights = weights_and_target(self.labels, params)
+        return {"image": self.image, "labels": self.labels.astype(np.int32), "target": target, "weights": weights}
+
+    def attrs(self, split: str, pixel_size: float) -> dict[str, Any]:
+        """The example's attributes in the store (``pixel_size`` that of its stored pixels)."""
+        from unet import storage
+        from unet.intensity import intensity_ranges
+
+        return {
+            "split": split,
+            "source_image": str(self.pair.image),
+            "source_labels": str(self.pair.labels),
+            "image_sha256": storage.sha256(self.pair.image),
+            "labels_sha256": storage.sha256(self.pair.labels),
+            "labels_renumbered": self.renumbered,
+            "shape": list(self.labels.shape),
+            "channels": self.channels,
+            "dtype": str(self.image.dtype),
+            "intensity_range": intensity_ranges(self.image),
+            "pixel_size_um": pixel_size,  # of the stored pixels
+            "source_pixel_size_um": self.stated_pixel_size,  # None: data.pixel_size_um was taken
+            "resampled": self.resampled,
+        }
 
 
 def resampled(array: da.Array, scale: float, function: Any, chunks: tuple[int, ...]) -> da.Array:
@@ -204,15 +232,23 @@ def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Ar
 
 def prepare(config: Config, overwrite: bool = False, chunk: int = CHUNK, previews: int = PREVIEWS) -> str:
     """Build the training store named by ``config.data.store`` (a path or URL); return its location."""
-    import dask
-
-    from pipelines import zarr_store
-    from unet import storage
-    from unet.data.sources import DataError, find_pairs
-    from unet.data.store import StoreWriter, object_area_distribution, object_areas
-    from unet.intensity import intensity_ranges
-    from unet.samples import resolve_location
     from unet.weights import WeightMapParams
+
+    examples = open_examples(config, chunk)
+    pixel_size = training_pixel_size(examples, config.data.pixel_size_um)
+    check_examples(examples)
+    for ex in examples:  # before the target and weight map: they are computed at the training resolution
+        ex.resample_to(pixel_size, chunk, config.data.max_image_pixels)
+    path = write_store(config, examples, pixel_size, WeightMapParams.from_config(config.loss), overwrite, chunk)
+    write_previews(path, previews)
+    return path
+
+
+def open_examples(config: Config, chunk: int) -> list[Prepared]:
+    """The image/label pairs of ``data.images`` and ``data.labels``, opened lazily, once ``data.store`` is known not
+    to clash with them."""
+    from unet.data.sources import DataError, find_pairs
+    from unet.samples import resolve_location
 
     data = config.data
     if not data.images or not data.labels:
@@ -221,65 +257,61 @@ def prepare(config: Config, overwrite: bool = False, chunk: int = CHUNK, preview
     pairs = find_pairs(images, labels)
     check_store_location(data.store, [images, labels], pairs)
     log.info("found %d image/label pairs in %s and %s", len(pairs), data.images, data.labels)
-    examples = [Prepared(pair, config, chunk) for pair in pairs]
-    pixel_size = training_pixel_size(examples, data.pixel_size_um)
+    return [Prepared(pair, config, chunk) for pair in pairs]
 
-    checks = {msg: flag for ex in examples for msg, flag in ex.checks().items()}
-    *failures, largest = dask.compute(*checks.values(), [ex.labels.max() for ex in examples])
-    for message, failed in zip(checks, failures, strict=True):
-        if failed:
-            raise DataError(message)
-    renumbered = [ex.renumber_if_needed(int(top)) for ex, top in zip(examples, largest, strict=True)]
-    for ex in examples:  # before the target and weight map: they are computed at the training resolution
-        ex.resample_to(pixel_size, chunk, data.max_image_pixels)
 
-    params = WeightMapParams.from_config(config.loss)
+def check_examples(examples: list[Prepared]) -> None:
+    """Refuse unusable examples (``Prepared.check``) and renumber labels whose ids do not fit int32, from what one
+    Dask computation finds in all of them."""
+    import dask
+
+    checks, largest = dask.compute([ex.checks() for ex in examples], [ex.labels.max() for ex in examples])
+    for ex, computed in zip(examples, checks, strict=True):
+        ex.check(computed)
+    for ex, top in zip(examples, largest, strict=True):
+        ex.renumber_if_needed(int(top))
+
+
+def write_store(
+    config: Config, examples: list[Prepared], pixel_size: float, params: WeightMapParams, overwrite: bool, chunk: int
+) -> str:
+    """Every example's arrays and attributes into ``data.store``, committed with the store's; return its location."""
+    from pipelines import zarr_store
+    from unet.data.store import StoreWriter
+
+    data = config.data
     splits = split_names([ex.pair.name for ex in examples], data.val_fraction, config.train.seed)
     with StoreWriter(data.store, overwrite=overwrite) as writer:
         sources, targets = [], []
-        for ex, renumber in zip(examples, renumbered, strict=True):
-            target, weights = weights_and_target(ex.labels, params)
-            arrays = {"image": ex.image, "labels": ex.labels.astype(np.int32), "target": target, "weights": weights}
-            for kind, array in arrays.items():
+        for ex in examples:
+            for kind, array in ex.arrays(params).items():
                 chunks = (ex.channels, chunk, chunk) if kind == "image" else (chunk, chunk)
                 sources.append(array)
                 targets.append(writer.create(ex.pair.name, kind, array.shape, array.dtype, chunks))
-            writer.set_example_attrs(
-                ex.pair.name,
-                {
-                    "split": splits[ex.pair.name],
-                    "source_image": str(ex.pair.image),
-                    "source_labels": str(ex.pair.labels),
-                    "image_sha256": storage.sha256(ex.pair.image),
-                    "labels_sha256": storage.sha256(ex.pair.labels),
-                    "labels_renumbered": renumber,
-                    "shape": list(ex.labels.shape),
-                    "channels": ex.channels,
-                    "dtype": str(ex.image.dtype),
-                    "intensity_range": intensity_ranges(ex.image),
-                    "pixel_size_um": pixel_size,  # of the stored pixels
-                    "source_pixel_size_um": ex.stated_pixel_size,  # None: data.pixel_size_um was taken
-                    "resampled": ex.resampled,
-                },
-            )
+            writer.set_example_attrs(ex.pair.name, ex.attrs(splits[ex.pair.name], pixel_size))
         log.info(
             "computing targets and weight maps (w0=%g, sigma=%g) and writing %s", params.w0, params.sigma, data.store
         )
         zarr_store.store(sources, targets)  # chunk-aligned, then read back and checked before commit
-        # from the stored labels (resampled where the images were), one example in memory at a time
-        areas = [object_areas(writer.root[ex.pair.name]["labels"][:]) for ex in examples]
-        path = writer.commit(
-            {
-                "examples": [ex.pair.name for ex in examples],
-                "channels": examples[0].channels,
-                "pixel_size_um": pixel_size,
-                "object_area_um2": object_area_distribution(np.concatenate(areas) * pixel_size**2),
-                "weight_map": {"w0": params.w0, "sigma": params.sigma, "class_balance": params.class_balance},
-                "config": flatten_config(config),
-            }
-        )
-    write_previews(path, previews)
-    return path
+        return writer.commit(store_attrs(config, examples, writer.root, pixel_size, params))
+
+
+def store_attrs(
+    config: Config, examples: list[Prepared], root: zarr.Group, pixel_size: float, params: WeightMapParams
+) -> dict[str, Any]:
+    """The store's attributes; object areas from its stored labels (resampled where the images were), one example
+    in memory at a time."""
+    from unet.data.store import object_area_distribution, object_areas
+
+    areas = [object_areas(root[ex.pair.name]["labels"][:]) for ex in examples]
+    return {
+        "examples": [ex.pair.name for ex in examples],
+        "channels": examples[0].channels,
+        "pixel_size_um": pixel_size,
+        "object_area_um2": object_area_distribution(np.concatenate(areas) * pixel_size**2),
+        "weight_map": {"w0": params.w0, "sigma": params.sigma, "class_balance": params.class_balance},
+        "config": flatten_config(config),
+    }
 
 
 def check_store_location(store: str, folders: list[str], pairs: list[Pair]) -> None:

@@ -1,7 +1,9 @@
-"""Every entry point takes --config and --set, prints/saves the resolved config and fails cleanly."""
+"""Every entry point that reads a config takes --config and --set, prints/saves the resolved config and fails
+cleanly; one that reads none offers none of these options."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,18 @@ ENTRY_POINTS = sorted(  # modules, and packages with a __main__
     for p in [*(ROOT / "pipelines").glob("*.py"), *(ROOT / "pipelines").glob("*/__main__.py")]
     if 'if __name__ == "__main__":' in p.read_text()
 )
+CONFIG_OPTIONS = {"--config", "--set", "--print-config", "--save-config"}
+
+
+def reads_config(module: str) -> bool:
+    """Whether the entry point's ``main`` takes a config: ``main(config, args)``, not ``main(args)``."""
+    path = ROOT / Path(*module.split("."))
+    tree = ast.parse((path / "__main__.py" if path.is_dir() else path.with_suffix(".py")).read_text())
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    return main.args.args[0].arg == "config"
+
+
+CONFIG_ENTRY_POINTS = [module for module in ENTRY_POINTS if reads_config(module)]
 
 
 def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -24,9 +38,24 @@ def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.Complete
 def test_entry_points_are_found() -> None:
     expected = {"pipelines.demo", "pipelines.prepare", "pipelines.train", "pipelines.infer", "pipelines.fetch_samples"}
     assert expected <= set(ENTRY_POINTS)
+    assert {"pipelines.prepare", "pipelines.train", "pipelines.infer"} <= set(CONFIG_ENTRY_POINTS)
+    assert {"pipelines.convert", "pipelines.export"} <= set(ENTRY_POINTS) - set(CONFIG_ENTRY_POINTS)
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_config_options_are_offered_where_a_config_is_read(module: str) -> None:
+    result = run_module(module, "--help")
+    assert result.returncode == 0, result.stderr
+    offered = {option for option in CONFIG_OPTIONS if option in result.stdout}
+    assert offered == (CONFIG_OPTIONS if reads_config(module) else set()), module
+    if reads_config(module):
+        return
+    for option, value in (("--config", "configs/default.yaml"), ("--set", "train.lr=0.02")):
+        result = run_module(module, option, value)  # the value may be taken for a positional argument
+        assert result.returncode == 2 and f"unrecognized arguments: {option}" in result.stderr
+
+
+@pytest.mark.parametrize("module", CONFIG_ENTRY_POINTS)
 def test_print_config_applies_overrides(module: str, tmp_path: Path) -> None:
     saved = tmp_path / "resolved.yaml"
     result = run_module(
@@ -43,7 +72,7 @@ def test_print_config_applies_overrides(module: str, tmp_path: Path) -> None:
     assert yaml.safe_load(saved.read_text()) == printed
 
 
-@pytest.mark.parametrize("module", ENTRY_POINTS)
+@pytest.mark.parametrize("module", CONFIG_ENTRY_POINTS)
 def test_config_errors_are_one_line_and_exit_2(module: str, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lrr: 1\n")

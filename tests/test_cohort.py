@@ -10,6 +10,7 @@ import pytest
 import zarr
 
 from pipelines.infer.cohort import Item, expand, stem
+from unet.data.sources import Pair, find_pairs
 from unet.errors import UserError
 
 
@@ -112,3 +113,20 @@ def test_stem_strips_the_format_suffix() -> None:
         ".zarr",
         "plain",
     ]
+
+
+def test_training_inputs_pair_by_the_same_stem(tmp_path: Path) -> None:
+    """One rule (``unet.io.stem``) names a batch's outputs and pairs training images with label files: an
+    ``a.ome.zarr`` image is ``a``, whether its labels are ``a.ome.zarr``, ``a.zarr`` or ``a.tif``."""
+    names = ("a.ome.zarr", "/d/a.ome.tif", "/d/a.b.svs", "s3://b/a.ome.zarr", "/d/a.png", "/d/a.npy")
+    assert [stem(name) for name in names] == ["a", "a", "a.b", "a", "a", "a"]
+    for labels_name in ("a.ome.zarr", "a.zarr", "a.ome.tif", "a.tif"):
+        images, labels = tmp_path / labels_name / "images", tmp_path / labels_name / "labels"
+        images.mkdir(parents=True)
+        labels.mkdir()
+        zarr.create_array(images / "a.ome.zarr", data=np.zeros((8, 8), np.uint8))
+        if labels_name.endswith(".zarr"):
+            zarr.create_array(labels / labels_name, data=np.zeros((8, 8), np.uint16))
+        else:
+            (labels / labels_name).write_bytes(b"II*\0")  # paired by name: not read here
+        assert find_pairs(str(images), str(labels)) == [Pair("a", images / "a.ome.zarr", labels / labels_name)]

@@ -276,7 +276,7 @@ GOOD_LABELS[10:20, 10:20] = 3
     [
         (GOOD_IMAGE[:60], GOOD_LABELS, r"image .*bad\.tif has shape \(60, 64\) but labels .*bad\.tif have \(64, 64\)"),
         (GOOD_IMAGE, GOOD_LABELS.astype(np.float32), r"labels .*bad\.tif: instance labels must be integers"),
-        (np.where(GOOD_LABELS > 0, np.nan, GOOD_IMAGE), GOOD_LABELS, r"image .*bad\.tif contains NaN"),
+        (np.where(GOOD_LABELS > 0, np.nan, GOOD_IMAGE), GOOD_LABELS, r"image .*bad\.tif: NaN or infinite pixels"),
         (GOOD_IMAGE, GOOD_LABELS.astype(np.int32) - 1, r"labels .*bad\.tif contain negative ids"),
         (np.stack([GOOD_IMAGE] * 2, -1), GOOD_LABELS, r"image .*bad\.tif has 2 channels but model.n_channels is 1"),
     ],

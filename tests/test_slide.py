@@ -225,7 +225,7 @@ def run_convert(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_converts_and_fails_in_one_line(small_tiff: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     path, _ = small_tiff
     out = tmp_path / "cli.ome.zarr"
-    result = run_convert(str(path), str(out), "--chunk", "128", "--set", "train.lr=0.01")
+    result = run_convert(str(path), str(out), "--chunk", "128")
     assert result.returncode == 0, result.stderr
     assert f"wrote {out} (OME-NGFF 0.5, Zarr v3): 3 levels" in result.stdout
     assert "level 2: 1 x 75 x 50 (CYX) uint16, 2 um/px" in result.stdout

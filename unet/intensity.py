@@ -3,13 +3,39 @@ their per-channel (1, 99.8) percentiles."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-# an integer image's intensity range is a histogram as long as its value span: callers refuse wider ones
+from unet.errors import UserError
+
+# an integer image's intensity range is a histogram as long as its value span: wider ones are refused
 MAX_INTENSITY_SPAN = 2**24
+
+
+def intensity_bounds(image: Any) -> tuple[Any, Any] | None:
+    """The lowest and highest value of an image that ``check_intensity`` must see before its intensity range is
+    built, lazy for a Dask image (one pass, however large): floating-point images (NaN or infinite pixels) and
+    32/64-bit integer images (their span); None for others (8 and 16 bits), which need no check."""
+    dtype = np.dtype(image.dtype)
+    if dtype.kind == "f" or (dtype.kind in "iu" and dtype.itemsize > 2):
+        return image.min(), image.max()  # NaN propagates through both
+    return None
+
+
+def check_intensity(name: str, dtype: Any, low: Any, high: Any, error: type[Exception] = UserError) -> None:
+    """Refuse, as ``error`` in one line naming ``name``, an image whose lowest and highest value (its computed
+    ``intensity_bounds``) are not finite, or, for integers, span more than ``MAX_INTENSITY_SPAN``."""
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise error(f"{name}: NaN or infinite pixels")
+    if np.dtype(dtype).kind in "iu" and high - low > MAX_INTENSITY_SPAN:
+        raise error(
+            f"{name}: {dtype} values from {low:.0f} to {high:.0f} span more than {MAX_INTENSITY_SPAN:,}, too many "
+            "for the intensity histogram; convert it to float32 or 16 bits"
+        )
 
 
 def intensity_range_from_histogram(counts: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:

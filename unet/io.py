@@ -17,11 +17,31 @@ from unet.errors import UserError, one_line
 
 TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+ZARR_SUFFIXES = {".ome.zarr", ".zarr"}
 SUPPORTED = sorted(TIFF_SUFFIXES | PIL_SUFFIXES | {".npy", ".zarr"})
+
+
+def longest_first(suffixes: set[str]) -> tuple[str, ...]:
+    """``suffixes`` in the order a name is matched against them: a double suffix (``.ome.tif``) before its last
+    part (``.tif``)."""
+    return tuple(sorted(suffixes, key=lambda suffix: (len(suffix), suffix), reverse=True))
+
+
+FORMAT_SUFFIXES = longest_first({*SUPPORTED, *ZARR_SUFFIXES})  # what ``stem`` strips: every format read
 
 
 class ImageReadError(UserError):
     """An image file is missing, of an unsupported type, or unreadable."""
+
+
+def stem(location: str | Path) -> str:
+    """A file's (or store's) name without its format suffix, one of ``FORMAT_SUFFIXES`` in any case, a double one
+    whole: ``a`` for ``a.ome.zarr``, ``s3://b/a.ome.zarr`` and ``a.ome.tif``, ``a.b`` for ``a.b.svs``. A name that is
+    only a suffix (``.zarr``) or ends in none is kept whole. Images pair with label files by it, and a batch's slides
+    name their outputs by it."""
+    name = storage.basename(location)
+    suffix = next((s for s in FORMAT_SUFFIXES if name.lower().endswith(s) and len(name) > len(s)), "")
+    return name[: len(name) - len(suffix)]
 
 
 def image_suffix(path: Path) -> str:

@@ -31,8 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from unet import storage
 from unet.errors import UserError, first_line
+from unet.io import TIFF_SUFFIXES, ZARR_SUFFIXES, longest_first, stem
 
-SLIDE_SUFFIXES = (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs")
+SLIDE_SUFFIXES = longest_first(ZARR_SUFFIXES | TIFF_SUFFIXES)  # slides by name (others are slides by content)
 MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
 OUTPUT_SUFFIX = ".ome.zarr"
@@ -80,7 +81,7 @@ def expand(input: str, output: str, level: int | None, pixel_size_um: float | No
     if any(char in input for char in "*?["):
         slides = [match for match in _glob(input) if is_slide(match)]
         if not slides:
-            raise UserError(f"no slides match {input} (Zarr stores or {', '.join(SLIDE_SUFFIXES[2:])} files)")
+            raise UserError(f"no slides match {input} (Zarr stores or {', '.join(longest_first(TIFF_SUFFIXES))} files)")
     elif not storage.exists(input):
         raise UserError(f"infer.input not found: {input}")
     elif storage.is_file(input) or is_zarr(input):
@@ -100,13 +101,6 @@ def expand(input: str, output: str, level: int | None, pixel_size_um: float | No
 def output_for(slide: str, folder: str) -> str:
     """``FOLDER/NAME.ome.zarr`` for slide ``.../NAME.EXT``."""
     return join(folder, stem(slide) + OUTPUT_SUFFIX)
-
-
-def stem(location: str) -> str:
-    """The slide's name without its format suffix: ``a`` for ``s3://b/a.ome.zarr``, ``a.b`` for ``a.b.svs``."""
-    name = storage.basename(location)
-    suffix = next((s for s in SLIDE_SUFFIXES if name.lower().endswith(s) and len(name) > len(s)), "")
-    return name[: len(name) - len(suffix)]
 
 
 def join(folder: str, name: str) -> str:

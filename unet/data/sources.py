@@ -21,6 +21,7 @@ from unet.io import (
     npy_shape,
     pixel_size_um,
     read_image,
+    stem,
 )
 
 
@@ -35,11 +36,6 @@ class Pair:
     name: str
     image: Path
     labels: Path
-
-
-def stem(path: Path) -> str:
-    """File name without its (possibly double, ``.ome.tif``) image suffix."""
-    return path.name[: -len(image_suffix(path))] if image_suffix(path) else path.name
 
 
 def list_inputs(location: str) -> list[Path]:

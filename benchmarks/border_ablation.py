@@ -28,11 +28,13 @@ from pipelines.prepare import prepare
 from unet.config import DataConfig, InferConfig, load_config
 from unet.data.augment import build_augmentation
 from unet.data.dataset import PatchDataset
-from unet.inference import ChunkPredictor, InferenceSettings, predict_image
+from unet.evaluation import ValidationExample, evaluate
+from unet.inference import InferenceSettings
 from unet.intensity import intensity_ranges
 from unet.loss import WeightedLoss
 from unet.metrics import SegmentationTally
 from unet.samples import fetch_samples
+from unet.segmentation import ObjectRule
 from unet.training import (
     build_model,
     build_optimizer,
@@ -42,6 +44,7 @@ from unet.training import (
 )
 
 CONDITIONS = {"with border term (w0=10, sigma=5)": 10.0, "without (w0=0, class balance only)": 0.0}
+PIXEL_SIZE_UM = 0.5  # the fluorescence sample's metadata states none
 SCORING = load_config(None, [])  # the thresholds training validation and pipelines.evaluate use by default
 KEYS = ("f1", "precision", "recall", "merged", "split", "iou", "n_true", "n_pred")
 
@@ -51,11 +54,14 @@ def quadrants(array: np.ndarray) -> list[np.ndarray]:
     return [array[:h, :w], array[:h, w:], array[h:, :w], array[h:, w:]]
 
 
-def predicted(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
-    """Foreground probability of a test image, predicted as ``pipelines.infer`` predicts (in fp32)."""
+def scored(model: torch.nn.Module, image: np.ndarray, labels: np.ndarray, tally: SegmentationTally) -> None:
+    """Add a test image's scores to ``tally``: predicted and segmented as ``pipelines.infer`` does (in fp32)."""
     infer = InferConfig(precision="fp32")
-    with ChunkPredictor(model, InferenceSettings.from_config(infer)) as predictor:
-        return predict_image(predictor, image[None], intensity_ranges(image[None]), infer.chunk)
+    example = ValidationExample(
+        "test", image[None], intensity_ranges(image[None]), labels, (labels > 0).astype(np.uint8)
+    )
+    rule = ObjectRule.from_config(SCORING.infer, model, PIXEL_SIZE_UM, "the test quadrant")
+    evaluate(model, [example], InferenceSettings.from_config(infer), rule, infer.chunk, tally.threshold, tally)
 
 
 def train_fold(folder: Path, images, labels, w0: float, steps: int, seed: int) -> torch.nn.Module:
@@ -65,7 +71,7 @@ def train_fold(folder: Path, images, labels, w0: float, steps: int, seed: int) -
             tifffile.imwrite(folder / kind / f"q{i}.tif", array)
     overrides = [f"data.images={folder / 'images'}", f"data.labels={folder / 'labels'}"]
     overrides += [f"data.store={folder / 's.zarr'}", "data.val_fraction=0", "model.n_channels=1"]
-    overrides += ["data.pixel_size_um=0.5"]  # the fluorescence sample's metadata states none
+    overrides += [f"data.pixel_size_um={PIXEL_SIZE_UM}"]
     overrides += ["model.base_channels=16", f"loss.w0={w0}", f"train.steps_per_epoch={steps}", "train.epochs=1"]
     overrides += ["train.lr=0.003", "train.warmup_steps=20", f"train.seed={seed}"]
     config = load_config(None, overrides)
@@ -99,8 +105,7 @@ def run(steps: int = 300, seed: int = 0) -> dict:
                 model = train_fold(
                     Path(tmp), [images[i] for i in train], [label_parts[i] for i in train], w0, steps, seed
                 )
-            probability = predicted(model, images[test])
-            tally.add(label_parts[test], probability > SCORING.infer.threshold)
+            scored(model, images[test], label_parts[test], tally)
             print(f"{condition}: fold {test + 1}/4 done", flush=True)
         results[condition] = {**tally.scores(), "seconds": time.perf_counter() - started}
     return {"steps": steps, "seed": seed, "results": results}

@@ -137,7 +137,7 @@ def held_out_scores(model_uri: str, tracking: str, store: str, common: list[str]
 
     config = load_config(None, [*common, f"evaluate.store={store}", "evaluate.split=train",
                                 f"evaluate.output={work / 'evaluate'}"])  # fmt: skip
-    summary, _, _ = evaluate_model(config, model_uri, tracking)
+    summary = evaluate_model(config, model_uri, tracking).scores
     return {key: float(summary[key]) for key in SCORES}
 
 

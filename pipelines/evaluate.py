@@ -19,22 +19,21 @@ from unet.errors import UserError
 # heavy modules (torch, mlflow, zarr, scipy) are imported where they are used, so that --help answers at once
 if TYPE_CHECKING:
     from unet.data.store import TrainingStore
+    from unet.evaluation import Evaluation
     from unet.model import UNet
 
 log = logging.getLogger("evaluate")
 SUMMARY_KEYS = ("iou", "dice", "precision", "recall", "f1", "merged", "split", "n_true", "n_pred")
 
 
-def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[dict[str, float], list[dict], list]:
-    """Pooled scores, one row per image of ``evaluate.split`` of the store, and each image's foreground
-    probability, predicted exactly as ``pipelines.infer`` predicts a slide with the same ``infer`` settings."""
+def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> Evaluation:
+    """Scores of ``evaluate.split`` of the store, pooled and per image: each image predicted and segmented exactly
+    as ``pipelines.infer`` segments a slide with the same ``infer`` settings (``unet.evaluation``)."""
     from pipelines.models import load_model
     from unet.data.store import TrainingStore
-    from unet.inference import ChunkPredictor, InferenceSettings, predict_image
-    from unet.io import write_png
-    from unet.metrics import SegmentationTally, pixel_scores
-    from unet.training import load_validation
-    from unet.visualize import prediction_panel
+    from unet.evaluation import evaluate, load_validation
+    from unet.inference import InferenceSettings
+    from unet.segmentation import ObjectRule
 
     settings, infer = config.evaluate, config.infer
     store = TrainingStore(settings.store or config.data.store)
@@ -47,18 +46,8 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> tuple[d
             f"{store.location} has {store.attrs['channels']}-channel images; the model expects {model.n_channels}"
         )
     check_resolution(store, model)
-    tally, rows, probabilities = SegmentationTally(settings.iou_threshold), [], []
-    out_dir = Path(settings.output)
-    with ChunkPredictor(model, InferenceSettings.from_config(infer)) as predictor:
-        for ex in examples:
-            probability = predict_image(predictor, ex.pixels, ex.intensity_range, infer.chunk)
-            foreground = probability > infer.threshold
-            scores = tally.add(ex.labels, foreground)
-            rows.append({"image": ex.name, **pixel_scores(foreground, ex.labels), **scores.as_dict()})
-            panel = prediction_panel(ex.image, ex.target, probability, infer.threshold)
-            write_png(out_dir / f"{ex.name}.png", panel)
-            probabilities.append(probability)
-    return tally.scores(), rows, probabilities
+    rule = ObjectRule.from_config(infer, model, store.pixel_size_um, store.location)
+    return evaluate(model, examples, InferenceSettings.from_config(infer), rule, infer.chunk, settings.iou_threshold)
 
 
 def check_resolution(store: TrainingStore, model: UNet) -> None:
@@ -87,14 +76,9 @@ def evaluate(config: Config) -> dict:
     check_device("infer.device", config.infer.device, config.infer.precision)
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     model_uri, version = resolve_model(config.evaluate.model, tracking_uri)
-    summary, rows, _ = evaluate_model(config, model_uri, tracking_uri)
-    out_dir = Path(config.evaluate.output)
-    table = out_dir / "per_image.csv"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    evaluation = evaluate_model(config, model_uri, tracking_uri)
+    summary, table = evaluation.scores, write_results(evaluation, Path(config.evaluate.output))
+    images = len(evaluation.predictions)
 
     store = storage.resolve(config.evaluate.store or config.data.store)
     params = {"model_uri": model_uri, "model_version": version, "store": store,
@@ -105,12 +89,30 @@ def evaluate(config: Config) -> dict:
     run_id = registry.log_job_run(tracking_uri, experiment, "evaluation", name, params, metrics, (table,))
 
     print()
-    print(f"  model      {model_uri}   images: {len(rows)} ({config.evaluate.split} split of {store})")
+    print(f"  model      {model_uri}   images: {images} ({config.evaluate.split} split of {store})")
     print("  " + "  ".join(f"{k:>9}" for k in SUMMARY_KEYS))
     print("  " + "  ".join(f"{summary[k]:>9.3f}" if k in {"iou", "dice", "precision", "recall", "f1"}
                            else f"{summary[k]:>9.0f}" for k in SUMMARY_KEYS))  # fmt: skip
-    print(f"  per image  {table}; pictures {out_dir}/*.png; MLflow run {run_id}")
-    return {**summary, "images": len(rows), "mlflow_run_id": run_id}
+    print(f"  per image  {table}; pictures {table.parent}/*.png; MLflow run {run_id}")
+    return {**summary, "images": images, "mlflow_run_id": run_id}
+
+
+def write_results(evaluation: Evaluation, folder: Path) -> Path:
+    """Write one row of scores per image (``per_image.csv``, returned) and a picture of each image's prediction."""
+    from unet.io import write_png
+    from unet.visualize import prediction_panel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"image": p.example.name, **p.scores} for p in evaluation.predictions]
+    table = folder / "per_image.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for p in evaluation.predictions:
+        panel = prediction_panel(p.example.image, p.example.target, p.probability, p.objects)
+        write_png(folder / f"{p.example.name}.png", panel)
+    return table
 
 
 def cli(argv: list[str] | None = None) -> int:

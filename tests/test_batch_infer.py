@@ -206,7 +206,8 @@ def test_the_stream_keeps_a_bounded_number_of_tasks(trained_model_dir, cohort, t
     peak = PeakTasks(cluster.scheduler)
     cluster.scheduler.add_plugin(peak)
     try:
-        stream(client, jobs, 3, None, lambda job: finish(job, context), lambda job, error: pytest.fail(str(error)))
+        on_done = lambda job, objects, parts: finish(job, context, objects, parts)  # noqa: E731
+        stream(client, jobs, 3, None, on_done, lambda job, error: pytest.fail(str(error)))
     finally:
         client.close()
         cluster.close()

@@ -8,10 +8,9 @@ import pytest
 from unet.metrics import (
     SegmentationTally,
     instance_scores,
-    instances_from_foreground,
     pixel_scores,
-    segmentation_scores,
 )
+from unet.segmentation import ObjectRule, label_image
 
 
 def squares(*boxes: tuple[int, int, int, int], shape: tuple[int, int] = (40, 40), ids=None) -> np.ndarray:
@@ -54,10 +53,11 @@ def test_iou_threshold() -> None:
 
 def test_touching_prediction_counts_as_one_object() -> None:
     truth = squares((5, 15, 5, 15), (5, 15, 15, 25))  # touching
-    predicted_foreground = truth > 0  # right pixels, but no gap: one connected component
-    scores = segmentation_scores(truth, predicted_foreground, 0.5)
+    # right pixels, but no gap: inference's rule makes one connected component of them
+    objects = label_image(np.where(truth > 0, 255, 0).astype(np.uint8), ObjectRule(0.5, "uint8", False, 0), 16)
+    scores = SegmentationTally(0.5).add(truth, objects)
     assert scores["iou"] == 1.0 and scores["n_pred"] == 1 and scores["merged"] == 1 and scores["f1"] == 0.0
-    assert instances_from_foreground(predicted_foreground).max() == 1
+    assert objects.max() == 1
 
 
 def test_tally_pools_counts_over_images() -> None:

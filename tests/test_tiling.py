@@ -12,8 +12,8 @@ from scipy import ndimage as ndi
 
 from unet.fused import inference_model
 from unet.inference import ChunkPredictor, InferenceSettings, InputDataError, pass_memory_mb, predict_image
-from unet.instances import ChunkEdges, border_areas, label_chunk, merge_ids, offsets, relabel, seam_pairs
 from unet.model import UNet, autocast_context
+from unet.segmentation import ObjectRule, label_image
 from unet.tiling import Region, grid, padded_reference_shape, read_mirrored, reflect_indices, tiles_of
 
 
@@ -158,19 +158,9 @@ def test_nan_pixels_are_reported_with_their_place(model) -> None:
 
 
 def chunked_labels(foreground: np.ndarray, chunk: int, fill_holes: bool = False, min_area: int = 0) -> np.ndarray:
-    height, width = foreground.shape
-    local, edges = {}, {}
-    for key, region in grid(height, width, chunk):
-        labels, count = label_chunk(foreground[region.slices], fill_holes, min_area)
-        local[key] = (region, labels)
-        edges[key] = ChunkEdges.of(labels, count)
-    starts = offsets({k: e.count for k, e in edges.items()})
-    total, areas = sum(e.count for e in edges.values()), border_areas(edges, starts)
-    mapping = merge_ids(total, seam_pairs(edges, starts), areas, min_area)
-    out = np.zeros((height, width), np.int32)
-    for key, (region, labels) in local.items():
-        out[region.slices] = relabel(labels, starts[key], mapping)
-    return out
+    """The objects inference labels from ``foreground`` with ``infer.chunk_size`` = ``chunk``."""
+    stored = np.where(foreground, 255, 0).astype(np.uint8)
+    return label_image(stored, ObjectRule(0.5, "uint8", fill_holes, min_area), chunk)
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:

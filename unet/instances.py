@@ -124,6 +124,18 @@ def merge_ids(total: int, pairs: np.ndarray, areas: np.ndarray | None = None, mi
     return np.concatenate([[0], order[component]])
 
 
+def merge_chunks(
+    edges: dict[tuple[int, int], ChunkEdges], min_area: int = 0
+) -> tuple[dict[tuple[int, int], int], np.ndarray]:
+    """Each chunk's first provisional id (minus one) and the mapping from provisional to final ids (``merge_ids``)
+    of a chunked image, from every chunk's edges: objects facing each other across a seam become one, objects
+    whose parts add up to fewer than ``min_area`` pixels are dropped."""
+    edges = dict(sorted(edges.items()))  # row-major, whatever order the chunks were done in
+    starts = offsets({key: edge.count for key, edge in edges.items()})
+    total = sum(edge.count for edge in edges.values())
+    return starts, merge_ids(total, seam_pairs(edges, starts), border_areas(edges, starts), min_area)
+
+
 def relabel(local: np.ndarray, start: int, mapping: np.ndarray) -> np.ndarray:
     """Final ids of a chunk from its local ids, its provisional offset and the global mapping."""
     out = np.zeros(local.shape, np.int32 if mapping.max() < 2**31 else np.int64)

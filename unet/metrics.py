@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import ndimage as ndi
 
 
 def pixel_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -34,12 +33,6 @@ def _detection(tp: int, n_true: int, n_pred: int) -> tuple[float, float, float]:
     recall = tp / n_true if n_true else float(n_pred == 0)
     f1 = 2 * tp / (n_true + n_pred) if (n_true + n_pred) else 1.0
     return precision, recall, f1
-
-
-def instances_from_foreground(foreground: np.ndarray) -> np.ndarray:
-    """Instance ids from connected components (4-connectivity) of a binary foreground."""
-    labels, _ = ndi.label(np.asarray(foreground) > 0)
-    return labels
 
 
 def _relabel(labels: np.ndarray) -> tuple[np.ndarray, int]:
@@ -93,17 +86,6 @@ def instance_scores(truth: np.ndarray, predicted: np.ndarray, threshold: float) 
     return InstanceScores(n_t, n_p, tp, precision, recall, f1, merged, split)
 
 
-def segmentation_scores(
-    truth_instances: np.ndarray, predicted_foreground: np.ndarray, iou_threshold: float
-) -> dict[str, float]:
-    """Pixel IoU/Dice and instance scores at ``iou_threshold`` (instances = connected components of the
-    prediction)."""
-    scores = pixel_scores(predicted_foreground, truth_instances)
-    predicted = instances_from_foreground(predicted_foreground)
-    scores.update(instance_scores(truth_instances, predicted, iou_threshold).as_dict())
-    return scores
-
-
 class SegmentationTally:
     """Accumulates counts over several images; ``scores()`` gives pooled (micro-averaged) metrics."""
 
@@ -114,16 +96,17 @@ class SegmentationTally:
         )
         self.images = 0
 
-    def add(self, truth_instances: np.ndarray, predicted_foreground: np.ndarray) -> InstanceScores:
-        """Count one image; returns its own instance scores."""
-        counts = _pixel_counts(predicted_foreground, truth_instances)
+    def add(self, truth_instances: np.ndarray, predicted_instances: np.ndarray) -> dict[str, float]:
+        """Count one image (true and predicted objects as instance ids); returns its own scores: pixel IoU and
+        Dice, then the instance scores."""
+        counts = _pixel_counts(predicted_instances, truth_instances)
         for key, count in zip(("intersection", "union", "pixels_sum"), counts, strict=True):
             self.counts[key] += count
-        scores = instance_scores(truth_instances, instances_from_foreground(predicted_foreground), self.threshold)
+        scores = instance_scores(truth_instances, predicted_instances, self.threshold)
         for key in ("n_true", "n_pred", "true_positives", "merged", "split"):
             self.counts[key] += getattr(scores, key)
         self.images += 1
-        return scores
+        return {**_overlap(*counts), **scores.as_dict()}
 
     def scores(self) -> dict[str, float]:
         c = self.counts

@@ -52,6 +52,11 @@ def grid(height: int, width: int, step: int) -> Iterator[tuple[tuple[int, int], 
             yield (row, col), Region(y0, min(y0 + step, height), x0, min(x0 + step, width))
 
 
+def grid_shape(height: int, width: int, step: int) -> tuple[int, int]:
+    """(rows, cols) of ``grid``: how many cells cover the slide."""
+    return -(-height // step), -(-width // step)
+
+
 def tiles_of(chunk: Region, tile: int, height: int, width: int) -> list[Region]:
     """The output tiles covering ``chunk`` (clipped to the slide); chunk origins are tile-aligned."""
     return [

@@ -1,25 +1,19 @@
-"""The framework-free parts of training: model/optimiser construction, one optimisation step,
-full-image prediction, validation, and checkpoint state. ``pipelines.train`` runs these under
+"""The framework-free parts of training: model/optimiser construction, one optimisation step and checkpoint
+state (validation is ``unet.evaluation``). ``pipelines.train`` runs these under
 Ray Train; ``benchmarks`` runs the same step in a plain loop."""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from unet.config import ModelConfig, TrainConfig
-from unet.data.store import TrainingStore
-from unet.inference import ChunkPredictor, InferenceSettings, predict_image
-from unet.intensity import scale_intensity
-from unet.metrics import SegmentationTally
 from unet.model import UNet, autocast_context
 
 
@@ -147,68 +141,6 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     return StepResult(loss=loss.detach(), grad_norm=norm.detach())
-
-
-@dataclass
-class ValidationExample:
-    name: str
-    pixels: np.ndarray  # CYX as stored
-    intensity_range: tuple[tuple[float, float], ...]  # the training rule's normalisation range
-    labels: np.ndarray  # YX instance ids
-    target: np.ndarray  # YX 0/1
-
-    @property
-    def image(self) -> np.ndarray:
-        """The normalised image (CYX float32), as the model sees it."""
-        return scale_intensity(self.pixels, self.intensity_range)
-
-
-# Too few validation objects make the best epoch (and the champion) a matter of luck: an F1 measured on n objects
-# has a standard error of about 0.5 / sqrt(n), 0.05 at 100 objects.
-MIN_VALIDATION_OBJECTS = 100
-
-
-def small_validation_split(store: TrainingStore) -> str | None:
-    """What to say when the store's validation split has too few objects to choose the best epoch on (objects cut
-    by an image's border count once per image)."""
-    objects = sum(int(np.count_nonzero(np.unique(store.example(name).labels[:]))) for name in store.names_in("val"))
-    if objects >= MIN_VALIDATION_OBJECTS:
-        return None
-    return (f"the validation split of {store.location} has {objects} objects: the best epoch and the champion are "
-            f"chosen on them, and below {MIN_VALIDATION_OBJECTS} that choice is noisy (raise data.val_fraction, or "
-            "add labelled images)")  # fmt: skip
-
-
-def load_validation(store: TrainingStore, split: str = "val") -> list[ValidationExample]:
-    """Whole validation images of a store, as stored, with their normalisation ranges."""
-    examples = []
-    for name in store.names_in(split):
-        ex = store.example(name)
-        ranges = tuple(tuple(map(float, pair)) for pair in ex.attrs["intensity_range"])
-        examples.append(
-            ValidationExample(name, np.asarray(ex.image[:]), ranges, np.asarray(ex.labels[:]), np.asarray(ex.target[:]))
-        )
-    return examples
-
-
-def evaluate(
-    model: UNet,
-    examples: Iterable[ValidationExample],
-    settings: InferenceSettings,
-    chunk: int,
-    threshold: float,
-    iou_threshold: float,
-) -> tuple[dict[str, float], list[np.ndarray]]:
-    """Scores over all ``examples`` (pixel IoU/Dice, instance F1 at ``iou_threshold``, merges, splits) and the
-    foreground probability of each, predicted the way ``pipelines.infer`` predicts a slide (``predict_image``)."""
-    tally = SegmentationTally(iou_threshold)
-    probabilities = []
-    with ChunkPredictor(model, settings) as predictor:
-        for ex in examples:
-            probability = predict_image(predictor, ex.pixels, ex.intensity_range, chunk)
-            tally.add(ex.labels, probability > threshold)
-            probabilities.append(probability)
-    return tally.scores(), probabilities
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

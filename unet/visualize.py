@@ -53,10 +53,10 @@ def save_weight_map_png(location: str | Path, image: np.ndarray, target: np.ndar
     return write_png(location, weight_map_panel(image, target, weights))
 
 
-def prediction_panel(image: np.ndarray, target: np.ndarray, probability: np.ndarray, threshold: float) -> np.ndarray:
-    """Image | target | prediction (probability, with the thresholded objects outlined in green)."""
+def prediction_panel(image: np.ndarray, target: np.ndarray, probability: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """Image | target | prediction (probability, with the predicted ``objects`` outlined in green)."""
     rgb = to_rgb(image)
     target_rgb = np.repeat((np.asarray(target) > 0).astype(np.uint8)[..., None] * 255, 3, axis=-1)
-    predicted = outline(colorize(probability, vmax=1.0, cmap="gray"), probability > threshold)
+    predicted = outline(colorize(probability, vmax=1.0, cmap="gray"), objects)
     gap = np.full((rgb.shape[0], 4, 3), 255, np.uint8)
     return np.concatenate([rgb, gap, target_rgb, gap, predicted], axis=1)

@@ -92,7 +92,7 @@ def finish(config: Config, context: JobContext, cohort: Cohort, jobs: list[Slide
     counts = {status: sum(r["status"] == status for r in rows) for status in (DONE, RESUMED, SKIPPED, FAILED)}
     seconds = time.perf_counter() - context.started
     if run_id is not None:
-        megapixels = sum(job.stats.get("megapixels", 0) for job in jobs if job.state == DONE)
+        megapixels = sum(job.stats.megapixels or 0 for job in jobs if job.state == DONE)
         metrics = {**{f"slides_{k}": v for k, v in counts.items()}, "seconds": seconds, "megapixels": megapixels}
         with tempfile.TemporaryDirectory() as folder:
             summary = Path(folder) / Path(cohort.summary).name
@@ -116,9 +116,9 @@ def row(job: SlideJob) -> dict:
     return {
         "slide": stem(job.item.input),
         "status": status,
-        "megapixels": round(stats["megapixels"], 3) if "megapixels" in stats else "",
-        "objects": stats.get("objects", ""),
-        "seconds": round(stats["seconds"], 2) if "seconds" in stats else "",
+        "megapixels": "" if stats.megapixels is None else round(stats.megapixels, 3),
+        "objects": "" if stats.objects is None else stats.objects,
+        "seconds": "" if stats.seconds is None else round(stats.seconds, 2),
         "output": job.item.output if job.state != FAILED else "",
         "model_version": job.lineage.get("model_version") or job.lineage.get("model_uri", ""),
         **_resolution_columns(job),

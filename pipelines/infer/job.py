@@ -43,7 +43,7 @@ def infer(config: Config) -> dict:
     if not cohort.batch:
         job = jobs[0]
         report(job, context)
-        return {**job.stats, "output": job.item.output, "model_uri": job.lineage["model_uri"],
+        return {**job.stats.as_dict(), "output": job.item.output, "model_uri": job.lineage["model_uri"],
                 "mlflow_run_id": job.run_id}  # fmt: skip
     return batch.finish(config, context, cohort, jobs, batch_run)
 
@@ -93,10 +93,7 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
 def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], str] | None) -> str | None:
     """Start Dask (or use the scheduler), stream every slide's chunks, finish each slide as it completes.
     ``start_run`` opens the batch's MLflow run (returning its id, which this returns), off the critical path."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from pipelines.infer.cluster import dashboard, in_process, start_dask, task_resources
-    from pipelines.infer.slide import finish
     from pipelines.infer.stream import stream
     from pipelines.infer.tasks import use_model
 
@@ -104,47 +101,75 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
     client, cluster = start_dask(infer, context.gpus)
     if in_process(infer, context.gpus):
         use_model(context.model_spec, context.model)  # the worker shares this process: no second load
-    finishing = ThreadPoolExecutor(1)  # metadata, MLflow and rename, off the loop that feeds the workers
-    batch_run = finishing.submit(start_run) if start_run else None
-    finished = []
-
-    def finish_or_fail(job: SlideJob) -> None:
-        try:
-            finish(job, context, batch_run.result() if batch_run else None)
-        except Exception as exc:
-            if not context.batch:
-                raise
-            job.fail(f"{job.item.input}: {first_line(exc)}")
-            log.error("failed: %s", job.reason)
-
-    def on_failed(job: SlideJob, error: BaseException) -> None:
-        if not context.batch:
-            raise error
-        log.error("failed: %s", job.reason)
-
+    finisher = Finisher(context, start_run)
     try:
         threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
         log.info("Dask dashboard: %s (%d threads)", dashboard(client, cluster), threads)
         resources = task_resources(infer.device, infer.tasks)
-        on_done = lambda job: finished.append(finishing.submit(finish_or_fail, job))  # noqa: E731
-        stream(client, jobs, max(4, 2 * threads), resources, on_done, on_failed)
-        finishing.shutdown(wait=True)  # the slides still being finished: a Ctrl-C meanwhile is handled below too
+        stream(client, jobs, max(4, 2 * threads), resources, finisher.submit, finisher.on_failed)
+        finisher.wait()  # the slides still being finished: a Ctrl-C meanwhile is handled below too
     except BaseException as exc:  # the batch's run ends KILLED (Ctrl-C, SIGTERM) or FAILED, not RUNNING forever
-        finishing.shutdown(wait=True, cancel_futures=True)  # a slide being finished is finished; no new ones
-        if batch_run is not None and not batch_run.cancelled() and batch_run.exception() is None:
-            from pipelines.infer.batch import end_stopped_run
-
-            status = end_stopped_run(context.config, batch_run.result(), isinstance(exc, KeyboardInterrupt))
-            exc.add_note(f"MLflow batch run {batch_run.result()} marked {status}")
+        finisher.stop(exc)
         raise
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-        finishing.shutdown(wait=True)
-    for future in finished:
-        future.result()  # a single slide's error, raised here
-    return batch_run.result() if batch_run else None
+        finisher.wait()
+    return finisher.batch_run_id()
+
+
+class Finisher:
+    """Finishes segmented slides one at a time on a thread of its own (objects table, MLflow, metadata, rename),
+    off the loop that feeds the workers; it also opens the batch's MLflow run there (``start_run``)."""
+
+    def __init__(self, context: JobContext, start_run: Callable[[], str] | None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.context, self.pool = context, ThreadPoolExecutor(1)
+        self.batch_run = self.pool.submit(start_run) if start_run else None
+        self.finished: list = []
+
+    def submit(self, job: SlideJob, objects: int, parts: list[dict]) -> None:
+        """``stream``'s ``on_done``: queue a segmented slide."""
+        self.finished.append(self.pool.submit(self._finish_or_fail, job, objects, parts))
+
+    def _finish_or_fail(self, job: SlideJob, objects: int, parts: list[dict]) -> None:
+        from pipelines.infer.slide import finish
+
+        try:
+            finish(job, self.context, objects, parts, self.batch_run.result() if self.batch_run else None)
+        except Exception as exc:
+            if not self.context.batch:
+                raise
+            job.fail(f"{job.item.input}: {first_line(exc)}")
+            log.error("failed: %s", job.reason)
+
+    def on_failed(self, job: SlideJob, error: BaseException) -> None:
+        """``stream``'s ``on_failed``: a single slide's error stops the job; a batch's is reported and goes on."""
+        if not self.context.batch:
+            raise error
+        log.error("failed: %s", job.reason)
+
+    def wait(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def stop(self, exc: BaseException) -> None:
+        """The job stops: a slide being finished is finished, no new ones; the batch's run is marked KILLED
+        (Ctrl-C, SIGTERM) or FAILED, with a note on ``exc``."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        run = self.batch_run
+        if run is not None and not run.cancelled() and run.exception() is None:
+            from pipelines.infer.batch import end_stopped_run
+
+            status = end_stopped_run(self.context.config, run.result(), isinstance(exc, KeyboardInterrupt))
+            exc.add_note(f"MLflow batch run {run.result()} marked {status}")
+
+    def batch_run_id(self) -> str | None:
+        """The batch's MLflow run, once every slide is finished; a single slide's error is raised here."""
+        for future in self.finished:
+            future.result()
+        return self.batch_run.result() if self.batch_run else None
 
 
 def report(job: SlideJob, context: JobContext) -> None:
@@ -157,16 +182,16 @@ def report(job: SlideJob, context: JobContext) -> None:
     print(f"  resolution      {job.resolution.describe()}; segmented at {slide.width} x {slide.height} px")
     print(f"  model           {job.lineage['model_uri']}")
     print(f"  output          {job.item.output}  (probability: /{PROBABILITY}, instance labels: /{LABELS})")
-    print(f"  chunks          {stats['chunks']} ({stats['chunks_skipped']} without tissue), {stats['objects']} objects")
-    if "object_area_um2_median" in stats:
-        print(f"  object area     median {stats['object_area_um2_median']:.1f} um2" + _training_areas(context))
+    print(f"  chunks          {stats.chunks} ({stats.chunks_skipped} without tissue), {stats.objects} objects")
+    if (median := stats.object_summary.get("object_area_um2_median")) is not None:
+        print(f"  object area     median {median:.1f} um2" + _training_areas(context))
     print(f"  levels          {len(levels)} (the smallest {levels[-1][1]} x {levels[-1][0]} px)")
     if job.spec.objects:
         print(f"  objects table   {job.item.output}/{OBJECTS}")
-    print(f"  throughput      {stats['mpx_per_s']:.2f} Mpx/s ({stats['seconds']:.1f} s segmenting)")
-    print(f"  start-up        {stats['startup_seconds']:.1f} s (model, input, output, Dask)")
-    total = stats["total_seconds"]
-    print(f"  end to end      {total:.1f} s ({stats['megapixels'] / total:.2f} Mpx/s)")
+    print(f"  throughput      {stats.mpx_per_s:.2f} Mpx/s ({stats.seconds:.1f} s segmenting)")
+    print(f"  start-up        {stats.startup_seconds:.1f} s (model, input, output, Dask)")
+    total = stats.total_seconds
+    print(f"  end to end      {total:.1f} s ({stats.megapixels / total:.2f} Mpx/s)")
     print(f"  MLflow run      {job.run_id}")
     print(f"  view            napari --plugin napari-ome-zarr {job.item.output}")
     print(f"  QuPath          python -m pipelines.export {job.item.output} --format qupath")

@@ -10,6 +10,7 @@ end."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import zarr
@@ -18,6 +19,7 @@ from unet import storage
 from unet.errors import UserError
 from unet.pyramid import ngff_datasets
 from unet.slides import Slide
+from unet.tiling import grid_shape
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,23 +86,29 @@ def lock_output(staged: storage.Staging) -> Lock | None:
     return acquire(staged.final, busy)
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What a job may do with an existing output. A single slide keeps the strict rules (``overwrite`` replaces it,
+    ``resume`` continues an interrupted one); a ``batch`` skips a complete one made the same way and resumes an
+    interrupted one by itself."""
+
+    overwrite: bool
+    resume: bool
+    batch: bool
+
+
 def open_output(
-    staged: storage.Staging,
-    slide: Slide | Resampled,
-    spec: JobSpec,
-    lineage: dict,
-    *,
-    overwrite: bool,
-    resume: bool,
-    batch: bool,
+    staged: storage.Staging, slide: Slide | Resampled, spec: JobSpec, lineage: dict, policy: Policy
 ) -> tuple[str, Lock | None, dict]:
-    """Lock the output (``lock_output``) and decide what to do with it: NEW (created here), RESUMED or SKIPPED,
-    with the stats a skipped output recorded. The lock is kept while there is work to do."""
+    """Lock the output (``lock_output``) and decide what to do with it by ``policy``: NEW (created here), RESUMED
+    or SKIPPED, with the stats a skipped output recorded. The lock is kept while there is work to do."""
     from pipelines.locks import release
 
     lock = lock_output(staged)
     try:
-        state, recorded = _decide(staged, slide, spec, lineage, overwrite=overwrite, resume=resume, batch=batch)
+        state, recorded = _decide(staged, lineage, policy)
+        if state == NEW:
+            create_output(staged.partial, slide, spec, lineage)
     except BaseException:
         release(lock)
         raise
@@ -110,19 +118,10 @@ def open_output(
     return state, lock, recorded
 
 
-def _decide(
-    staged: storage.Staging,
-    slide: Slide | Resampled,
-    spec: JobSpec,
-    lineage: dict,
-    *,
-    overwrite: bool,
-    resume: bool,
-    batch: bool,
-) -> tuple[str, dict]:
-    """Create the partial output, continue an interrupted one, or find a complete one. A single slide keeps the
-    strict rules (``--overwrite`` replaces, ``--resume`` continues); a batch resumes and skips by itself."""
-    resume = resume or batch
+def _decide(staged: storage.Staging, lineage: dict, policy: Policy) -> tuple[str, dict]:
+    """Make way for a new output (removing the old one with ``overwrite``), continue an interrupted one, or find a
+    complete one; refuse in one line what ``policy`` does not allow."""
+    overwrite, resume, batch = policy.overwrite, policy.resume or policy.batch, policy.batch
     final_exists = storage.exists(staged.final)
     final_lineage = recorded_lineage(staged.final) if final_exists else None
     if staged.in_place:  # object store: an interrupted output sits at the final location, marked incomplete
@@ -151,7 +150,6 @@ def _decide(
         raise UserError(f"an interrupted run left {staged.partial}; pass --resume to continue or --overwrite")
     elif complete:
         raise UserError(f"{staged.final} is already complete; nothing to resume")
-    create_output(staged.partial, slide, spec, lineage)
     return NEW, {}
 
 
@@ -161,13 +159,13 @@ def create_output(location: str, slide: Slide | Resampled, spec: JobSpec, lineag
     chunks = (1, spec.chunk, spec.chunk)
     for level, (height, width) in enumerate(spec.levels):
         shape = (1, height, width)
-        root.create_array(probability_level(level), shape=shape, chunks=chunks, dtype=spec.probability_dtype,
+        root.create_array(probability_level(level), shape=shape, chunks=chunks, dtype=spec.rule.probability_dtype,
                           fill_value=0)  # fmt: skip
         root.create_array(labels_level(level), shape=shape, chunks=chunks, dtype="int32", fill_value=0)
         records = (DONE_PREDICT, DONE_LABELS) if level == 0 else (done_level(level),)
         for name in records:
-            grid_shape = (-(-height // spec.chunk), -(-width // spec.chunk))
-            root.create_array(name, shape=grid_shape, chunks=(1, 1), dtype="uint8", fill_value=0)
+            cells = grid_shape(height, width, spec.chunk)
+            root.create_array(name, shape=cells, chunks=(1, 1), dtype="uint8", fill_value=0)
     root.create_array(LOCAL, shape=(slide.height, slide.width), chunks=chunks[1:], dtype="int32", fill_value=0)
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": False}
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from pipelines.infer.cohort import Item
-from pipelines.infer.output import NEW, RESUMED, SKIPPED
+from pipelines.infer.output import NEW, RESUMED, SKIPPED, Policy
 from unet.errors import UserError
 
 if TYPE_CHECKING:
     from pipelines.infer.spec import JobSpec, ModelSpec
     from pipelines.locks import Lock
     from unet.config import Config
-    from unet.instances import ChunkEdges
     from unet.model import UNet
     from unet.resample import Resampled
     from unet.resolution import Resolution
@@ -47,10 +46,46 @@ class JobContext:
     gpus: list[str]  # CUDA: the GPUs its local workers use
     started: float  # time.perf_counter() when the job began
 
+    @property
+    def policy(self) -> Policy:
+        """What the job may do with existing outputs."""
+        return Policy(overwrite=self.overwrite, resume=self.resume, batch=self.batch)
+
+
+@dataclass
+class SlideStats:
+    """What a slide's segmentation measured: recorded in its lineage (``stats``) and MLflow run, and read back for
+    a skipped slide's line in the batch summary. None: not measured (e.g. by an output of an earlier version)."""
+
+    chunks: int | None = None
+    chunks_skipped: int | None = None  # without tissue
+    objects: int | None = None
+    object_summary: dict[str, float] = field(default_factory=dict)  # unet.objects.summary, but its object count
+    megapixels: float | None = None  # of the pixels segmented
+    seconds: float | None = None  # from its first task to its last
+    mpx_per_s: float | None = None
+    startup_seconds: float | None = None  # a single slide's job only: model, input, output, Dask
+    total_seconds: float | None = None  # a single slide's job only: the whole job
+
+    def as_dict(self) -> dict[str, float]:
+        """The measured values by name, as recorded."""
+        counts = {"chunks": self.chunks, "chunks_skipped": self.chunks_skipped, "objects": self.objects}
+        times = {key: getattr(self, key) for key in ("megapixels", "seconds", "mpx_per_s", "startup_seconds",
+                                                     "total_seconds")}  # fmt: skip
+        return {k: v for k, v in {**counts, **self.object_summary, **times}.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, recorded: dict) -> SlideStats:
+        """The stats an output recorded (``as_dict``)."""
+        names = {f.name for f in fields(cls)} - {"object_summary"}
+        summary = {k: v for k, v in recorded.items() if k not in names}
+        return cls(**{k: v for k, v in recorded.items() if k in names}, object_summary=summary)
+
 
 @dataclass
 class SlideJob:
-    """One slide's progress through the job (``state`` is one of NEW, RESUMED, SKIPPED, FAILED, DONE)."""
+    """One slide's progress through the job (``state`` is one of NEW, RESUMED, SKIPPED, FAILED, DONE); its
+    passes through the stream are ``pipelines.infer.stream``'s."""
 
     item: Item
     state: str = NEW
@@ -62,13 +97,8 @@ class SlideJob:
     lineage: dict = field(default_factory=dict)
     keys: list[tuple[int, int]] = field(default_factory=list)
     tissue: set[tuple[int, int]] = field(default_factory=set)
-    edges: dict[tuple[int, int], ChunkEdges] = field(default_factory=dict)
-    parts: list[dict] = field(default_factory=list)  # the objects' partial sums, chunk by chunk
-    stats: dict = field(default_factory=dict)
+    stats: SlideStats = field(default_factory=SlideStats)
     started: float = 0.0  # when its first task was submitted
-    stage: int = 0  # the pass under way: 0 predict, 1 label, 2... pyramid level 1...
-    left: int = 0  # its tasks not yet done
-    units: int = 0  # tasks done, of all passes
     resumed: bool = False  # its output was started by an earlier, interrupted run
     run_id: str | None = None
     lock: Lock | None = None  # held while the job writes the output: no other job may (pipelines.locks)
@@ -94,11 +124,9 @@ def plan(item: Item, context: JobContext) -> SlideJob:
     job = SlideJob(item)
     try:
         _open(job, context)
-        job.state, job.lock, recorded = open_output(job.staged, job.slide, job.spec, job.lineage,
-                                                    overwrite=context.overwrite, resume=context.resume,
-                                                    batch=context.batch)  # fmt: skip
+        job.state, job.lock, recorded = open_output(job.staged, job.slide, job.spec, job.lineage, context.policy)
         if job.state == SKIPPED:
-            job.stats = recorded  # what the complete output recorded
+            job.stats = SlideStats.from_dict(recorded)  # what the complete output recorded
         job.resumed = job.state == RESUMED
         if job.to_do:
             job.keys, job.tissue = chunk_keys(context.config, job.slide, item.input)
@@ -114,6 +142,7 @@ def _open(job: SlideJob, context: JobContext) -> None:
     from pipelines.infer.spec import JobSpec
     from unet.pyramid import level_shapes
     from unet.resolution import open_at, plan_resolution
+    from unet.segmentation import ObjectRule
     from unet.tissue import check_lowest_level
 
     item, infer, model = job.item, context.config.infer, context.model
@@ -137,56 +166,27 @@ def _open(job: SlideJob, context: JobContext) -> None:
         output=job.staged.partial,
         model=context.model_spec,
         chunk=infer.chunk,
-        threshold=infer.threshold,
         intensity_range=intensity_range(job.slide),
-        probability_dtype=infer.probability_dtype,
         levels=tuple(level_shapes(*shape, infer.chunk) if infer.pyramid else [shape]),
         objects=infer.objects,
-        fill_holes=infer.fill_holes,
-        min_object_pixels=min_object_pixels(infer.min_object_area_um2, model, resolution, item.input),
+        rule=ObjectRule.from_config(infer, model, resolution.pixel_size_um, item.input),
     )
-
-
-def min_object_pixels(area_um2: float | None, model: UNet, resolution: Resolution, input: str) -> int:
-    """The smallest object kept, in output pixels: ``infer.min_object_area_um2``, or by default half the
-    1st-percentile area of the model's training objects; 0 where either that or the pixel size is unknown."""
-    import math
-
-    if area_um2 is None:
-        area_um2 = 0.5 * model.object_area_um2["p1"] if model.object_area_um2 else 0.0
-    if not area_um2:
-        return 0
-    if resolution.pixel_size_um is None:
-        log.warning("%s: its pixel size is unknown, so no minimum object area applies", input)
-        return 0
-    return math.ceil(area_um2 / resolution.pixel_size_um**2)
 
 
 def intensity_range(slide: Slide | Resampled) -> tuple[tuple[float, float], ...]:
     """Per-channel normalisation range, by the training rule, from the lowest-resolution level (one small
-    read, identical for every chunk; none at all for 8-bit images)."""
-    import math
-
-    import numpy as np
-
-    from unet.intensity import MAX_INTENSITY_SPAN, intensity_ranges
+    read, identical for every chunk; none at all for 8-bit images). A level with NaN or infinite pixels, or
+    32/64-bit integers whose histogram would be too long, is refused first (``unet.intensity.check_intensity``)."""
+    from unet.intensity import check_intensity, intensity_bounds, intensity_ranges
     from unet.slides import SlideError, open_slide
 
     lowest = open_slide(slide.path, slide.levels - 1)
-    if lowest.dtype.kind in "iu" and lowest.dtype.itemsize > 2:  # 32/64-bit: the histogram must stay small
+    bounds = intensity_bounds(lowest.to_dask(chunk=2048))  # lazy: a single-level slide's lowest level is large
+    if bounds is not None:
         import dask
 
-        pixels = lowest.to_dask(chunk=2048).astype(np.float64)
-        low, high = dask.compute(pixels.min(), pixels.max())
-        if high - low > MAX_INTENSITY_SPAN:
-            raise SlideError(
-                f"{slide.path}: {lowest.dtype} values from {low:.0f} to {high:.0f} span more than "
-                f"{MAX_INTENSITY_SPAN:,}, too many for the intensity histogram; convert it to float32 or 16 bits"
-            )
-    ranges = intensity_ranges(lowest)
-    if not all(math.isfinite(v) for pair in ranges for v in pair):
-        raise SlideError(f"{slide.path}: NaN or infinite pixels (its intensity range is {ranges})")
-    return ranges
+        check_intensity(slide.path, lowest.dtype, *dask.compute(*bounds), SlideError)
+    return intensity_ranges(lowest)
 
 
 def chunk_keys(
@@ -202,21 +202,18 @@ def chunk_keys(
     return keys, chunks_with_tissue(input, slide, config.infer.chunk)
 
 
-def finish(job: SlideJob, context: JobContext, parent_run_id: str | None = None) -> None:
-    """Write its objects table, record its MLflow run (nested in the batch's), write its metadata and move it
-    into place."""
+def finish(
+    job: SlideJob, context: JobContext, objects: int, parts: list[dict], parent_run_id: str | None = None
+) -> None:
+    """Write its objects table (``objects`` of them, from their partial sums ``parts``), record its MLflow run
+    (nested in the batch's), write its metadata and move it into place."""
     from pipelines.infer.output import finalize_output
 
+    job.stats = _measured(job, context, objects)
     if job.spec.objects:
-        _write_objects(job)
-    now = time.perf_counter()
-    seconds = now - job.started
-    megapixels = job.slide.height * job.slide.width / 1e6
-    job.stats |= {"megapixels": megapixels, "seconds": seconds, "mpx_per_s": megapixels / seconds}
-    if not context.batch:  # a single slide: its one-off start-up apart, and the whole job
-        job.stats |= {"startup_seconds": job.started - context.started, "total_seconds": now - context.started}
+        job.stats.object_summary = _write_objects(job, parts)
     job.run_id = _track(job, context.config, parent_run_id)
-    lineage = {**job.lineage, "stats": job.stats, "mlflow_run_id": job.run_id}
+    lineage = {**job.lineage, "stats": job.stats.as_dict(), "mlflow_run_id": job.run_id}
     if parent_run_id:
         lineage["mlflow_batch_run_id"] = parent_run_id
     finalize_output(job.staged, job.resolution, len(job.spec.levels), lineage, overwrite=context.overwrite)
@@ -224,18 +221,27 @@ def finish(job: SlideJob, context: JobContext, parent_run_id: str | None = None)
     job.unlock()
 
 
-def _write_objects(job: SlideJob) -> None:
-    """Add up the objects' partial sums into the table, write it, and keep its summary in the stats."""
+def _measured(job: SlideJob, context: JobContext, objects: int) -> SlideStats:
+    now = time.perf_counter()
+    seconds, megapixels = now - job.started, job.slide.height * job.slide.width / 1e6
+    stats = SlideStats(len(job.keys), len(job.keys) - len(job.tissue), objects, megapixels=megapixels,
+                       seconds=seconds, mpx_per_s=megapixels / seconds)  # fmt: skip
+    if not context.batch:  # a single slide: its one-off start-up apart, and the whole job
+        stats.startup_seconds, stats.total_seconds = job.started - context.started, now - context.started
+    return stats
+
+
+def _write_objects(job: SlideJob, parts: list[dict]) -> dict[str, float]:
+    """Add up the objects' partial sums into the table and write it; return its summary."""
     from pipelines.infer.output import write_objects
     from unet.objects import objects_table, summary
 
     resolution = job.resolution
-    table = objects_table(job.parts, resolution.pixel_size_um, job.slide.channels, resolution.to_level0)
-    job.parts = []
-    if len(table) != job.stats["objects"]:  # both count the merged objects: a difference is a bug, not bad input
-        raise RuntimeError(f"{job.item.input}: {len(table)} objects measured but {job.stats['objects']} labelled")
+    table = objects_table(parts, resolution.pixel_size_um, job.slide.channels, resolution.to_level0)
+    if len(table) != job.stats.objects:  # both count the merged objects: a difference is a bug, not bad input
+        raise RuntimeError(f"{job.item.input}: {len(table)} objects measured but {job.stats.objects} labelled")
     write_objects(job.staged.partial, table)
-    job.stats |= summary(table)
+    return {k: v for k, v in summary(table).items() if k != "objects"}
 
 
 def _track(job: SlideJob, config: Config, parent_run_id: str | None) -> str:
@@ -250,4 +256,5 @@ def _track(job: SlideJob, config: Config, parent_run_id: str | None) -> str:
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     name = f"infer {storage.basename(job.item.output)}"
     experiment = config.tracking.experiment
-    return registry.log_job_run(tracking_uri, experiment, "inference", name, params, job.stats, parent=parent_run_id)
+    metrics = job.stats.as_dict()
+    return registry.log_job_run(tracking_uri, experiment, "inference", name, params, metrics, parent=parent_run_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unet.inference import InferenceSettings
+from unet.segmentation import ObjectRule
 from unet.tiling import Region
 
 
@@ -29,13 +30,10 @@ class JobSpec:
     output: str  # the Zarr group being written
     model: ModelSpec
     chunk: int
-    threshold: float
     intensity_range: tuple[tuple[float, float], ...]
-    probability_dtype: str
     levels: tuple[tuple[int, int], ...]  # (height, width) of each pyramid level, level 0 first
     objects: bool  # measure every object for the objects table
-    fill_holes: bool  # fill holes inside objects (within a chunk) before labelling
-    min_object_pixels: int  # objects smaller than this are dropped before ids are assigned
+    rule: ObjectRule  # how its probability becomes objects
 
     def region(self, key: tuple[int, int], height: int, width: int) -> Region:
         row, col = key

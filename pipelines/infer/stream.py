@@ -15,6 +15,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipelines.infer.slide import FAILED, SlideJob
@@ -23,8 +24,35 @@ from unet.errors import first_line
 if TYPE_CHECKING:
     from distributed import Client, Future
 
+    from unet.instances import ChunkEdges
+
 LATER_PRIORITY = 1  # a slide's label and pyramid tasks run before further predictions, so it finishes early
-PREDICT, LABEL = 0, 1  # SlideJob.stage; stage 1 + k computes pyramid level k
+PREDICT, LABEL = 0, 1  # Passes.stage; stage 1 + k computes pyramid level k
+
+
+@dataclass
+class Passes:
+    """One slide's progress through the stream: the pass under way and what its tasks returned so far."""
+
+    job: SlideJob
+    stage: int = PREDICT  # 0 predict, 1 label, 2... pyramid level 1...
+    left: int = 0  # tasks of this pass not yet done
+    units: int = 0  # tasks done, of all passes
+    edges: dict[tuple[int, int], ChunkEdges] = field(default_factory=dict)  # of predicted chunks, by key
+    objects: int = 0  # once its seams are merged
+    parts: list[dict] = field(default_factory=list)  # the objects' partial sums, chunk by chunk
+
+
+@dataclass(frozen=True)
+class Task:
+    """One Dask task of a slide's pass: ``function(*args)`` on the chunk ``key``."""
+
+    passes: Passes
+    key: tuple[int, int]
+    function: Callable
+    args: tuple
+    priority: int = LATER_PRIORITY
+    resources: dict | None = None
 
 
 def stream(
@@ -32,31 +60,27 @@ def stream(
     jobs: list[SlideJob],
     window: int,
     resources: dict | None,
-    on_done: Callable[[SlideJob], None],
+    on_done: Callable[[SlideJob, int, list[dict]], None],
     on_failed: Callable[[SlideJob, BaseException], None],
 ) -> None:
-    """Predict and label every chunk of ``jobs`` (predictions ask for ``resources``); call ``on_done(job)``
-    when a slide is segmented, ``on_failed(job, error)`` when one of its tasks failed."""
+    """Predict and label every chunk of ``jobs`` (predictions ask for ``resources``); call ``on_done(job,
+    objects, parts)`` when a slide is segmented (its object count and the objects' partial sums),
+    ``on_failed(job, error)`` when one of its tasks failed."""
     ChunkStream(client, jobs, window, resources, on_done, on_failed).run()
 
 
 class ChunkStream:
-    """The state of ``stream``: what is in flight, what is ready to go, the progress bar."""
+    """The state of ``stream``: what is in flight, what is ready to go, each slide's passes, the progress bar."""
 
     def __init__(self, client, jobs, window, resources, on_done, on_failed) -> None:
         from distributed import as_completed
 
-        from pipelines.infer.tasks import predict_chunk
-
         self.client, self.jobs, self.window = client, jobs, window
         self.on_done, self.on_failed = on_done, on_failed
-        self.predictions: Iterator = (
-            (job, predict_chunk, (job.spec, key, key in job.tissue), 0, resources) for job in jobs for key in job.keys
-        )
-        self.ready: deque = deque()  # label and pyramid tasks, submitted before further predictions
-        self.owners: dict[str, tuple] = {}  # in flight: future key -> (slide, task arguments, future)
-        for job in jobs:
-            job.left = len(job.keys)
+        self.passes = [Passes(job, left=len(job.keys)) for job in jobs]
+        self.predictions: Iterator[Task] = (task for passes in self.passes for task in _predictions(passes, resources))
+        self.ready: deque[Task] = deque()  # label and pyramid tasks, submitted before further predictions
+        self.owners: dict[str, tuple[Task, Future]] = {}  # in flight, by future key
         self.segmented = self.failed = 0
         self.completed = as_completed()
         self.bar = None
@@ -71,7 +95,7 @@ class ChunkStream:
             for future in self.completed:
                 owner = self.owners.pop(future.key, None)
                 if owner is not None:  # None: cancelled with its slide
-                    self._handle(future, *owner[:2])
+                    self._handle(future, owner[0])
                     self.bar.update()
                     self.bar.set_postfix_str(self._slides(), refresh=False)
                 self._submit_more()
@@ -81,41 +105,44 @@ class ChunkStream:
             task = self.ready.popleft() if self.ready else next(self.predictions, None)
             if task is None:
                 return
-            job, function, args, priority, resources = task
+            job = task.passes.job
             if job.state == FAILED:
                 continue
             job.started = job.started or time.perf_counter()
-            future = self.client.submit(function, *args, pure=False, resources=resources, priority=priority)
-            self.owners[future.key] = (job, args, future)
+            future = self.client.submit(task.function, *task.args, pure=False, resources=task.resources,
+                                        priority=task.priority)  # fmt: skip
+            self.owners[future.key] = (task, future)
             self.completed.add(future)
 
-    def _handle(self, future: Future, job: SlideJob, args: tuple) -> None:
+    def _handle(self, future: Future, task: Task) -> None:
         """One finished task; the last of a pass queues the slide's next pass, or hands the slide on."""
+        passes = task.passes
         try:
             result = future.result()
         except Exception as exc:  # a task's error fails its slide; the batch goes on
-            self._fail(job, exc)
+            self._fail(passes, exc)
             return
-        job.units, job.left = job.units + 1, job.left - 1
-        if job.stage == PREDICT:  # args: (spec, key, has_tissue)
-            job.edges[args[1]] = result
-        elif job.stage == LABEL and result is not None:
-            job.parts.append(result)
-        if job.left:
+        passes.units, passes.left = passes.units + 1, passes.left - 1
+        if passes.stage == PREDICT:
+            passes.edges[task.key] = result
+        elif passes.stage == LABEL and result is not None:
+            passes.parts.append(result)
+        if passes.left:
             return
-        tasks = _next_pass(self.client, job)
+        tasks = _next_pass(self.client, passes)
         if tasks:
             self.ready.extend(tasks)
         else:
             self.segmented += 1
-            self.on_done(job)
+            self.on_done(passes.job, passes.objects, passes.parts)
 
-    def _fail(self, job: SlideJob, error: BaseException) -> None:
+    def _fail(self, passes: Passes, error: BaseException) -> None:
+        job = passes.job
         job.fail(f"{job.item.input}: {first_line(error)}")
         self.failed += 1
-        mine = [key for key, owner in self.owners.items() if owner[0] is job]
-        self.client.cancel([self.owners.pop(key)[2] for key in mine])
-        self.bar.total -= _units(job) - job.units
+        mine = [key for key, (task, _) in self.owners.items() if task.passes is passes]
+        self.client.cancel([self.owners.pop(key)[1] for key in mine])
+        self.bar.total -= _units(job) - passes.units
         self.on_failed(job, error)
 
     def _slides(self) -> str:
@@ -125,38 +152,46 @@ class ChunkStream:
 
 def _units(job: SlideJob) -> int:
     """Tasks of all of a slide's passes: every chunk predicted and labelled, then each pyramid level's chunks."""
-    return 2 * len(job.keys) + sum(-(-h // job.spec.chunk) * -(-w // job.spec.chunk) for h, w in job.spec.levels[1:])
+    from unet.tiling import grid_shape
+
+    pyramid = [grid_shape(height, width, job.spec.chunk) for height, width in job.spec.levels[1:]]
+    return 2 * len(job.keys) + sum(rows * cols for rows, cols in pyramid)
 
 
-def _next_pass(client: Client, job: SlideJob) -> list[tuple]:
+def _predictions(passes: Passes, resources: dict | None) -> Iterator[Task]:
+    from pipelines.infer.tasks import predict_and_store
+
+    job = passes.job
+    for key in job.keys:
+        yield Task(passes, key, predict_and_store, (job.spec, key, key in job.tissue), 0, resources)
+
+
+def _next_pass(client: Client, passes: Passes) -> list[Task]:
     """The tasks of the slide's next pass (none: it is segmented)."""
     from pipelines.infer.tasks import downsample_chunk
     from unet.tiling import grid
 
-    job.stage += 1
-    if job.stage == LABEL:
-        tasks = _label_tasks(client, job)
-    elif job.stage - LABEL < len(job.spec.levels):
-        level = job.stage - LABEL
-        keys = [key for key, _ in grid(*job.spec.levels[level], job.spec.chunk)]
-        tasks = [(job, downsample_chunk, (job.spec, level, key), LATER_PRIORITY, None) for key in keys]
+    spec = passes.job.spec
+    passes.stage += 1
+    if passes.stage == LABEL:
+        tasks = _label_tasks(client, passes)
+    elif passes.stage - LABEL < len(spec.levels):
+        level = passes.stage - LABEL
+        keys = [key for key, _ in grid(*spec.levels[level], spec.chunk)]
+        tasks = [Task(passes, key, downsample_chunk, (spec, level, key)) for key in keys]
     else:
         tasks = []
-    job.left = len(tasks)
+    passes.left = len(tasks)
     return tasks
 
 
-def _label_tasks(client: Client, job: SlideJob) -> list[tuple]:
+def _label_tasks(client: Client, passes: Passes) -> list[Task]:
     """Merge the slide's seams (here: one small array) and describe its label tasks."""
     from pipelines.infer.tasks import label_chunk_globally
-    from unet.instances import border_areas, merge_ids, offsets, seam_pairs
+    from unet.instances import merge_chunks
 
-    edges = {key: job.edges[key] for key in job.keys}  # in grid order, whatever order they finished in
-    starts = offsets({key: edge.count for key, edge in edges.items()})
-    total, areas = sum(edge.count for edge in edges.values()), border_areas(edges, starts)
-    mapping = merge_ids(total, seam_pairs(edges, starts), areas, job.spec.min_object_pixels)
-    job.stats |= {"chunks": len(job.keys), "chunks_skipped": len(job.keys) - len(job.tissue)}
-    job.stats["objects"] = int(mapping.max())
+    job = passes.job
+    starts, mapping = merge_chunks(passes.edges, job.spec.rule.min_object_pixels)
+    passes.objects, passes.edges = int(mapping.max()), {}  # edges no longer needed: free them on large cohorts
     shared = client.scatter(mapping, broadcast=True)
-    job.edges = {}  # no longer needed: free them on large cohorts
-    return [(job, label_chunk_globally, (job.spec, key, starts[key], shared), LATER_PRIORITY, None) for key in job.keys]
+    return [Task(passes, key, label_chunk_globally, (job.spec, key, starts[key], shared)) for key in job.keys]

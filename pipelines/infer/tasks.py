@@ -31,12 +31,13 @@ from pipelines.infer.output import (
 from pipelines.infer.spec import JobSpec, ModelSpec
 from unet.chunk_writes import write_block
 from unet.inference import ChunkPredictor
-from unet.instances import ChunkEdges, label_chunk, relabel
+from unet.instances import ChunkEdges, relabel
 from unet.model import UNet
 from unet.objects import chunk_sums
 from unet.pyramid import mean_2x2, nearest_2x2, source_window
 from unet.resample import Resampled
 from unet.resolution import open_at
+from unet.segmentation import from_stored
 from unet.slides import Slide
 
 # Each worker process keeps the predictors of the last MODELS_PER_WORKER model specs used (model URI and
@@ -125,15 +126,9 @@ def _arrays(spec: JobSpec, *names: str) -> list[zarr.Array]:
     return [root[name] for name in names]
 
 
-def to_stored(probability: np.ndarray, dtype: str) -> np.ndarray:
-    """Probability in [0, 1] as stored: uint8 (x255, rounded) or float16."""
-    if dtype == "uint8":
-        return np.round(np.clip(probability, 0, 1) * 255).astype(np.uint8)
-    return probability.astype(np.float16)
-
-
-def predict_chunk(spec: JobSpec, key: tuple[int, int], has_tissue: bool = True) -> ChunkEdges:
-    """Pass 1: probability and chunk-local labels of one chunk; returns its border labels."""
+def predict_and_store(spec: JobSpec, key: tuple[int, int], has_tissue: bool = True) -> ChunkEdges:
+    """Pass 1: predict one chunk, store its probability and its chunk-local objects (``unet.segmentation``);
+    returns its border labels."""
     probability_array, local_array, done = _arrays(spec, PROBABILITY, LOCAL, DONE_PREDICT)
     height, width = local_array.shape
     region = spec.region(key, height, width)
@@ -145,19 +140,12 @@ def predict_chunk(spec: JobSpec, key: tuple[int, int], has_tissue: bool = True) 
         probability = _predictor(spec.model).predict_chunk(read, height, width, region, spec.intensity_range)
     else:
         probability = np.zeros((region.height, region.width), np.float32)
-    stored = to_stored(probability, spec.probability_dtype)
+    stored = spec.rule.store(probability)
     write_block(probability_array, (slice(0, 1), *region.slices), stored[None])
-    local, count = label_chunk(_foreground(stored, spec), spec.fill_holes, spec.min_object_pixels)
+    local, count = spec.rule.label_chunk(stored)
     write_block(local_array, region.slices, local)
     write_block(done, _cell(key), np.ones((1, 1)))  # only now: the chunk is complete
     return ChunkEdges.of(local, count)
-
-
-def _foreground(stored: np.ndarray, spec: JobSpec) -> np.ndarray:
-    """Threshold the *stored* probability, so labels agree with what a reader of the output sees."""
-    if spec.probability_dtype == "uint8":
-        return stored > round(spec.threshold * 255)
-    return stored.astype(np.float32) > spec.threshold
 
 
 def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray) -> dict | None:
@@ -177,13 +165,6 @@ def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mappin
     return chunk_sums(final, probability, image, region.y0, region.x0)
 
 
-def from_stored(stored: np.ndarray) -> np.ndarray:
-    """Stored probability (``to_stored``) in [0, 1], as float64: object means are exact to the stored values."""
-    if stored.dtype == np.uint8:
-        return stored / 255.0
-    return stored.astype(np.float64)
-
-
 def downsample_chunk(spec: JobSpec, level: int, key: tuple[int, int]) -> None:
     """Pass 3: one chunk of pyramid level ``level`` (1, 2, ...) from the level above (``unet.pyramid``)."""
     names = (probability_level(level - 1), labels_level(level - 1), probability_level(level), labels_level(level))
@@ -198,6 +179,7 @@ def downsample_chunk(spec: JobSpec, level: int, key: tuple[int, int]) -> None:
         slice(*source_window(region.x0, region.x1, width)),
     )
     target = (slice(0, 1), *region.slices)
-    write_block(probability, target, mean_2x2(np.asarray(source_probability[source]), spec.probability_dtype)[None])
+    mean = mean_2x2(np.asarray(source_probability[source]), spec.rule.probability_dtype)
+    write_block(probability, target, mean[None])
     write_block(labels, target, nearest_2x2(np.asarray(source_labels[source]))[None])
     write_block(done, _cell(key), np.ones((1, 1)))

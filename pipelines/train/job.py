@@ -48,7 +48,7 @@ def check_store(config: Config) -> TrainingStore:
         log.warning("data.pixel_size_um=%g, but %s holds %g um/px: the model is %g", config.data.pixel_size_um,
                     store.location, stored, stored)  # fmt: skip
     config.data.pixel_size_um = stored
-    from unet.training import small_validation_split
+    from unet.evaluation import small_validation_split
 
     if warning := small_validation_split(store):
         log.warning(warning)

@@ -25,18 +25,18 @@ from unet.config import Config
 from unet.data.dataset import PatchDataset
 from unet.data.store import TrainingStore
 from unet.devices import check_device
+from unet.evaluation import evaluate, load_validation
 from unet.inference import InferenceSettings
 from unet.io import write_png
 from unet.loss import WeightedLoss
 from unet.model_files import BEST_MODEL_DIR, save_weights
+from unet.segmentation import ObjectRule
 from unet.training import (
     TrainingParts,
     build_model,
     build_optimizer,
     build_scheduler,
-    evaluate,
     load_state,
-    load_validation,
     make_deterministic,
     make_grad_scaler,
     make_weight_average,
@@ -189,9 +189,9 @@ class Worker:
         infer, metric = self.config.infer, self.config.tracking.champion_metric
         settings = InferenceSettings.from_config(infer, device=str(self.device))
         scored = self.parts.scored()
-        scores, probabilities = evaluate(scored, self.validation, settings, infer.chunk,
-                                         infer.threshold, self.config.evaluate.iou_threshold)  # fmt: skip
-        metrics.update({f"val/{k}": v for k, v in scores.items()})
+        rule = ObjectRule.from_config(infer, scored, scored.pixel_size_um, "the validation images")
+        evaluation = evaluate(scored, self.validation, settings, rule, infer.chunk, self.config.evaluate.iou_threshold)
+        metrics.update({f"val/{k}": v for k, v in evaluation.scores.items()})
         if self.progress["best"] is None or metrics[metric] > self.progress["best"]:
             self.progress["best"], self.progress["best_epoch"] = metrics[metric], epoch
             self.progress["best_scores"] = {k: v for k, v in metrics.items() if k.startswith("val/")}
@@ -203,9 +203,9 @@ class Worker:
         best = {"best/epoch": self.progress["best_epoch"], f"best/{metric}": self.progress["best"]}
         metrics.update(best | {f"best/{k}": v for k, v in self.progress["best_scores"].items()})
         log_metrics(self.tracker, self.run_id, metrics, epoch)
-        if self.validation:
-            example = self.validation[0]  # outlined as scored: at infer.threshold
-            panel = prediction_panel(example.image, example.target, probabilities[0], infer.threshold)
+        if evaluation.predictions:
+            first = evaluation.predictions[0]  # outlined as scored: the objects inference would write
+            panel = prediction_panel(first.example.image, first.example.target, first.probability, first.objects)
             _log_picture(self.tracker, self.run_id, panel, f"epoch_{epoch:03d}.png")
 
 

@@ -289,8 +289,9 @@ class InferConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """Evaluation of a model on held-out labelled images of a training store. The model predicts as
-    ``pipelines.infer`` does, with the ``infer`` section's settings (device, precision, chunk size, threshold)."""
+    """Evaluation of a model on held-out labelled images of a training store. The model predicts and segments as
+    ``pipelines.infer`` does, with the ``infer`` section's settings (device, precision, chunk size, threshold,
+    probability storage, hole filling, smallest object): the scores describe the objects inference writes."""
 
     model: str = Field("models:/unet@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or a folder.")
     store: str | None = Field(None, description="Training store to evaluate on (null: data.store).")

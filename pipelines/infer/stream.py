@@ -40,7 +40,7 @@ class Passes:
     units: int = 0  # tasks done, of all passes
     edges: dict[tuple[int, int], ChunkEdges] = field(default_factory=dict)  # of predicted chunks, by key
     objects: int = 0  # once its seams are merged
-    parts: list[dict] = field(default_factory=list)  # the objects' partial sums, chunk by chunk
+    parts: dict[tuple[int, int], dict] = field(default_factory=dict)  # the objects' partial sums, by chunk
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class ChunkStream:
         if passes.stage == PREDICT:
             passes.edges[task.key] = result
         elif passes.stage == LABEL and result is not None:
-            passes.parts.append(result)
+            passes.parts[task.key] = result
         if passes.left:
             return
         tasks = _next_pass(self.client, passes)
@@ -134,7 +134,8 @@ class ChunkStream:
             self.ready.extend(tasks)
         else:
             self.segmented += 1
-            self.on_done(passes.job, passes.objects, passes.parts)
+            # in grid order, whatever order they came in: the objects' sums are added up in the same order every run
+            self.on_done(passes.job, passes.objects, [passes.parts[key] for key in sorted(passes.parts)])
 
     def _fail(self, passes: Passes, error: BaseException) -> None:
         job = passes.job

@@ -25,9 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipelines.prepare import prepare
-from unet.config import DataConfig, InferConfig, load_config
+from unet.config import DataConfig, load_config
 from unet.data.augment import build_augmentation
 from unet.data.dataset import PatchDataset
+from unet.data.store import TrainingStore
 from unet.evaluation import ValidationExample, evaluate
 from unet.inference import InferenceSettings
 from unet.intensity import intensity_ranges
@@ -55,12 +56,13 @@ def quadrants(array: np.ndarray) -> list[np.ndarray]:
 
 
 def scored(model: torch.nn.Module, image: np.ndarray, labels: np.ndarray, tally: SegmentationTally) -> None:
-    """Add a test image's scores to ``tally``: predicted and segmented as ``pipelines.infer`` does (in fp32)."""
-    infer = InferConfig(precision="fp32")
+    """Add a test image's scores to ``tally``: predicted and segmented as ``pipelines.infer`` does (in fp32), small
+    objects judged by the model's training objects."""
+    infer = SCORING.infer.model_copy(update={"precision": "fp32"})
     example = ValidationExample(
         "test", image[None], intensity_ranges(image[None]), labels, (labels > 0).astype(np.uint8)
     )
-    rule = ObjectRule.from_config(SCORING.infer, model, PIXEL_SIZE_UM, "the test quadrant")
+    rule = ObjectRule.from_config(infer, model, PIXEL_SIZE_UM, "the test quadrant")
     evaluate(model, [example], InferenceSettings.from_config(infer), rule, infer.chunk, tally.threshold, tally)
 
 
@@ -77,7 +79,11 @@ def train_fold(folder: Path, images, labels, w0: float, steps: int, seed: int) -
     config = load_config(None, overrides)
     store = prepare(config, previews=0)
     torch.manual_seed(seed)
-    model = build_model(config.model).to(memory_format=torch.channels_last)
+    trained_on = TrainingStore(store)  # its pixel size and objects, as pipelines.train records them in the model
+    model = build_model(
+        config.model, pixel_size_um=trained_on.pixel_size_um, object_area_um2=trained_on.object_area_um2
+    )
+    model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.train)
     scheduler = build_scheduler(optimizer, config.train)
     augmentation = build_augmentation(DataConfig(), 128)
@@ -136,6 +142,11 @@ def to_markdown(result: dict, command: str) -> str:
         "",
         "Scope: one small image, four folds, one seed; a difference of a few objects is within what another "
         "seed could change. Merged = a predicted object holding most of two or more true nuclei.",
+        "",
+        "Objects are scored as `pipelines.infer` writes them (`unet.segmentation`, since 8dd95b9): the stored uint8 "
+        "probability thresholded at 0.5, holes filled, objects under half the 1st-percentile area of the fold's "
+        "training nuclei dropped. Without that last rule (as before), the model trained without the border term "
+        "leaves many small fragments: F1 0.398 with 220 predicted objects at cf80dff, against 0.713 with the term.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -44,6 +44,7 @@ def make_parser(
     """An argument parser with the options common to every entry point: ``-v``, and for one that reads a config
     (``config``) ``--config``, ``--set``, ``--print-config`` and ``--save-config``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.set_defaults(reads_config=config)
     if config:
         _add_config_options(parser, default_config)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -97,7 +98,7 @@ def run(
         for name in ("mlflow", "botocore", "aiobotocore", "s3fs", "torch"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        if "config" not in vars(args):  # an entry point that reads no config
+        if not args.reads_config:
             job = functools.partial(main, args)
         elif (config := resolve_config(args)) is not None:
             job = functools.partial(main, config, args)

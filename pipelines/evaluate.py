@@ -30,14 +30,14 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> Evaluat
     """Scores of ``evaluate.split`` of the store, pooled and per image: each image predicted and segmented exactly
     as ``pipelines.infer`` segments a slide with the same ``infer`` settings (``unet.evaluation``)."""
     from pipelines.models import load_model
+    from unet import evaluation
     from unet.data.store import TrainingStore
-    from unet.evaluation import evaluate, load_validation
     from unet.inference import InferenceSettings
     from unet.segmentation import ObjectRule
 
     settings, infer = config.evaluate, config.infer
     store = TrainingStore(settings.store or config.data.store)
-    examples = load_validation(store, settings.split)
+    examples = evaluation.load_validation(store, settings.split)
     if not examples:
         raise UserError(f"{store.location} has no {settings.split!r} examples to evaluate on")
     model = load_model(model_uri, tracking_uri=tracking_uri)
@@ -47,7 +47,8 @@ def evaluate_model(config: Config, model_uri: str, tracking_uri: str) -> Evaluat
         )
     check_resolution(store, model)
     rule = ObjectRule.from_config(infer, model, store.pixel_size_um, store.location)
-    return evaluate(model, examples, InferenceSettings.from_config(infer), rule, infer.chunk, settings.iou_threshold)
+    return evaluation.evaluate(model, examples, InferenceSettings.from_config(infer), rule, infer.chunk,
+                               settings.iou_threshold)  # fmt: skip
 
 
 def check_resolution(store: TrainingStore, model: UNet) -> None:

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import zarr
 
-from pipelines.infer.cohort import Item, expand, stem
+from pipelines.infer.cohort import Item, expand
 from unet.data.sources import Pair, find_pairs
 from unet.errors import UserError
+from unet.io import stem
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import pytest
 from unet.metrics import (
     SegmentationTally,
     instance_scores,
-    pixel_scores,
 )
 from unet.segmentation import ObjectRule, label_image
 
@@ -22,9 +21,10 @@ def squares(*boxes: tuple[int, int, int, int], shape: tuple[int, int] = (40, 40)
 
 def test_pixel_scores() -> None:
     truth = squares((0, 10, 0, 10))
-    pred = squares((0, 10, 0, 5))
-    assert pixel_scores(pred, truth) == {"iou": 0.5, "dice": pytest.approx(2 * 50 / 150)}
-    assert pixel_scores(np.zeros((4, 4)), np.zeros((4, 4))) == {"iou": 1.0, "dice": 1.0}
+    scores = SegmentationTally(0.5).add(truth, squares((0, 10, 0, 5)))
+    assert (scores["iou"], scores["dice"]) == (0.5, pytest.approx(2 * 50 / 150))
+    empty = SegmentationTally(0.5).add(np.zeros((4, 4), int), np.zeros((4, 4), int))
+    assert (empty["iou"], empty["dice"]) == (1.0, 1.0)
 
 
 def test_perfect_and_empty_predictions() -> None:
@@ -63,7 +63,7 @@ def test_touching_prediction_counts_as_one_object() -> None:
 def test_tally_pools_counts_over_images() -> None:
     truth_a, truth_b = squares((0, 10, 0, 10)), squares((0, 10, 0, 10), (20, 30, 20, 30))
     tally = SegmentationTally(0.5)
-    tally.add(truth_a, truth_a > 0)  # perfect
+    tally.add(truth_a, truth_a)  # perfect
     tally.add(truth_b, np.zeros_like(truth_b))  # misses both
     scores = tally.scores()
     assert scores["n_true"] == 3 and scores["n_pred"] == 1

@@ -11,11 +11,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 
-def pixel_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """IoU and Dice of the foreground (non-zero) pixels; 1.0 when both are empty."""
-    return _overlap(*_pixel_counts(predicted, truth))
-
-
 def _pixel_counts(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
     """Foreground intersection, union and predicted plus true pixel counts."""
     p, t = np.asarray(predicted) > 0, np.asarray(truth) > 0

@@ -5,7 +5,8 @@ what a reader of the output sees; then each chunk is labelled alone (holes fille
 dropped, ``unet.instances.label_chunk``) and objects continuing across seams are merged (``merge_chunks``).
 ``pipelines.infer`` applies the rule chunk by chunk on its workers; ``label_image`` applies it to a whole image in
 memory with the same chunking, so the scores that choose the champion describe exactly the objects inference
-writes.
+writes. (With ``infer.tissue_mask``, inference leaves chunks without tissue unpredicted; labelled images are scored
+whole, as tissue.)
 """
 
 from __future__ import annotations

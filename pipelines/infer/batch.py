@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.infer.cohort import stem
 from pipelines.infer.slide import DONE, FAILED, RESUMED, SKIPPED
 from unet.errors import UserError
+from unet.io import stem
 
 if TYPE_CHECKING:
     from pipelines.infer.cohort import Cohort

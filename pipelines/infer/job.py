@@ -107,7 +107,7 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
         log.info("Dask dashboard: %s (%d threads)", dashboard(client, cluster), threads)
         resources = task_resources(infer.device, infer.tasks)
         stream(client, jobs, max(4, 2 * threads), resources, finisher.submit, finisher.on_failed)
-        finisher.wait()  # the slides still being finished: a Ctrl-C meanwhile is handled below too
+        finisher.close()  # the slides still being finished: a Ctrl-C meanwhile is handled below too
     except BaseException as exc:  # the batch's run ends KILLED (Ctrl-C, SIGTERM) or FAILED, not RUNNING forever
         finisher.stop(exc)
         raise
@@ -115,8 +115,8 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
         client.close()
         if cluster is not None:
             cluster.close()
-        finisher.wait()
-    return finisher.batch_run_id()
+        finisher.close()
+    return finisher.outcome()
 
 
 class Finisher:
@@ -151,7 +151,8 @@ class Finisher:
             raise error
         log.error("failed: %s", job.reason)
 
-    def wait(self) -> None:
+    def close(self) -> None:
+        """Wait for the slides being finished; no more can be submitted."""
         self.pool.shutdown(wait=True)
 
     def stop(self, exc: BaseException) -> None:
@@ -165,8 +166,8 @@ class Finisher:
             status = end_stopped_run(self.context.config, run.result(), isinstance(exc, KeyboardInterrupt))
             exc.add_note(f"MLflow batch run {run.result()} marked {status}")
 
-    def batch_run_id(self) -> str | None:
-        """The batch's MLflow run, once every slide is finished; a single slide's error is raised here."""
+    def outcome(self) -> str | None:
+        """The batch's MLflow run id, once closed; a single slide's error is raised here."""
         for future in self.finished:
             future.result()
         return self.batch_run.result() if self.batch_run else None

@@ -175,18 +175,24 @@ def _open(job: SlideJob, context: JobContext) -> None:
 
 def intensity_range(slide: Slide | Resampled) -> tuple[tuple[float, float], ...]:
     """Per-channel normalisation range, by the training rule, from the lowest-resolution level (one small
-    read, identical for every chunk; none at all for 8-bit images). A level with NaN or infinite pixels, or
-    32/64-bit integers whose histogram would be too long, is refused first (``unet.intensity.check_intensity``)."""
+    read, identical for every chunk; none at all for 8-bit images). 32/64-bit integers whose histogram would be too
+    long are refused first, NaN or infinite pixels once they reach the range (``unet.intensity.check_intensity``)."""
+    import numpy as np
+
     from unet.intensity import check_intensity, intensity_bounds, intensity_ranges
     from unet.slides import SlideError, open_slide
 
     lowest = open_slide(slide.path, slide.levels - 1)
-    bounds = intensity_bounds(lowest.to_dask(chunk=2048))  # lazy: a single-level slide's lowest level is large
-    if bounds is not None:
+    dtype = np.dtype(lowest.dtype)
+    if dtype.kind in "iu" and dtype.itemsize > 2:  # lazy: a single-level slide's lowest level is large
         import dask
 
-        check_intensity(slide.path, lowest.dtype, *dask.compute(*bounds), SlideError)
-    return intensity_ranges(lowest)
+        bounds = dask.compute(*intensity_bounds(lowest.to_dask(chunk=2048)))
+        check_intensity(slide.path, dtype, *bounds, SlideError)
+    ranges = intensity_ranges(lowest)
+    lows, highs = np.array(ranges, np.float64).T
+    check_intensity(slide.path, dtype, lows.min(), highs.max(), SlideError)  # NaN: propagated by min and max
+    return ranges
 
 
 def chunk_keys(
@@ -209,9 +215,8 @@ def finish(
     (nested in the batch's), write its metadata and move it into place."""
     from pipelines.infer.output import finalize_output
 
-    job.stats = _measured(job, context, objects)
-    if job.spec.objects:
-        job.stats.object_summary = _write_objects(job, parts)
+    summary = _write_objects(job, objects, parts) if job.spec.objects else {}
+    job.stats = _measured(job, context, objects, summary)
     job.run_id = _track(job, context.config, parent_run_id)
     lineage = {**job.lineage, "stats": job.stats.as_dict(), "mlflow_run_id": job.run_id}
     if parent_run_id:
@@ -221,25 +226,27 @@ def finish(
     job.unlock()
 
 
-def _measured(job: SlideJob, context: JobContext, objects: int) -> SlideStats:
+def _measured(job: SlideJob, context: JobContext, objects: int, summary: dict[str, float]) -> SlideStats:
+    """The slide's stats, its time counted until now (its objects table written)."""
     now = time.perf_counter()
     seconds, megapixels = now - job.started, job.slide.height * job.slide.width / 1e6
-    stats = SlideStats(len(job.keys), len(job.keys) - len(job.tissue), objects, megapixels=megapixels,
-                       seconds=seconds, mpx_per_s=megapixels / seconds)  # fmt: skip
+    stats = SlideStats(len(job.keys), len(job.keys) - len(job.tissue), objects, summary, megapixels, seconds,
+                       megapixels / seconds)  # fmt: skip
     if not context.batch:  # a single slide: its one-off start-up apart, and the whole job
         stats.startup_seconds, stats.total_seconds = job.started - context.started, now - context.started
     return stats
 
 
-def _write_objects(job: SlideJob, parts: list[dict]) -> dict[str, float]:
-    """Add up the objects' partial sums into the table and write it; return its summary."""
+def _write_objects(job: SlideJob, objects: int, parts: list[dict]) -> dict[str, float]:
+    """Add up the objects' partial sums into the table and write it; return its summary (``unet.objects.summary``,
+    less the count)."""
     from pipelines.infer.output import write_objects
     from unet.objects import objects_table, summary
 
     resolution = job.resolution
     table = objects_table(parts, resolution.pixel_size_um, job.slide.channels, resolution.to_level0)
-    if len(table) != job.stats.objects:  # both count the merged objects: a difference is a bug, not bad input
-        raise RuntimeError(f"{job.item.input}: {len(table)} objects measured but {job.stats.objects} labelled")
+    if len(table) != objects:  # both count the merged objects: a difference is a bug, not bad input
+        raise RuntimeError(f"{job.item.input}: {len(table)} objects measured but {objects} labelled")
     write_objects(job.staged.partial, table)
     return {k: v for k, v in summary(table).items() if k != "objects"}
 

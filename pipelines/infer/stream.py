@@ -135,7 +135,8 @@ class ChunkStream:
         else:
             self.segmented += 1
             # in grid order, whatever order they came in: the objects' sums are added up in the same order every run
-            self.on_done(passes.job, passes.objects, [passes.parts[key] for key in sorted(passes.parts)])
+            parts, passes.parts = [passes.parts[key] for key in sorted(passes.parts)], {}  # freed with the slide
+            self.on_done(passes.job, passes.objects, parts)
 
     def _fail(self, passes: Passes, error: BaseException) -> None:
         job = passes.job

@@ -94,6 +94,7 @@ class Worker:
     run_id: str
     tracker: Any = None  # rank 0: an MlflowClient
     validation: list = field(default_factory=list)  # rank 0: the validation images
+    rule: ObjectRule | None = None  # rank 0: how their probability becomes objects, as inference makes them
 
     @classmethod
     def set_up(cls, loop_config: dict[str, Any]) -> Worker:
@@ -129,6 +130,7 @@ class Worker:
 
             worker.tracker = MlflowClient(tracking_uri=loop_config["tracking_uri"])
             worker.validation = load_validation(store)
+            worker.rule = ObjectRule.from_config(config.infer, model, store.pixel_size_um, f"{store.location} (val)")
             # where this attempt's workers run (a restart after a node loss may differ)
             log_metrics(worker.tracker, worker.run_id, {"ray/worker_nodes": len(nodes)}, progress["step"])
             worker.tracker.set_tag(worker.run_id, WORKER_NODES_TAG, ",".join(nodes))
@@ -189,8 +191,8 @@ class Worker:
         infer, metric = self.config.infer, self.config.tracking.champion_metric
         settings = InferenceSettings.from_config(infer, device=str(self.device))
         scored = self.parts.scored()
-        rule = ObjectRule.from_config(infer, scored, scored.pixel_size_um, "the validation images")
-        evaluation = evaluate(scored, self.validation, settings, rule, infer.chunk, self.config.evaluate.iou_threshold)
+        evaluation = evaluate(scored, self.validation, settings, self.rule, infer.chunk,
+                              self.config.evaluate.iou_threshold)  # fmt: skip
         metrics.update({f"val/{k}": v for k, v in evaluation.scores.items()})
         if self.progress["best"] is None or metrics[metric] > self.progress["best"]:
             self.progress["best"], self.progress["best_epoch"] = metrics[metric], epoch

@@ -94,7 +94,9 @@ def labels_on_slide(labels: zarr.Array, side: float, window: tuple[int, int, int
     y0, y1, x0, x1 = window
     rows = nearest_indices(y0, y1, 1 / side, labels.shape[-2])  # 1 / side label pixels per slide pixel
     cols = nearest_indices(x0, x1, 1 / side, labels.shape[-1])
-    block = np.asarray(labels[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
+    from pipelines.infer.output import labels_window
+
+    block = labels_window(labels, rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
     return block[(rows - rows.min())[:, None], (cols - cols.min())[None, :]]
 
 

@@ -2,7 +2,7 @@
 
     python -m pipelines.export OUT.ome.zarr [--format geojson|qupath] [--min-area N] [--output FILE] [--overwrite]
 
-One Feature per object of OUT's objects.parquet: a Polygon along the pixel edges of its mask in
+One Feature per object of OUT's objects table (tables/nuclei): a Polygon along the pixel edges of its mask in
 ``labels/nuclei/0``, in the slide's level-0 pixel coordinates (x, y): where QuPath, opening the slide, puts
 them, whatever resolution the slide was segmented at (``unet.resolution``; ``--min-area`` counts pixels of the
 label image). ``geojson`` gives the label id as the
@@ -72,7 +72,7 @@ def export(
     columns = read_objects(source, fmt)
     height, width = labels.shape[-2:]
     if len(columns["id"]) and (columns["bbox_y1"].max() > height or columns["bbox_x1"].max() > width):
-        raise ExportError(f"{source}: objects.parquet does not fit {LABELS} ({height} x {width}); re-run inference")
+        raise ExportError(f"{source}: its objects table does not fit {LABELS} ({height} x {width}); re-run inference")
     keep = columns["area"] >= min_area
     log.info("%s: %d objects", source, len(keep))
     if min_area:
@@ -82,7 +82,7 @@ def export(
     with staged_text(target, overwrite) as handle:
         written, missing = write_features(handle, labels, columns, fmt, storage.basename(source), to_level0)
     if missing:
-        log.warning("%d objects of objects.parquet are not in %s; they were left out", missing, LABELS)
+        log.warning("%d objects of the objects table are not in %s; they were left out", missing, LABELS)
     return target, written
 
 
@@ -90,7 +90,7 @@ def open_labels(source: str) -> zarr.Array:
     """Level 0 of the output's label image; a one-line error if ``source`` is not an inference output."""
     import zarr
 
-    from pipelines.infer.output import LABELS, OBJECTS
+    from pipelines.infer.output import LABELS, OBJECTS, objects_location
     from unet import storage
 
     if not storage.exists(source):
@@ -104,9 +104,9 @@ def open_labels(source: str) -> zarr.Array:
             f"{source} is not an inference output (it has no {LABELS} label image); "
             "give the OUT.ome.zarr that python -m pipelines.infer wrote"
         )
-    if not storage.exists(f"{source}/{OBJECTS}"):
+    if objects_location(source) is None:
         raise ExportError(
-            f"{source} has no {OBJECTS} (written by newer versions of pipelines.infer); "
+            f"{source} has no objects table ({OBJECTS}, written by newer versions of pipelines.infer); "
             "re-run inference with this version to write it"
         )
     return labels
@@ -121,26 +121,27 @@ def default_destination(source: str, fmt: str) -> str:
 
 
 def read_objects(source: str, fmt: str) -> dict[str, np.ndarray]:
-    """The columns of objects.parquet that ``fmt`` writes, read once; floats are NaN where null.
+    """The columns of the output's objects table that ``fmt`` writes, read once; floats are NaN where null.
 
     All rows are held (a few numbers per object, ~100 bytes): what must never be held whole is the label image.
     """
     import pyarrow.parquet as pq
 
-    from pipelines.infer.output import OBJECTS
+    from pipelines.infer.output import objects_location
     from unet import storage
     from unet.outlines import INTENSITY_PREFIX, QUPATH_MEASUREMENTS
 
-    fs, path = storage.filesystem(f"{source}/{OBJECTS}")
+    location = objects_location(source)
+    fs, path = storage.filesystem(location)
     try:
         names = pq.read_schema(path, filesystem=fs).names
         if missing := [name for name in REQUIRED if name not in names]:
-            raise ExportError(f"{source}/{OBJECTS} lacks the columns {', '.join(missing)}; re-run inference")
+            raise ExportError(f"{location} lacks the columns {', '.join(missing)}; re-run inference")
         if fmt == "qupath":  # only what becomes a measurement, plus what placing the objects needs
             names = [n for n in names if n in REQUIRED or n in QUPATH_MEASUREMENTS or n.startswith(INTENSITY_PREFIX)]
         table = pq.read_table(path, filesystem=fs, columns=names)
     except (OSError, ValueError) as exc:  # pyarrow's errors (ArrowInvalid, ...) are ValueError or OSError
-        raise ExportError(f"cannot read {source}/{OBJECTS}: {exc}") from None
+        raise ExportError(f"cannot read {location}: {exc}") from None
     return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
@@ -162,9 +163,10 @@ def chunk_windows(
 
 
 def read_window(labels: zarr.Array, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """The window [y0:y1, x0:x1] of the label image as a YX array (leading singleton axes dropped)."""
-    selection = (0,) * (labels.ndim - 2) + (slice(y0, y1), slice(x0, x1))
-    return np.asarray(labels[selection])
+    """One window of the label image, as YX ids (``pipelines.infer.output.labels_window``)."""
+    from pipelines.infer.output import labels_window
+
+    return labels_window(labels, y0, y1, x0, x1)
 
 
 def write_features(

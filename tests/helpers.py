@@ -201,3 +201,33 @@ def wait_for_checkpoint(run_dir: str | Path, proc: subprocess.Popen, timeout: fl
         assert proc.poll() is None, "training ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.2)
+
+
+def assert_valid_ngff(output: str | Path) -> None:
+    """An inference output as NGFF tools see it: every group valid NGFF 0.5 (the ome-zarr-models validator, which
+    also checks each array's dimension_names), a YX label image of the probability image for ome-zarr-py's Reader
+    (napari's plugin), the probability a named grey channel."""
+    import ngio
+    import zarr
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+    from ome_zarr_models.v05.labels import Labels
+
+    root = zarr.open_group(output, mode="r")
+    Image.from_zarr(root)
+    Labels.from_zarr(root["labels"])
+    ImageLabel.from_zarr(root["labels/nuclei"])
+    labels = [node for node in Reader(parse_url(str(output)))() if any(isinstance(s, Label) for s in node.specs)]
+    assert len(labels) == 1 and labels[0].data[0].ndim == 2, "one label image, YX"
+    assert [c["label"] for c in root.attrs["ome"]["omero"]["channels"]] == ["foreground probability"]
+    # ngio sees all three parts; its default open (read-write), which rewrote the labels group of outputs it could
+    # not read with an empty list, leaves every file as it was
+    metadata = {path: path.read_bytes() for path in Path(output).rglob("zarr.json")}
+    container = ngio.open_ome_zarr_container(str(output))
+    assert {path: path.read_bytes() for path in Path(output).rglob("zarr.json")} == metadata
+    assert container.list_labels() == ["nuclei"] and container.get_label("nuclei").shape == labels[0].data[0].shape
+    assert container.list_tables() == ["nuclei"]
+    table = container.get_table("nuclei")
+    assert table.reference_label == "nuclei" and table.dataframe.index.name == "id"

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import zarr
 
+from pipelines.infer.output import OBJECTS
 from tests.helpers import ROOT, environment
 
 pytestmark = pytest.mark.slow
@@ -41,10 +42,10 @@ def test_shortened_demo_runs_end_to_end_and_reuses_its_results(tmp_path: Path) -
     # the training nuclei
     assert "0.25 um/px (configs/demo.yaml: the crops' pixel size" in output and "training nuclei: median" in output
     labels = zarr.open_group(tmp_path / "nuclei.ome.zarr", mode="r")["labels/nuclei/0"]
-    assert labels.shape[1:] == (round(2967 * 0.499 / 0.25), round(2220 * 0.499 / 0.25))
+    assert labels.shape == (round(2967 * 0.499 / 0.25), round(2220 * 0.499 / 0.25))
     for picture in ("slide_overview.png", "slide_overlay.png"):
         assert (tmp_path / "outputs" / picture).stat().st_size > 10_000
-    table = pd.read_parquet(tmp_path / "nuclei.ome.zarr" / "objects.parquet")
+    table = pd.read_parquet(tmp_path / "nuclei.ome.zarr" / OBJECTS)
     first_rows = output[output.index("(first rows") :]
     assert "centroid_x_um" in first_rows and all(str(area) in first_rows for area in table["area"][:5])
     exported = json.loads((tmp_path / "outputs" / "nuclei.qupath.geojson").read_text())

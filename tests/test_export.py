@@ -4,6 +4,7 @@ and offset so that many cross 256-pixel chunk seams) as RFC 7946 GeoJSON and as 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from skimage.measure import regionprops
 
 import pipelines.export as export_module
 from pipelines.export import ExportError, cli, export
+from pipelines.infer.output import OBJECTS, write_objects
 from tests.helpers import ROOT, S3_BUCKET, objects
 from unet import storage
 from unet.outlines import outline, qupath_measurements
@@ -34,23 +36,23 @@ OFFSET = (61, 37)  # puts the mosaic's tile borders, and the nuclei, off the chu
 
 def write_output(folder: Path, name: str, labels: np.ndarray, image: np.ndarray, pixel_um: float | None) -> Path:
     """An inference output as pipelines.infer writes it: probability "0", labels "labels/nuclei/0" (chunks
-    CHUNK), NGFF metadata, and objects.parquet computed here independently with regionprops."""
+    CHUNK), NGFF metadata, and its objects table computed here independently with regionprops."""
     from ome_zarr.format import FormatV05
     from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
     path = folder / name
     probability = np.where(labels > 0, 160 + image // 3, image // 4).astype(np.uint8)  # bright nuclei, dim rest
     root = zarr.open_group(path, mode="w-", zarr_format=3)
-    for key, data in (("0", probability), ("labels/nuclei/0", labels.astype(np.int32))):
-        array = root.create_array(key, shape=(1, *data.shape), chunks=(1, CHUNK, CHUNK), dtype=data.dtype)
-        array[:] = data[None]
+    root.create_array("0", data=probability[None], chunks=(1, CHUNK, CHUNK), dimension_names=("c", "y", "x"))
+    root.create_array("labels/nuclei/0", data=labels.astype(np.int32), chunks=(CHUNK, CHUNK), dimension_names="yx")
     unit = {"unit": "micrometer"} if pixel_um else {}
-    axes = [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space", **unit} for n in "yx"]
+    space = [{"name": n, "type": "space", **unit} for n in "yx"]
     scale = pixel_um or 1.0
-    datasets = [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, scale, scale]}]}]
     fmt = FormatV05()
-    write_multiscales_metadata(root, datasets, fmt=fmt, axes=axes, name="foreground probability")
-    write_multiscales_metadata(root["labels"]["nuclei"], datasets, fmt=fmt, axes=axes, name="nuclei")
+    for group, axes, lead in ((root, [{"name": "c", "type": "channel"}, *space], [1.0]),
+                              (root["labels"]["nuclei"], space, [])):  # fmt: skip
+        datasets = [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [*lead, scale, scale]}]}]
+        write_multiscales_metadata(group, datasets, fmt=fmt, axes=axes, name=group.basename or "probability")
     write_label_metadata(root["labels"], "nuclei", fmt=fmt, source={"image": "../../"})
 
     size = np.nan if pixel_um is None else pixel_um
@@ -65,7 +67,7 @@ def write_output(folder: Path, name: str, labels: np.ndarray, image: np.ndarray,
                      "centroid_y_um": cy * size, "centroid_x_um": cx * size, "area_um2": region.area * size**2,
                      "bbox_y0": y0, "bbox_x0": x0, "bbox_y1": y1, "bbox_x1": x1,
                      "mean_probability": region.intensity_mean, "mean_intensity_0": means.intensity_mean})  # fmt: skip
-    pd.DataFrame(rows).sort_values("id").to_parquet(path / "objects.parquet", index=False)
+    write_objects(str(path), pd.DataFrame(rows).sort_values("id"))
     return path
 
 
@@ -103,12 +105,12 @@ def uncalibrated(sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def table(slide: Path) -> pd.DataFrame:
-    return pd.read_parquet(slide / "objects.parquet")
+    return pd.read_parquet(slide / OBJECTS)
 
 
 @pytest.fixture(scope="module")
 def stored_labels(slide: Path) -> np.ndarray:
-    return np.asarray(zarr.open_group(slide, mode="r")["labels/nuclei/0"])[0]
+    return np.asarray(zarr.open_group(slide, mode="r")["labels/nuclei/0"])
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,21 @@ def exported(slide: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 
 def features(path: Path) -> list[dict]:
     return json.loads(path.read_text())["features"]
+
+
+def test_outputs_of_layout_1_export_the_same(slide, exported, tmp_path) -> None:
+    """Outputs written before the table moved to tables/nuclei keep it as objects.parquet, beside a CYX label image."""
+    old = tmp_path / "old.ome.zarr"
+    shutil.copytree(slide, old)
+    (old / OBJECTS).rename(old / "objects.parquet")
+    shutil.rmtree(old / "tables")
+    root = zarr.open_group(old, mode="r+")
+    labels = np.asarray(root["labels/nuclei/0"])
+    del root["labels/nuclei/0"]
+    root.create_array("labels/nuclei/0", data=labels[None], chunks=(1, CHUNK, CHUNK))
+    target, _ = export(old, "qupath", destination=tmp_path / "old.geojson")
+    strip = lambda path: [{k: v for k, v in f.items() if k != "id"} for f in features(path)]  # noqa: E731 (UUIDs name the output)
+    assert strip(Path(target)) == strip(exported["qupath"])
 
 
 def test_geojson_is_valid_rfc7946(exported, table) -> None:
@@ -268,7 +285,7 @@ def test_user_errors_are_one_line(slide, uncalibrated, tmp_path, capsys) -> None
     no_table = tmp_path / "old.ome.zarr"
     zarr.open_group(no_table, mode="w", zarr_format=3).create_array("labels/nuclei/0", shape=(1, 8, 8), dtype="i4")
     cases = {
-        (str(no_table),): "has no objects.parquet (written by newer versions of pipelines.infer); re-run inference",
+        (str(no_table),): "has no objects table (tables/nuclei/table.parquet, written by newer versions",
         (str(tmp_path / "missing.ome.zarr"),): "not found",
         (str(slide), "--format", "shapefile"): "unknown format 'shapefile'; choose one of geojson, qupath",
         (str(slide), "--min-area", "-1"): "--min-area must be 0 or more pixels, not -1",

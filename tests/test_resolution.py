@@ -19,6 +19,7 @@ from scipy.spatial import cKDTree
 
 from benchmarks.models import with_resolution
 from pipelines.export import export
+from pipelines.infer.output import OBJECTS
 from tests.test_infer import infer, stored
 from tests.test_tiling import whole_image_probability
 from unet.errors import UserError
@@ -158,11 +159,11 @@ def test_a_model_at_0_25_upsamples_and_its_outlines_land_on_the_slide(trained_mo
     assert lineage["resolution"]["resampled"] and lineage["resolution"]["pixel_size_um"] == pytest.approx(0.25)
     params = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(lineage["mlflow_run_id"]).data.params
     assert float(params["pixel_size_um"]) == pytest.approx(0.25) and "resampled to 0.25 um/px" in params["resolution"]
-    assert root["labels/nuclei/0"].shape == (1, 766, 766)  # round(384 * 0.499 / 0.25)
+    assert root["labels/nuclei/0"].shape == (766, 766)  # round(384 * 0.499 / 0.25)
     for group in (root.attrs["ome"], root["labels/nuclei"].attrs["ome"]):  # both overlay the slide's level 0
         scale, translation = group["multiscales"][0]["datasets"][0]["coordinateTransformations"]
-        assert scale["scale"][1:] == [0.25, 0.25] and translation["translation"][1:] == [-0.1245, -0.1245]
-    table = pd.read_parquet(output / "objects.parquet")
+        assert scale["scale"][-2:] == [0.25, 0.25] and translation["translation"][-2:] == [-0.1245, -0.1245]
+    table = pd.read_parquet(output / OBJECTS)
     assert len(table) > 20 and table["area"].min() >= np.ceil(0.5 * AREAS["p1"] / 0.25**2)  # the default minimum
     assert table["centroid_x"].max() < 384 and table["centroid_y"].max() < 384  # level-0 pixels of the slide
     np.testing.assert_allclose(table["area_um2"], table["area"] * 0.25**2)
@@ -186,12 +187,12 @@ def physical_centres(output: Path) -> np.ndarray:
     scale, translation = root["labels/nuclei"].attrs["ome"]["multiscales"][0]["datasets"][0][
         "coordinateTransformations"
     ]
-    labels = np.asarray(root["labels/nuclei/0"])[0]
+    labels = np.asarray(root["labels/nuclei/0"])
     ids = np.unique(labels)[1:]
     from scipy import ndimage as ndi
 
     centres = np.array(ndi.center_of_mass(labels > 0, labels, ids)).reshape(-1, 2)
-    return centres * np.array(scale["scale"][1:]) + np.array(translation["translation"][1:])
+    return centres * np.array(scale["scale"]) + np.array(translation["translation"])
 
 
 def test_a_slide_and_its_2x_downsample_give_the_same_objects(trained_model_dir, region, tmp_path) -> None:
@@ -212,9 +213,7 @@ def test_a_slide_and_its_2x_downsample_give_the_same_objects(trained_model_dir, 
     assert (rows["half"]["level"], rows["half"]["um_per_px"]) == ("0", "0.998")
     assert "as stored" in rows["half"]["resolution"]
 
-    full, half = (
-        pd.read_parquet(tmp_path / "out" / f"{name}.ome.zarr" / "objects.parquet") for name in ("full", "half")
-    )
+    full, half = (pd.read_parquet(tmp_path / "out" / f"{name}.ome.zarr" / OBJECTS) for name in ("full", "half"))
     assert abs(len(half) - len(full)) <= 0.05 * len(full), (len(full), len(half))
     # matched by position in micrometres: the half slide's pixel 0 covers the full one's pixels 0 and 1, so its
     # frame sits a quarter of its pixel off (0.25 um): both outputs keep their slide's own frame

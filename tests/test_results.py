@@ -20,6 +20,7 @@ from ome_zarr.reader import Label, Multiscales, Reader
 from skimage.measure import regionprops
 
 from pipelines.export import export
+from pipelines.infer.output import OBJECTS
 from tests.test_infer import infer
 from unet.slides import open_slide
 
@@ -51,14 +52,14 @@ def test_pyramid_levels_open_in_ome_zarr_and_follow_the_stated_rule(segmented: P
     shapes = [tuple(level.shape) for level in image.data]
     # halved (rounding up) down to one chunk: 2967 x 2220 -> 1484 x 1110 -> 742 x 555 -> 371 x 278
     assert shapes == [(1, 2967, 2220), (1, 1484, 1110), (1, 742, 555), (1, 371, 278)]
-    assert [tuple(level.shape) for level in labels.data] == shapes
-    probability0, labels0 = np.asarray(image.data[0])[0], np.asarray(labels.data[0])[0]
+    assert [(1, *level.shape) for level in labels.data] == shapes  # a label image has no channel axis
+    probability0, labels0 = np.asarray(image.data[0])[0], np.asarray(labels.data[0])
     previous = probability0
     for level in range(1, len(shapes)):
         # probability: each level the rounded 2x2 mean of the one above; labels: every 2**level-th pixel of level 0
         stored = np.asarray(image.data[level])[0]
         np.testing.assert_array_equal(stored, np.round(mean_of_blocks(previous)).astype(np.uint8))
-        np.testing.assert_array_equal(np.asarray(labels.data[level])[0], labels0[:: 2**level, :: 2**level])
+        np.testing.assert_array_equal(np.asarray(labels.data[level]), labels0[:: 2**level, :: 2**level])
         previous = stored
     assert set(np.unique(np.asarray(labels.data[3]))) <= set(np.unique(labels0))  # ids preserved, none made up
     datasets = zarr.open_group(segmented, mode="r").attrs["ome"]["multiscales"][0]["datasets"]
@@ -68,10 +69,10 @@ def test_pyramid_levels_open_in_ome_zarr_and_follow_the_stated_rule(segmented: P
 
 def test_objects_table_agrees_with_regionprops_on_the_whole_label_image(segmented: Path, cmu_ome_zarr) -> None:
     root = zarr.open_group(segmented, mode="r")
-    labels, probability = np.asarray(root["labels/nuclei/0"])[0], np.asarray(root["0"])[0] / 255
+    labels, probability = np.asarray(root["labels/nuclei/0"]), np.asarray(root["0"])[0] / 255
     pixels = open_slide(cmu_ome_zarr)
     image = pixels.read(0, pixels.height, 0, pixels.width)
-    table = pd.read_parquet(segmented / "objects.parquet")
+    table = pd.read_parquet(segmented / OBJECTS)
     intensity = np.dstack([probability, *image]).astype(np.float64)
     props = regionprops(labels, intensity_image=intensity)
     assert len(props) > 100 and list(table["id"]) == [p.label for p in props]
@@ -107,8 +108,8 @@ def test_outlines_of_the_real_slide_validate_rasterise_back_and_repeat(segmented
     first, count = export(segmented, "geojson", destination=tmp_path / "first.geojson")
     collection = geojson.loads(Path(first).read_text())
     assert collection.is_valid, collection.errors()
-    labels = np.asarray(zarr.open_group(segmented, mode="r")["labels/nuclei/0"])[0]
-    table = pd.read_parquet(segmented / "objects.parquet")
+    labels = np.asarray(zarr.open_group(segmented, mode="r")["labels/nuclei/0"])
+    table = pd.read_parquet(segmented / OBJECTS)
     assert count == len(collection["features"]) == len(table)
     seams = 0
     for feature in collection["features"]:

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import ome_zarr_models.v04.image
+import ome_zarr_models.v05.image
 import pytest
 import tifffile
 import zarr
@@ -22,6 +24,7 @@ from unet.slides import SlideError, open_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"0.4": FormatV04, "0.5": FormatV05}
+VALIDATORS = {"0.4": ome_zarr_models.v04.image.Image, "0.5": ome_zarr_models.v05.image.Image}
 WINDOWS = [(0, 1, 0, 1), (500, 530, 509, 515), (1000, 1600, 700, 1300), (2900, 2967, 2200, 2220)]
 
 
@@ -67,6 +70,7 @@ def test_converted_svs_equals_the_slide_at_every_level(converted: Path, svs: Pat
     meta = attrs["ome"] if ngff == "0.5" else attrs  # NGFF 0.5 nests its metadata under "ome"
     assert (meta.get("version") or meta["multiscales"][0]["version"]) == ngff
     assert [c["color"] for c in meta["omero"]["channels"]] == ["FF0000", "00FF00", "0000FF"]
+    VALIDATORS[ngff].from_zarr(group)  # valid NGFF of its version, as the ome-zarr-models validator reads it
     source = attrs["unet_source"]
     assert source["sha256"] == hashlib.sha256(svs.read_bytes()).hexdigest()
     assert source["shape"] == [3, 2967, 2220] and source["pixel_size_um"] == pytest.approx(0.499)

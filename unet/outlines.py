@@ -26,7 +26,7 @@ QUPATH_CLASS = {"name": "Nucleus", "color": [0, 160, 255]}  # QuPath reads a cla
 # objects-table column -> QuPath measurement name; centroids and bounding boxes are left out because QuPath
 # derives them from the outline itself
 QUPATH_MEASUREMENTS = {
-    "id": "Label id",  # to join QuPath's measurements back to objects.parquet
+    "id": "Label id",  # to join QuPath's measurements back to the objects table
     "area": "Area px^2",
     "area_um2": "Area µm^2",
     "mean_probability": "Mean probability",

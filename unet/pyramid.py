@@ -42,18 +42,18 @@ def nearest_2x2(block: np.ndarray) -> np.ndarray:
     return block[0::2, 0::2]
 
 
-def ngff_datasets(levels: int, pixel_size_um: float | None, origin: float = 0.0) -> list[dict]:
-    """NGFF ``datasets`` of a CYX pyramid: each level's scale, and the offset of its first pixel's centre
-    (that of the 2x2 block it summarises, plus ``origin``: where level 0's first pixel centre lies). Without a
-    known pixel size, scales are in level-0 pixels."""
+def ngff_datasets(levels: int, pixel_size_um: float | None, origin: float = 0.0, channel: bool = True) -> list[dict]:
+    """NGFF ``datasets`` of a CYX pyramid (YX without ``channel``): each level's scale, and the offset of its first
+    pixel's centre (that of the 2x2 block it summarises, plus ``origin``: where level 0's first pixel centre lies).
+    Without a known pixel size, scales are in level-0 pixels."""
     pixel = pixel_size_um or 1.0
     datasets = []
     for index in range(levels):
         factor = 2.0**index
         size, offset = round(pixel * factor, 9), round(origin + pixel * (factor - 1) / 2, 9)  # no 0.74849999999
-        transforms = [
-            {"type": "scale", "scale": [1.0, size, size]},
-            {"type": "translation", "translation": [0.0, offset, offset]},
-        ]
+        scale, translation = [size, size], [offset, offset]
+        if channel:  # the channel axis is neither scaled nor moved
+            scale, translation = [1.0, *scale], [0.0, *translation]
+        transforms = [{"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]
         datasets.append({"path": str(index), "coordinateTransformations": transforms})
     return datasets

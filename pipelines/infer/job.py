@@ -53,6 +53,7 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
     from pipelines import registry
     from pipelines.infer.cluster import client_security, worker_count
     from pipelines.infer.cohort import expand
+    from pipelines.infer.output import OUTPUT_LAYOUT
     from pipelines.infer.slide import JobContext
     from pipelines.infer.spec import ModelSpec
     from pipelines.models import load_model
@@ -84,6 +85,7 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
         "model_version": model_version,
         "code_version": registry.git_commit(),
         "unet_wsi": __version__,
+        "layout": OUTPUT_LAYOUT,
         "config": flatten_config(config),
     }
     spec = ModelSpec(model_uri, tracking_uri, InferenceSettings.from_config(infer), threads)

@@ -2,7 +2,8 @@
 its creation, its objects table, its lineage and its finalisation.
 
 The output is an OME-Zarr (NGFF 0.5) image of foreground probability with an NGFF ``labels/nuclei`` label image,
-both multiscale (``unet.pyramid``), and ``objects.parquet``, one row per object (``unet.objects``). Locally it is
+both multiscale (``unet.pyramid``), and ``tables/nuclei``, one row per object (``unet.objects``) as an ngio feature
+table. Locally it is
 written under a hidden name and renamed when complete; on object stores it is written in place (see
 ``unet.storage``). Either way its NGFF metadata, and ``complete: true`` in its lineage, are written only at the
 end."""
@@ -13,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import zarr
 
 from unet import storage
@@ -33,9 +35,18 @@ log = logging.getLogger("infer")
 
 # the store's layout
 PROBABILITY, LABELS = "0", "labels/nuclei/0"  # level 0 of the image (foreground probability) and of its labels
-OBJECTS = "objects.parquet"  # the objects table, inside the output folder so it moves and is replaced with it
+# the objects table, inside the output so it moves and is replaced with it: an ngio feature table of the label image
+# (Parquet backend), which ngio and the Fractal tools read; outputs of layout 1 kept it as objects.parquet
+OBJECTS_TABLE, OBJECTS, LAYOUT1_OBJECTS = "tables/nuclei", "tables/nuclei/table.parquet", "objects.parquet"
+OBJECTS_TABLE_ATTRS = {"backend": "parquet", "type": "feature_table", "table_version": "1", "index_key": "id",
+                       "index_type": "int", "instance_key": "id", "region": {"path": "../labels/nuclei"},
+                       "categorical_columns": [], "measurement_columns": [], "metadata_columns": []}  # fmt: skip
 WORK = "_work"  # the job's own arrays, deleted when it completes
 LOCAL, DONE_PREDICT, DONE_LABELS = f"{WORK}/local", f"{WORK}/done_predict", f"{WORK}/done_labels"
+# the probability is a one-channel image (what an image viewer shows as such); the label image is YX, as NGFF and
+# napari expect of labels, and every array names its axes (Zarr v3 dimension_names, which NGFF 0.5 requires)
+IMAGE_AXES, LABEL_AXES = ("c", "y", "x"), ("y", "x")
+OUTPUT_LAYOUT = 2  # 2: YX labels, named axes (1, until Dec. 2026: CYX labels); a partial output resumes only its own
 
 
 def probability_level(level: int) -> str:
@@ -60,6 +71,15 @@ RESUME_KEYS = ("model_uri", "input", "level", "resolution")
 IGNORED_CONFIG = ("infer.overwrite", "infer.resume", "infer.scheduler", "infer.workers", "infer.tasks_per_worker",
                   "infer.input", "infer.output", "infer.level", "infer.pixel_size_um",
                   "infer.tls_ca_file", "infer.tls_cert", "infer.tls_key", "infer.require_encryption")  # fmt: skip
+
+
+def _omero(dtype: np.dtype) -> dict:
+    """How a viewer shows the probability: one grey channel named after it, from 0 to certain (255 or 1)."""
+    end = 255 if np.dtype(dtype) == np.uint8 else 1
+    window = {"min": 0, "max": end, "start": 0, "end": end}
+    channel = {"label": "foreground probability", "color": "FFFFFF", "active": True, "coefficient": 1,
+               "family": "linear", "inverted": False, "window": window}  # fmt: skip
+    return {"channels": [channel], "rdefs": {"model": "greyscale"}}
 
 
 def _axes(resolution: Resolution, channel: bool = True) -> list[dict]:
@@ -142,6 +162,9 @@ def _decide(staged: storage.Staging, lineage: dict, policy: Policy) -> tuple[str
     elif complete and not resume:
         raise UserError(f"{staged.final} already exists; pass --overwrite to replace it or --resume to continue")
     elif partial and resume:
+        if partial_lineage is not None and partial_lineage.get("layout", 1) != lineage["layout"]:
+            raise UserError(f"{staged.partial} was started by an earlier version, with another output layout; use "
+                            "--overwrite")  # fmt: skip
         if partial_lineage is None or not lineage_matches(partial_lineage, lineage):
             raise UserError(f"{staged.partial} was started with another model, input or config; use --overwrite")
         log.info("resuming into %s", staged.partial)
@@ -156,18 +179,24 @@ def _decide(staged: storage.Staging, lineage: dict, policy: Policy) -> tuple[str
 def create_output(location: str, slide: Slide | Resampled, spec: JobSpec, lineage: dict) -> None:
     """Create the (partial) output group with empty arrays and completion records."""
     root = zarr.open_group(location, mode="w-", zarr_format=3)
-    chunks = (1, spec.chunk, spec.chunk)
+    chunks = (spec.chunk, spec.chunk)
     for level, (height, width) in enumerate(spec.levels):
-        shape = (1, height, width)
-        root.create_array(probability_level(level), shape=shape, chunks=chunks, dtype=spec.rule.probability_dtype,
-                          fill_value=0)  # fmt: skip
-        root.create_array(labels_level(level), shape=shape, chunks=chunks, dtype="int32", fill_value=0)
+        root.create_array(probability_level(level), shape=(1, height, width), chunks=(1, *chunks),
+                          dtype=spec.rule.probability_dtype, fill_value=0, dimension_names=IMAGE_AXES)  # fmt: skip
+        root.create_array(labels_level(level), shape=(height, width), chunks=chunks, dtype="int32", fill_value=0,
+                          dimension_names=LABEL_AXES)  # fmt: skip
         records = (DONE_PREDICT, DONE_LABELS) if level == 0 else (done_level(level),)
         for name in records:
             cells = grid_shape(height, width, spec.chunk)
             root.create_array(name, shape=cells, chunks=(1, 1), dtype="uint8", fill_value=0)
-    root.create_array(LOCAL, shape=(slide.height, slide.width), chunks=chunks[1:], dtype="int32", fill_value=0)
+    root.create_array(LOCAL, shape=(slide.height, slide.width), chunks=chunks, dtype="int32", fill_value=0)
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": False}
+
+
+def labels_window(labels: zarr.Array, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """The window [y0:y1, x0:x1] of a label image level as YX ids (that of an output of layout 1 had a channel axis)."""
+    selection = (0,) * (labels.ndim - 2) + (slice(y0, y1), slice(x0, x1))
+    return np.asarray(labels[selection])
 
 
 def recorded_lineage(location: str) -> dict | None:
@@ -204,12 +233,24 @@ def lineage_matches(recorded: dict, lineage: dict) -> bool:
 
 
 def write_objects(location: str, table: pd.DataFrame) -> None:
-    """The objects table as Parquet inside the (partial) output ``location``."""
+    """The objects table (``OBJECTS_TABLE``) inside the (partial) output ``location``."""
     import io
 
+    root = zarr.open_group(location, mode="r+")
+    root.require_group("tables").attrs["tables"] = [OBJECTS_TABLE.split("/")[-1]]
+    root.require_group(OBJECTS_TABLE).attrs.update(OBJECTS_TABLE_ATTRS)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     storage.write_bytes(f"{location.rstrip('/')}/{OBJECTS}", buffer.getvalue())
+
+
+def objects_location(output: str) -> str | None:
+    """Where an output keeps its objects table (``OBJECTS``, or ``objects.parquet`` in outputs of layout 1); None
+    where it has none."""
+    for name in (OBJECTS, LAYOUT1_OBJECTS):
+        if storage.exists(f"{output.rstrip('/')}/{name}"):
+            return f"{output.rstrip('/')}/{name}"
+    return None
 
 
 def ngff_frame(resolution: Resolution) -> tuple[float | None, float]:
@@ -232,12 +273,15 @@ def finalize_output(
 
     fmt = FormatV05()
     root = zarr.open_group(staged.partial, mode="r+")
-    datasets = ngff_datasets(levels, *ngff_frame(resolution))
-    axes = _axes(resolution)
-    write_multiscales_metadata(root, datasets, fmt=fmt, axes=axes, name="foreground probability")
+    frame = ngff_frame(resolution)
+    write_multiscales_metadata(root, ngff_datasets(levels, *frame), fmt=fmt, axes=_axes(resolution),
+                               name="foreground probability")  # fmt: skip
+    root.attrs["ome"] = {**root.attrs["ome"], "omero": _omero(root[PROBABILITY].dtype)}
     labels_root = root["labels"]
-    write_multiscales_metadata(labels_root["nuclei"], datasets, fmt=fmt, axes=axes, name="nuclei")
+    write_multiscales_metadata(labels_root["nuclei"], ngff_datasets(levels, *frame, channel=False), fmt=fmt,
+                               axes=_axes(resolution, channel=False), name="nuclei")  # fmt: skip
     write_label_metadata(labels_root, "nuclei", fmt=fmt, source={"image": "../../"})
+    labels_root.attrs["ome"] = {"version": fmt.version, "labels": ["nuclei"]}  # ome-zarr 0.18 leaves out the version
     del root[WORK]
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": True}
     return storage.publish(staged)

@@ -155,7 +155,7 @@ def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mappin
     region = spec.region(key, *local_array.shape)
     final = relabel(np.asarray(local_array[region.slices]), start, mapping)
     if not done[key]:
-        write_block(labels_array, (slice(0, 1), *region.slices), final[None])
+        write_block(labels_array, region.slices, final)
         write_block(done, _cell(key), np.ones((1, 1)))
     if not spec.objects:
         return None
@@ -173,13 +173,8 @@ def downsample_chunk(spec: JobSpec, level: int, key: tuple[int, int]) -> None:
         return
     region = spec.region(key, *spec.levels[level])
     height, width = spec.levels[level - 1]
-    source = (
-        0,
-        slice(*source_window(region.y0, region.y1, height)),
-        slice(*source_window(region.x0, region.x1, width)),
-    )
-    target = (slice(0, 1), *region.slices)
-    mean = mean_2x2(np.asarray(source_probability[source]), spec.rule.probability_dtype)
-    write_block(probability, target, mean[None])
-    write_block(labels, target, nearest_2x2(np.asarray(source_labels[source]))[None])
+    source = slice(*source_window(region.y0, region.y1, height)), slice(*source_window(region.x0, region.x1, width))
+    mean = mean_2x2(np.asarray(source_probability[(0, *source)]), spec.rule.probability_dtype)
+    write_block(probability, (slice(0, 1), *region.slices), mean[None])
+    write_block(labels, region.slices, nearest_2x2(np.asarray(source_labels[source])))
     write_block(done, _cell(key), np.ones((1, 1)))

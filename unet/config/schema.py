@@ -262,7 +262,9 @@ class InferConfig(Section):
         True, description="Write multiscale levels of probability (2x2 mean) and labels (nearest) down to one chunk."
     )
     objects: bool = Field(
-        True, description="Write objects.parquet in the output: one row per object (centroid, area, bbox, means)."
+        True,
+        description="Write the objects table in the output (tables/nuclei): one row per object (centroid, area, "
+        "bbox, means).",
     )
     overwrite: bool = Field(False, description="Replace an existing output.")
     resume: bool = Field(False, description="Continue an interrupted run into an existing output.")

@@ -26,7 +26,6 @@ from unet.errors import UserError
 
 if TYPE_CHECKING:  # heavy modules and the other pipelines are imported where they are used: --help answers at once
     import pandas as pd
-    import zarr
 
     from unet.data.store import TrainingStore
 
@@ -86,20 +85,6 @@ def finished_model(config: Config, store_sha: str) -> str | None:
     return None
 
 
-def labels_on_slide(labels: zarr.Array, side: float, window: tuple[int, int, int, int]) -> np.ndarray:
-    """A label image level over ``window`` = (y0, y1, x0, x1) of a slide level, a label pixel being ``side`` pixels
-    of that slide level: for each slide pixel, the label pixel holding its centre (nearest neighbour)."""
-    from unet.resample import nearest_indices
-
-    y0, y1, x0, x1 = window
-    rows = nearest_indices(y0, y1, 1 / side, labels.shape[-2])  # 1 / side label pixels per slide pixel
-    cols = nearest_indices(x0, x1, 1 / side, labels.shape[-1])
-    from pipelines.infer.output import labels_window
-
-    block = labels_window(labels, rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
-    return block[(rows - rows.min())[:, None], (cols - cols.min())[None, :]]
-
-
 def result_pictures(slide_path: str, output: str, folder: Path, size: int = 768) -> tuple[str, str]:
     """From the pyramids: the whole slide zoomed out (the slide's lowest level, outlined with the output's level of
     about its size; never level 0) and a crop from the middle at full resolution, nuclei outlined in green. The
@@ -108,6 +93,7 @@ def result_pictures(slide_path: str, output: str, folder: Path, size: int = 768)
     import zarr
 
     from pipelines.infer.output import labels_level, level0_scale
+    from pipelines.infer.qc import closest_level, on_picture
     from unet.io import write_png
     from unet.slides import open_slide
     from unet.visualize import outline
@@ -117,16 +103,15 @@ def result_pictures(slide_path: str, output: str, folder: Path, size: int = 768)
     slide = open_slide(slide_path)
     low = open_slide(slide_path, slide.levels - 1)
     factor = slide.width / low.width  # level-0 pixels per pixel of the slide's lowest level
-    levels = open_slide(output).levels  # the output level whose pixels are closest to (not larger than) low's
-    level = max((k for k in range(levels) if to_level0 * 2**k <= factor * 1.05), default=0)
-    overview_labels = labels_on_slide(root[labels_level(level)], to_level0 * 2**level / factor,
-                                      (0, low.height, 0, low.width))  # fmt: skip
+    level = closest_level(open_slide(output).levels, to_level0, factor)
+    overview_labels = on_picture(root[labels_level(level)], to_level0 * 2**level / factor,
+                                 (0, low.height, 0, low.width))  # fmt: skip
     overview = np.moveaxis(low.read(0, low.height, 0, low.width), 0, -1)
     pictures = [write_png(folder / "slide_overview.png", outline(np.ascontiguousarray(overview), overview_labels))]
     y0, x0 = max(slide.height // 2 - size // 2, 0), max(slide.width // 2 - size // 2, 0)
     y1, x1 = min(y0 + size, slide.height), min(x0 + size, slide.width)
     rgb = np.moveaxis(slide.read(y0, y1, x0, x1), 0, -1)
-    crop_labels = labels_on_slide(root[labels_level(0)], to_level0, (y0, y1, x0, x1))
+    crop_labels = on_picture(root[labels_level(0)], to_level0, (y0, y1, x0, x1))
     pictures.append(write_png(folder / "slide_overlay.png", outline(np.ascontiguousarray(rgb), crop_labels)))
     return pictures[0], pictures[1]
 

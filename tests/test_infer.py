@@ -15,10 +15,12 @@ import psutil
 import pytest
 import zarr
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from scipy import ndimage as ndi
 
 from pipelines.infer.__main__ import cli
 from pipelines.infer.cluster import dashboard, start_dask
+from pipelines.infer.output import QC_PICTURE
 from pipelines.models import log_and_register
 from pipelines.registry import connect, promote
 from tests.helpers import ROOT, assert_valid_ngff, environment, free_port, in_the_foreground
@@ -26,6 +28,7 @@ from tests.test_tiling import same_partition, whole_image_probability
 from unet.config import load_config
 from unet.model_files import load_weights
 from unet.slides import open_slide
+from unet.visualize import colorize
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +77,20 @@ def test_real_slide_in_ome_zarr_out(trained_model_dir, cmu_ome_zarr, tmp_path) -
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(lineage["mlflow_run_id"])
     assert run.data.params["input"] == str(cmu_ome_zarr) and run.data.metrics["mpx_per_s"] > 0
     assert run.data.metrics["chunks"] == 30  # 6 x 5 chunks of 512
+    # the QC picture, in the output and the run: the slide's lowest level (371 x 278) with its objects outlined,
+    # beside the probability's heat map, both drawn from the output's level 3 (8 x 8 of its pixels each)
+    picture = np.asarray(Image.open(output / QC_PICTURE))
+    low = open_slide(cmu_ome_zarr, slide.levels - 1)
+    assert picture.shape == (low.height, 2 * low.width + 4, 3)
+    outlined, heat = picture[:, : low.width], picture[:, low.width + 4 :]
+    assert ((outlined == [0, 255, 0]).all(axis=-1)).sum() > 500  # outlines drawn
+    drawn = np.asarray(zarr.open_group(output, mode="r")["3"])[0] / 255  # its pixels: 8 of level 0 a side
+    # each picture pixel shows the output pixel at its centre
+    scale = slide.width / low.width / 8  # output pixels per picture pixel
+    rows, cols = (np.floor((np.arange(n) + 0.5) * scale).astype(int) for n in (low.height, low.width))
+    np.testing.assert_array_equal(heat, colorize(drawn[rows[:, None], cols[None, :]], vmax=1.0, cmap="magma"))
+    artifacts = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(run.info.run_id)
+    assert QC_PICTURE in [a.path for a in artifacts]
     stats = lineage["stats"]  # the one-off start-up apart from the segmentation's throughput
     assert 0 < stats["startup_seconds"] < stats["total_seconds"] and 0 < stats["seconds"] < stats["total_seconds"]
 

@@ -41,6 +41,7 @@ OBJECTS_TABLE, OBJECTS, LAYOUT1_OBJECTS = "tables/nuclei", "tables/nuclei/table.
 OBJECTS_TABLE_ATTRS = {"backend": "parquet", "type": "feature_table", "table_version": "1", "index_key": "id",
                        "index_type": "int", "instance_key": "id", "region": {"path": "../labels/nuclei"},
                        "categorical_columns": [], "measurement_columns": [], "metadata_columns": []}  # fmt: skip
+QC_PICTURE = "qc.png"  # the slide with its objects outlined, beside the probability (pipelines.infer.qc)
 WORK = "_work"  # the job's own arrays, deleted when it completes
 LOCAL, DONE_PREDICT, DONE_LABELS = f"{WORK}/local", f"{WORK}/done_predict", f"{WORK}/done_labels"
 # the probability is a one-channel image (what an image viewer shows as such); the label image is YX, as NGFF and

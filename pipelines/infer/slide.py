@@ -10,8 +10,10 @@ reported with its reason while the others go on.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.infer.cohort import Item
@@ -217,7 +219,9 @@ def finish(
 
     summary = _write_objects(job, objects, parts) if job.spec.objects else {}
     job.stats = _measured(job, context, objects, summary)
-    job.run_id = _track(job, context.config, parent_run_id)
+    with tempfile.TemporaryDirectory() as folder:
+        picture = _write_qc_picture(job, Path(folder))
+        job.run_id = _track(job, context.config, parent_run_id, (picture,) if picture else ())
     lineage = {**job.lineage, "stats": job.stats.as_dict(), "mlflow_run_id": job.run_id}
     if parent_run_id:
         lineage["mlflow_batch_run_id"] = parent_run_id
@@ -251,7 +255,28 @@ def _write_objects(job: SlideJob, objects: int, parts: list[dict]) -> dict[str, 
     return {k: v for k, v in summary(table).items() if k != "objects"}
 
 
-def _track(job: SlideJob, config: Config, parent_run_id: str | None) -> str:
+def _write_qc_picture(job: SlideJob, folder: Path) -> Path | None:
+    """The slide's QC picture (``pipelines.infer.qc``) into its output and ``folder`` (for its MLflow run); none
+    for an output without a pyramid larger than a chunk (its level 0 is never read whole), or where the slide's
+    lowest level is too large to read."""
+    from pipelines.infer.output import QC_PICTURE
+    from pipelines.infer.qc import qc_picture
+    from unet import storage
+    from unet.io import write_png
+
+    levels = job.spec.levels
+    picture = None
+    if len(levels) > 1 or max(levels[0]) <= job.spec.chunk:
+        picture = qc_picture(job.item.input, job.staged.partial, len(levels), job.resolution.to_level0)
+    if picture is None:
+        log.info("%s: no QC picture (no pyramid, or a slide level too large to read whole)", job.item.input)
+        return None
+    local = Path(write_png(folder / QC_PICTURE, picture))
+    storage.write_bytes(f"{job.staged.partial.rstrip('/')}/{QC_PICTURE}", local.read_bytes())
+    return local
+
+
+def _track(job: SlideJob, config: Config, parent_run_id: str | None, artifacts: tuple[Path, ...] = ()) -> str:
     """An MLflow run recording one slide's inference: what went in, what came out, how fast."""
     from pipelines import registry
     from unet import storage
@@ -264,4 +289,5 @@ def _track(job: SlideJob, config: Config, parent_run_id: str | None) -> str:
     name = f"infer {storage.basename(job.item.output)}"
     experiment = config.tracking.experiment
     metrics = job.stats.as_dict()
-    return registry.log_job_run(tracking_uri, experiment, "inference", name, params, metrics, parent=parent_run_id)
+    return registry.log_job_run(tracking_uri, experiment, "inference", name, params, metrics, artifacts,
+                                parent=parent_run_id)  # fmt: skip

@@ -1,0 +1,65 @@
+"""A slide's quality-control picture, written into its output (``QC_PICTURE``) and its MLflow run: the slide's
+lowest level with the objects outlined, beside the foreground probability as a heat map. Everything is read from
+pyramids: the slide's lowest level and the output level whose pixels are closest to it, never the output's level 0
+(and never the slide's, where it has lower levels)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import zarr
+
+QC_SIDE = 1024  # each panel's longer side, at most (pixels)
+GAP = 4  # white pixels between the panels
+
+
+def on_picture(array: zarr.Array, side: float, window: tuple[int, int, int, int]) -> np.ndarray:
+    """An output level (labels or probability) over ``window`` = (y0, y1, x0, x1) of a picture, one of its pixels
+    being ``side`` picture pixels: for each picture pixel, the level's pixel holding its centre (nearest)."""
+    from pipelines.infer.output import labels_window
+    from unet.resample import nearest_indices
+
+    y0, y1, x0, x1 = window
+    rows = nearest_indices(y0, y1, 1 / side, array.shape[-2])  # 1 / side level pixels per picture pixel
+    cols = nearest_indices(x0, x1, 1 / side, array.shape[-1])
+    block = labels_window(array, rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
+    return block[(rows - rows.min())[:, None], (cols - cols.min())[None, :]]
+
+
+def closest_level(levels: int, to_level0: float, factor: float) -> int:
+    """Of an output's ``levels`` levels, the one whose pixels are closest to, and not larger than, ``factor``
+    level-0 pixels (an output pixel being ``to_level0`` level-0 pixels): what is drawn over a picture of that size."""
+    return max((k for k in range(levels) if to_level0 * 2**k <= factor * 1.05), default=0)
+
+
+def qc_picture(slide_path: str, output: str, levels: int, to_level0: float) -> np.ndarray | None:
+    """The picture (YX3 uint8) of the (possibly partial) ``output`` of ``slide_path``, with ``levels`` levels, an
+    output pixel being ``to_level0`` of the slide's level-0 pixels; None where the slide's lowest level is too large
+    to read whole (``unet.tissue.MAX_WHOLE_LEVEL_PIXELS``: a slide without a pyramid)."""
+    import zarr
+
+    from pipelines.infer.output import labels_level, probability_level
+    from unet.slides import open_slide
+    from unet.tissue import MAX_WHOLE_LEVEL_PIXELS
+    from unet.visualize import colorize, outline, to_rgb
+
+    with open_slide(slide_path) as slide, open_slide(slide_path, slide.levels - 1) as low:
+        if low.height * low.width > MAX_WHOLE_LEVEL_PIXELS:
+            return None
+        step = max(1, math.ceil(max(low.height, low.width) / QC_SIDE))
+        pixels = low.read(0, low.height, 0, low.width)[:, ::step, ::step]  # read whole, as its intensity range is
+        factor = slide.width / low.width * step  # level-0 pixels per picture pixel
+    height, width = pixels.shape[-2:]
+    level = closest_level(levels, to_level0, factor)
+    root, side = zarr.open_group(output, mode="r"), to_level0 * 2**level / factor
+    labels = on_picture(root[labels_level(level)], side, (0, height, 0, width))
+    probability = on_picture(root[probability_level(level)], side, (0, height, 0, width)).astype(np.float32)
+    if root[probability_level(level)].dtype == np.uint8:
+        probability /= 255
+    gap = np.full((height, GAP, 3), 255, np.uint8)
+    outlined = outline(np.ascontiguousarray(to_rgb(pixels)), labels)
+    return np.concatenate([outlined, gap, colorize(probability, vmax=1.0, cmap="magma")], axis=1)

@@ -61,5 +61,6 @@ def qc_picture(slide_path: str, output: str, levels: int, to_level0: float) -> n
     if root[probability_level(level)].dtype == np.uint8:
         probability /= 255
     gap = np.full((height, GAP, 3), 255, np.uint8)
-    outlined = outline(np.ascontiguousarray(to_rgb(pixels)), labels)
+    # channels last: any number of them (the first three shown, or the first one in grey)
+    outlined = outline(np.ascontiguousarray(to_rgb(np.moveaxis(pixels, 0, -1))), labels)
     return np.concatenate([outlined, gap, colorize(probability, vmax=1.0, cmap="magma")], axis=1)

@@ -195,13 +195,14 @@ def segment_step(steps: Steps, config: Config, store: TrainingStore, tracking_ur
 
     from pipelines import registry
     from pipelines.infer.job import infer
-    from pipelines.infer.output import LINEAGE_KEY, recorded_resolution
+    from pipelines.infer.output import LINEAGE_KEY, OUTPUT_LAYOUT, recorded_resolution
 
     steps.begin("segment the slide with Dask")
     champion, _ = registry.resolve_model(config.infer.model, tracking_uri)
     output = Path(config.infer.output)
     lineage = zarr.open_group(output, mode="r").attrs.get(LINEAGE_KEY, {}) if output.exists() else {}
-    if lineage.get("complete") and lineage.get("model_uri") == champion:
+    current = lineage.get("layout") == OUTPUT_LAYOUT  # an output of an earlier version is made again
+    if lineage.get("complete") and lineage.get("model_uri") == champion and current:
         steps.done(f"{output} by {champion} (reused): {nuclei(lineage['stats'], store)}")
     else:
         stats = infer(config.model_copy(update={"infer": config.infer.model_copy(update={"overwrite": True})}))

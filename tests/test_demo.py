@@ -55,3 +55,11 @@ def test_shortened_demo_runs_end_to_end_and_reuses_its_results(tmp_path: Path) -
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "models:/unet-demo/1 (finished earlier; reused)" in second.stdout
     assert "by models:/unet-demo/1 (reused)" in second.stdout
+    # an output written by an earlier version (another layout) is made again, not reused
+    metadata = tmp_path / "nuclei.ome.zarr" / "zarr.json"
+    document = json.loads(metadata.read_text())
+    del document["attributes"]["unet_inference"]["layout"]
+    metadata.write_text(json.dumps(document))
+    third = subprocess.run(cmd, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "(reused):" not in third.stdout and (tmp_path / "nuclei.ome.zarr" / OBJECTS).is_file()

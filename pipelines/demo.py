@@ -93,7 +93,7 @@ def result_pictures(slide_path: str, output: str, folder: Path, size: int = 768)
     import zarr
 
     from pipelines.infer.output import labels_level, level0_scale
-    from pipelines.infer.qc import closest_level, on_picture
+    from pipelines.infer.qc import on_picture, overview
     from unet.io import write_png
     from unet.slides import open_slide
     from unet.visualize import outline
@@ -101,13 +101,12 @@ def result_pictures(slide_path: str, output: str, folder: Path, size: int = 768)
     root = zarr.open_group(output, mode="r")
     to_level0 = level0_scale(output)
     slide = open_slide(slide_path)
-    low = open_slide(slide_path, slide.levels - 1)
-    factor = slide.width / low.width  # level-0 pixels per pixel of the slide's lowest level
-    level = closest_level(open_slide(output).levels, to_level0, factor)
-    overview_labels = on_picture(root[labels_level(level)], to_level0 * 2**level / factor,
-                                 (0, low.height, 0, low.width))  # fmt: skip
-    overview = np.moveaxis(low.read(0, low.height, 0, low.width), 0, -1)
-    pictures = [write_png(folder / "slide_overview.png", outline(np.ascontiguousarray(overview), overview_labels))]
+    view = overview(slide_path, open_slide(output).levels, to_level0, max_side=None)
+    if view is None:
+        raise UserError(f"{slide_path}: its lowest level is too large for an overview; convert it with a pyramid")
+    overview_labels = on_picture(root[labels_level(view.level)], view.side, view.window)
+    rgb = np.moveaxis(view.pixels, 0, -1)
+    pictures = [write_png(folder / "slide_overview.png", outline(np.ascontiguousarray(rgb), overview_labels))]
     y0, x0 = max(slide.height // 2 - size // 2, 0), max(slide.width // 2 - size // 2, 0)
     y1, x1 = min(y0 + size, slide.height), min(x0 + size, slide.width)
     rgb = np.moveaxis(slide.read(y0, y1, x0, x1), 0, -1)

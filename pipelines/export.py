@@ -163,10 +163,10 @@ def chunk_windows(
 
 
 def read_window(labels: zarr.Array, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """One window of the label image, as YX ids (``pipelines.infer.output.labels_window``)."""
-    from pipelines.infer.output import labels_window
+    """One window of the label image, as YX ids (``pipelines.infer.output.yx_window``)."""
+    from pipelines.infer.output import yx_window
 
-    return labels_window(labels, y0, y1, x0, x1)
+    return yx_window(labels, y0, y1, x0, x1)
 
 
 def write_features(

@@ -34,12 +34,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("infer")
 
 # the store's layout
-PROBABILITY, LABELS = "0", "labels/nuclei/0"  # level 0 of the image (foreground probability) and of its labels
+NAME = "nuclei"  # of the label image and of its objects table
+PROBABILITY, LABELS = "0", f"labels/{NAME}/0"  # level 0 of the image (foreground probability) and of its labels
 # the objects table, inside the output so it moves and is replaced with it: an ngio feature table of the label image
 # (Parquet backend), which ngio and the Fractal tools read; outputs of layout 1 kept it as objects.parquet
-OBJECTS_TABLE, OBJECTS, LAYOUT1_OBJECTS = "tables/nuclei", "tables/nuclei/table.parquet", "objects.parquet"
+OBJECTS_TABLE, LAYOUT1_OBJECTS = f"tables/{NAME}", "objects.parquet"
+OBJECTS = f"{OBJECTS_TABLE}/table.parquet"
 OBJECTS_TABLE_ATTRS = {"backend": "parquet", "type": "feature_table", "table_version": "1", "index_key": "id",
-                       "index_type": "int", "instance_key": "id", "region": {"path": "../labels/nuclei"},
+                       "index_type": "int", "instance_key": "id", "region": {"path": f"../labels/{NAME}"},
                        "categorical_columns": [], "measurement_columns": [], "metadata_columns": []}  # fmt: skip
 QC_PICTURE = "qc.png"  # the slide with its objects outlined, beside the probability (pipelines.infer.qc)
 WORK = "_work"  # the job's own arrays, deleted when it completes
@@ -55,7 +57,7 @@ def probability_level(level: int) -> str:
 
 
 def labels_level(level: int) -> str:
-    return f"labels/nuclei/{level}"
+    return f"labels/{NAME}/{level}"
 
 
 def done_level(level: int) -> str:
@@ -194,10 +196,11 @@ def create_output(location: str, slide: Slide | Resampled, spec: JobSpec, lineag
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": False}
 
 
-def labels_window(labels: zarr.Array, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """The window [y0:y1, x0:x1] of a label image level as YX ids (that of an output of layout 1 had a channel axis)."""
-    selection = (0,) * (labels.ndim - 2) + (slice(y0, y1), slice(x0, x1))
-    return np.asarray(labels[selection])
+def yx_window(array: zarr.Array, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """The window [y0:y1, x0:x1] of an output level as a YX array: the probability's channel axis dropped, and that
+    of the label image of an output of layout 1."""
+    selection = (0,) * (array.ndim - 2) + (slice(y0, y1), slice(x0, x1))
+    return np.asarray(array[selection])
 
 
 def recorded_lineage(location: str) -> dict | None:
@@ -238,7 +241,7 @@ def write_objects(location: str, table: pd.DataFrame) -> None:
     import io
 
     root = zarr.open_group(location, mode="r+")
-    root.require_group("tables").attrs["tables"] = [OBJECTS_TABLE.split("/")[-1]]
+    root.require_group("tables").attrs["tables"] = [NAME]
     root.require_group(OBJECTS_TABLE).attrs.update(OBJECTS_TABLE_ATTRS)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
@@ -279,10 +282,10 @@ def finalize_output(
                                name="foreground probability")  # fmt: skip
     root.attrs["ome"] = {**root.attrs["ome"], "omero": _omero(root[PROBABILITY].dtype)}
     labels_root = root["labels"]
-    write_multiscales_metadata(labels_root["nuclei"], ngff_datasets(levels, *frame, channel=False), fmt=fmt,
-                               axes=_axes(resolution, channel=False), name="nuclei")  # fmt: skip
-    write_label_metadata(labels_root, "nuclei", fmt=fmt, source={"image": "../../"})
-    labels_root.attrs["ome"] = {"version": fmt.version, "labels": ["nuclei"]}  # ome-zarr 0.18 leaves out the version
+    write_multiscales_metadata(labels_root[NAME], ngff_datasets(levels, *frame, channel=False), fmt=fmt,
+                               axes=_axes(resolution, channel=False), name=NAME)  # fmt: skip
+    write_label_metadata(labels_root, NAME, fmt=fmt, source={"image": "../../"})
+    labels_root.attrs["ome"] = {"version": fmt.version, "labels": [NAME]}  # ome-zarr 0.18 leaves out the version
     del root[WORK]
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": True}
     return storage.publish(staged)

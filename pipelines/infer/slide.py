@@ -256,18 +256,15 @@ def _write_objects(job: SlideJob, objects: int, parts: list[dict]) -> dict[str, 
 
 
 def _write_qc_picture(job: SlideJob, folder: Path) -> Path | None:
-    """The slide's QC picture (``pipelines.infer.qc``) into its output and ``folder`` (for its MLflow run); none
-    for an output without a pyramid larger than a chunk (its level 0 is never read whole), or where the slide's
-    lowest level is too large to read."""
+    """The slide's QC picture (``pipelines.infer.qc``, where it draws one) into its output and ``folder`` (for its
+    MLflow run)."""
     from pipelines.infer.output import QC_PICTURE
     from pipelines.infer.qc import qc_picture
     from unet import storage
     from unet.io import write_png
 
-    levels = job.spec.levels
-    picture = None
-    if len(levels) > 1 or max(levels[0]) <= job.spec.chunk:
-        picture = qc_picture(job.item.input, job.staged.partial, len(levels), job.resolution.to_level0)
+    spec = job.spec
+    picture = qc_picture(job.item.input, job.staged.partial, spec.levels, spec.chunk, job.resolution.to_level0)
     if picture is None:
         log.info("%s: no QC picture (no pyramid, or a slide level too large to read whole)", job.item.input)
         return None

@@ -314,7 +314,8 @@ def fit(trainer):
 
     thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
     thread.start()
-    thread.join()  # a signal interrupts the wait (KeyboardInterrupt here)
+    while thread.is_alive():  # a signal is answered between waits (KeyboardInterrupt here): a plain join() is not
+        thread.join(0.25)  # interrupted once a library (polars, imported by MLflow) restarts waits after signals
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

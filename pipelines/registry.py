@@ -219,12 +219,13 @@ def log_job_run(
     metrics: dict[str, float],
     artifacts: tuple[str | Path, ...] = (),
     parent: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """A finished MLflow run recording one job (inference, evaluation): what went in, what came out; nested
     under run ``parent`` (a batch) if given. Few round trips: a batch logs one per slide."""
     client = connect(tracking_uri)
     run_id = _create_job_run(client, tracking_uri, experiment, job, run_name, parent)
-    _close_job_run(client, run_id, params, metrics, artifacts, "FINISHED")
+    _close_job_run(client, run_id, params, metrics, artifacts, "FINISHED", tags)
     return run_id
 
 
@@ -256,11 +257,12 @@ def _create_job_run(
     return client.create_run(experiment_id(client, experiment, tracking_uri), run_name=run_name, tags=tags).info.run_id
 
 
-def _close_job_run(client: MlflowClient, run_id: str, params: dict, metrics: dict, artifacts: tuple, status: str):
+def _close_job_run(client: MlflowClient, run_id: str, params: dict, metrics: dict, artifacts: tuple, status: str,
+                   tags: dict | None = None) -> None:  # fmt: skip
     for path in artifacts:
         client.log_artifact(run_id, str(path))
     finished = {"finished": datetime.now(UTC).isoformat(timespec="seconds")}
-    _log(client, run_id, params=params, metrics=metrics, tags=finished)
+    _log(client, run_id, params=params, metrics=metrics, tags={**(tags or {}), **finished})
     client.set_terminated(run_id, status=status)
 
 

@@ -7,13 +7,15 @@ is a CPU-only build or sees no GPU, or when ``precision`` is one the device cann
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 
 import torch
 
 from unet.errors import UserError
 
-__all__ = ["DeviceError", "check_device", "cuda_build", "visible_gpus"]
+__all__ = ["DeviceError", "check_device", "cuda_build", "device_name", "visible_gpus"]
 
 
 class DeviceError(UserError):
@@ -51,3 +53,18 @@ def check_device(setting: str, device: str, precision: str = "fp32") -> None:
         )
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"{torch.cuda.get_device_name()} cannot compute in bf16 ({setting}); use fp16 or fp32")
+
+
+@functools.cache
+def device_name(device: str) -> str:
+    """What computes on ``device`` in this process, as a person names it: the GPU's model for ``cuda`` (the current
+    one), else the CPU's (``/proc/cpuinfo``'s model name where there is one) and its core count."""
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores)"

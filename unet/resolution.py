@@ -33,6 +33,7 @@ class Resolution:
     level_pixel_size_um: float | None
     model_pixel_size_um: float | None
     reason: str  # why the slide is read this way, one phrase
+    pixel_size_stated: bool = True  # by the slide's metadata (False: by infer.pixel_size_um, or unknown)
 
     @property
     def resampled(self) -> bool:
@@ -56,7 +57,7 @@ class Resolution:
     @classmethod
     def from_dict(cls, recorded: dict) -> Resolution:
         """The ``Resolution`` an output's lineage records (``as_dict``)."""
-        return cls(**{field.name: recorded[field.name] for field in fields(cls)})
+        return cls(**{field.name: recorded[field.name] for field in fields(cls) if field.name in recorded})
 
 
 def plan_resolution(
@@ -86,7 +87,7 @@ def plan_resolution(
         chosen = level or 0
         reason = "infer.resample is false" if not resample else "the model records no pixel size"
         return Resolution(chosen, 1.0, widths[0] / widths[chosen], slide_size, sizes[chosen], model_pixel_size_um,
-                          reason)  # fmt: skip
+                          reason, stated is not None)  # fmt: skip
     if slide_size is None:
         raise UserError(
             f"{path} has no pixel size in its metadata; set infer.pixel_size_um to its level 0's micrometres per "
@@ -100,7 +101,7 @@ def plan_resolution(
         scale, reason = model_pixel_size_um / sizes[chosen], "the model's pixel size"
     check_scale(path, scale, sizes[chosen], model_pixel_size_um, widths[chosen] * heights[chosen])
     return Resolution(chosen, scale, scale * widths[0] / widths[chosen], slide_size, sizes[chosen],
-                      model_pixel_size_um, reason)  # fmt: skip
+                      model_pixel_size_um, reason, stated is not None)  # fmt: skip
 
 
 def check_scale(path: str, scale: float, size: float, model_size: float, pixels: int) -> None:

@@ -122,6 +122,12 @@ def write_bytes(location: str | Path, data: bytes) -> str:
     return location
 
 
+def read_bytes(location: str | Path) -> bytes:
+    """Read a small file (a picture, a page) from a path or URL."""
+    with fsspec.open(resolve(location), "rb") as handle:
+        return handle.read()
+
+
 @dataclass(frozen=True)
 class Staging:
     """Where an output is written (``partial``) before it appears at ``final``; the same on object stores."""

@@ -15,7 +15,7 @@ from unet.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from pipelines.infer.cohort import Cohort
-    from pipelines.infer.slide import JobContext, SlideJob
+    from pipelines.infer.slide import JobContext, Segmented, SlideJob, SlideStats
 
 log = logging.getLogger("infer")
 
@@ -31,8 +31,9 @@ def infer(config: Config) -> dict:
     batch_run = None
     if to_do:
         start_run = (lambda: batch.start_run(config, context, cohort)) if cohort.batch else None
+        watch = batch.Report(config, cohort, jobs).update if cohort.batch and config.infer.report else None
         try:
-            batch_run = segment(context, to_do, start_run)
+            batch_run = segment(context, to_do, start_run, watch)
         except KeyboardInterrupt as exc:  # what is kept, and how to go on
             exc.add_note(
                 "complete outputs are kept: run the same command again to continue the batch (complete outputs are "
@@ -92,9 +93,15 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
     return JobContext(config, model, spec, lineage, cohort.batch, overwrite, resume, gpus, started), cohort
 
 
-def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], str] | None) -> str | None:
-    """Start Dask (or use the scheduler), stream every slide's chunks, finish each slide as it completes.
-    ``start_run`` opens the batch's MLflow run (returning its id, which this returns), off the critical path."""
+def segment(
+    context: JobContext,
+    jobs: list[SlideJob],
+    start_run: Callable[[], str] | None,
+    after_each: Callable[[], None] | None = None,
+) -> str | None:
+    """Start Dask (or use the scheduler), stream every slide's chunks, finish each slide as it completes (then
+    call ``after_each``: the batch's report). ``start_run`` opens the batch's MLflow run (returning its id, which
+    this returns), off the critical path."""
     from pipelines.infer.cluster import dashboard, in_process, start_dask, task_resources
     from pipelines.infer.stream import stream
     from pipelines.infer.tasks import use_model
@@ -103,7 +110,7 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
     client, cluster = start_dask(infer, context.gpus)
     if in_process(infer, context.gpus):
         use_model(context.model_spec, context.model)  # the worker shares this process: no second load
-    finisher = Finisher(context, start_run)
+    finisher = Finisher(context, start_run, after_each)
     try:
         threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
         log.info("Dask dashboard: %s (%d threads)", dashboard(client, cluster), threads)
@@ -122,36 +129,43 @@ def segment(context: JobContext, jobs: list[SlideJob], start_run: Callable[[], s
 
 
 class Finisher:
-    """Finishes segmented slides one at a time on a thread of its own (objects table, MLflow, metadata, rename),
-    off the loop that feeds the workers; it also opens the batch's MLflow run there (``start_run``)."""
+    """Finishes segmented slides one at a time on a thread of its own (objects table, receipt, MLflow, metadata,
+    rename, then ``after_each``), off the loop that feeds the workers; it also opens the batch's MLflow run there
+    (``start_run``)."""
 
-    def __init__(self, context: JobContext, start_run: Callable[[], str] | None) -> None:
+    def __init__(
+        self, context: JobContext, start_run: Callable[[], str] | None, after_each: Callable[[], None] | None = None
+    ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.context, self.pool = context, ThreadPoolExecutor(1)
+        self.context, self.pool, self.after_each = context, ThreadPoolExecutor(1), after_each
         self.batch_run = self.pool.submit(start_run) if start_run else None
         self.finished: list = []
 
-    def submit(self, job: SlideJob, objects: int, parts: list[dict]) -> None:
+    def submit(self, job: SlideJob, segmented: Segmented) -> None:
         """``stream``'s ``on_done``: queue a segmented slide."""
-        self.finished.append(self.pool.submit(self._finish_or_fail, job, objects, parts))
+        self.finished.append(self.pool.submit(self._finish_or_fail, job, segmented))
 
-    def _finish_or_fail(self, job: SlideJob, objects: int, parts: list[dict]) -> None:
+    def _finish_or_fail(self, job: SlideJob, segmented: Segmented) -> None:
         from pipelines.infer.slide import finish
 
         try:
-            finish(job, self.context, objects, parts, self.batch_run.result() if self.batch_run else None)
+            finish(job, self.context, segmented, self.batch_run.result() if self.batch_run else None)
         except Exception as exc:
             if not self.context.batch:
                 raise
             job.fail(f"{job.item.input}: {first_line(exc)}")
             log.error("failed: %s", job.reason)
+        if self.after_each:
+            self.after_each()
 
     def on_failed(self, job: SlideJob, error: BaseException) -> None:
         """``stream``'s ``on_failed``: a single slide's error stops the job; a batch's is reported and goes on."""
         if not self.context.batch:
             raise error
         log.error("failed: %s", job.reason)
+        if self.after_each:
+            self.pool.submit(self.after_each)
 
     def close(self) -> None:
         """Wait for the slides being finished; no more can be submitted."""
@@ -188,16 +202,33 @@ def report(job: SlideJob, context: JobContext) -> None:
     print(f"  chunks          {stats.chunks} ({stats.chunks_skipped} without tissue), {stats.objects} objects")
     if (median := stats.object_summary.get("object_area_um2_median")) is not None:
         print(f"  object area     median {median:.1f} um2" + _training_areas(context))
+    print(_receipt_line(stats))
     print(f"  levels          {len(levels)} (the smallest {levels[-1][1]} x {levels[-1][0]} px)")
     if job.spec.objects:
         print(f"  objects table   {job.item.output}/{OBJECTS}")
     print(f"  throughput      {stats.mpx_per_s:.2f} Mpx/s ({stats.seconds:.1f} s segmenting)")
+    print(f"  compute         {stats.compute_seconds:.1f} s in tasks, {stats.gpu_seconds:.1f} GPU-s on {stats.device}")
     print(f"  start-up        {stats.startup_seconds:.1f} s (model, input, output, Dask)")
     total = stats.total_seconds
     print(f"  end to end      {total:.1f} s ({stats.megapixels / total:.2f} Mpx/s)")
     print(f"  MLflow run      {job.run_id}")
+    for flag in stats.flags:
+        print(f"  flagged         {flag}")
     print(f"  view            napari --plugin napari-ome-zarr {job.item.output}")
     print(f"  QuPath          python -m pipelines.export {job.item.output} --format qupath")
+
+
+def _receipt_line(stats: SlideStats) -> str:
+    """The slide's tissue and what lies in it (``unet.receipt``)."""
+    receipt = stats.receipt
+    tissue = f"{receipt['tissue_mm2']:.3g} mm2" if "tissue_mm2" in receipt else f"{receipt['tissue_share']:.0%}"
+    line = f"  tissue          {tissue} ({stats.tissue_from})"
+    if "objects_per_mm2" in receipt:
+        line += f", {receipt['objects_per_mm2']:,.0f} objects per mm2"
+    if "uncertain_share" in receipt:
+        line += f"; uncertain {receipt['uncertain_share']:.1%} of it"
+        line += f"; {receipt['empty_tissue_chunk_share']:.0%} of its chunks without objects"
+    return line
 
 
 def _training_areas(context: JobContext) -> str:

@@ -73,7 +73,8 @@ RESUME_KEYS = ("model_uri", "input", "level", "resolution")
 # single-slide run of the same slide agree on the rest
 IGNORED_CONFIG = ("infer.overwrite", "infer.resume", "infer.scheduler", "infer.workers", "infer.tasks_per_worker",
                   "infer.input", "infer.output", "infer.level", "infer.pixel_size_um",
-                  "infer.tls_ca_file", "infer.tls_cert", "infer.tls_key", "infer.require_encryption")  # fmt: skip
+                  "infer.tls_ca_file", "infer.tls_cert", "infer.tls_key", "infer.require_encryption",
+                  "infer.outlier_z", "infer.report")  # fmt: skip
 
 
 def _omero(dtype: np.dtype) -> dict:
@@ -124,7 +125,7 @@ def open_output(
     staged: storage.Staging, slide: Slide | Resampled, spec: JobSpec, lineage: dict, policy: Policy
 ) -> tuple[str, Lock | None, dict]:
     """Lock the output (``lock_output``) and decide what to do with it by ``policy``: NEW (created here), RESUMED
-    or SKIPPED, with the stats a skipped output recorded. The lock is kept while there is work to do."""
+    or SKIPPED, with the lineage a skipped output recorded. The lock is kept while there is work to do."""
     from pipelines.locks import release
 
     lock = lock_output(staged)
@@ -160,7 +161,7 @@ def _decide(staged: storage.Staging, lineage: dict, policy: Policy) -> tuple[str
             storage.remove(staged.final)
     elif complete and batch:
         if final_lineage and final_lineage.get("complete") and lineage_matches(final_lineage, lineage):
-            return SKIPPED, final_lineage.get("stats", {})
+            return SKIPPED, final_lineage
         raise UserError(f"{staged.final} exists, not made with this model, input and config; --overwrite replaces it")
     elif complete and not resume:
         raise UserError(f"{staged.final} already exists; pass --overwrite to replace it or --resume to continue")
@@ -229,11 +230,18 @@ def level0_scale(source: str) -> float:
 
 def lineage_matches(recorded: dict, lineage: dict) -> bool:
     """Whether an interrupted output was started with the same model, input and config."""
-    if any(recorded.get(key) != lineage.get(key) for key in RESUME_KEYS):
+    if any(_recorded_as(lineage.get(key), recorded.get(key)) != recorded.get(key) for key in RESUME_KEYS):
         return False
     before, now = recorded.get("config", {}), lineage["config"]
     keys = {k for k in before.keys() | now.keys() if k.startswith(("infer.", "model.")) and k not in IGNORED_CONFIG}
     return all(before.get(k) == now.get(k) for k in keys)
+
+
+def _recorded_as(value, recorded):
+    """``value`` as an output of an earlier version recorded it: a dict without the keys added since."""
+    if isinstance(value, dict) and isinstance(recorded, dict):
+        return {k: v for k, v in value.items() if k in recorded}
+    return value
 
 
 def write_objects(location: str, table: pd.DataFrame) -> None:

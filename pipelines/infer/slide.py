@@ -29,9 +29,11 @@ if TYPE_CHECKING:
     from unet.resolution import Resolution
     from unet.slides import Slide
     from unet.storage import Staging
+    from unet.tissue import TissueMask
 
 log = logging.getLogger("infer")
 FAILED, DONE = "failed", "done"  # and the output's NEW, RESUMED, SKIPPED
+FLAGS_TAG = "flags"  # a slide's MLflow run: its flags (flags_text), the cohort's included once the batch ends
 
 
 @dataclass(frozen=True)
@@ -54,34 +56,59 @@ class JobContext:
         return Policy(overwrite=self.overwrite, resume=self.resume, batch=self.batch)
 
 
+@dataclass(frozen=True)
+class Segmented:
+    """What a segmented slide's tasks found, handed to ``on_done``."""
+
+    objects: int
+    parts: list[dict]  # the objects' partial sums (``unet.objects.chunk_sums``), in grid order
+    counts: list[dict[str, int]]  # each chunk's receipt counts (``unet.receipt.chunk_counts``)
+    compute_seconds: float
+    gpu_seconds: float
+    device: str  # what predicted its chunks (several: joined by "; ")
+
+
 @dataclass
 class SlideStats:
-    """What a slide's segmentation measured: recorded in its lineage (``stats``) and MLflow run, and read back for
-    a skipped slide's line in the batch summary. None: not measured (e.g. by an output of an earlier version)."""
+    """What a slide's segmentation measured, its receipt: recorded in its lineage (``stats``) and MLflow run, and
+    read back for a skipped slide's line in the batch summary. None: not measured (e.g. by an output of an earlier
+    version)."""
 
     chunks: int | None = None
     chunks_skipped: int | None = None  # without tissue
     objects: int | None = None
     object_summary: dict[str, float] = field(default_factory=dict)  # unet.objects.summary, but its object count
+    receipt: dict[str, float] = field(default_factory=dict)  # unet.receipt.slide_measures
     megapixels: float | None = None  # of the pixels segmented
-    seconds: float | None = None  # from its first task to its last
+    seconds: float | None = None  # wall seconds, from its first task to its objects table written
     mpx_per_s: float | None = None
+    compute_seconds: float | None = None  # its tasks' seconds in workers (this run's; several at once add up)
+    gpu_seconds: float | None = None  # its predictions' seconds on a GPU (0 on CPU)
     startup_seconds: float | None = None  # a single slide's job only: model, input, output, Dask
     total_seconds: float | None = None  # a single slide's job only: the whole job
+    device: str | None = None  # what predicted its chunks (GPU or CPU model)
+    tissue_from: str | None = None  # "tissue mask", or "whole image" where the slide has none (unet.receipt)
+    flags: list[str] = field(default_factory=list)  # unet.receipt.absolute_flags: "KIND: why"
 
-    def as_dict(self) -> dict[str, float]:
-        """The measured values by name, as recorded."""
+    def as_dict(self) -> dict:
+        """The measured values by name, as recorded (numbers, and the device, tissue source and flags)."""
         counts = {"chunks": self.chunks, "chunks_skipped": self.chunks_skipped, "objects": self.objects}
-        times = {key: getattr(self, key) for key in ("megapixels", "seconds", "mpx_per_s", "startup_seconds",
-                                                     "total_seconds")}  # fmt: skip
-        return {k: v for k, v in {**counts, **self.object_summary, **times}.items() if v is not None}
+        rest = {f.name: getattr(self, f.name) for f in fields(self)[5:]}  # megapixels on
+        return {k: v for k, v in {**counts, **self.object_summary, **self.receipt, **rest}.items() if v is not None}
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers of ``as_dict``: the slide's MLflow metrics."""
+        return {k: v for k, v in self.as_dict().items() if isinstance(v, int | float)}
 
     @classmethod
     def from_dict(cls, recorded: dict) -> SlideStats:
         """The stats an output recorded (``as_dict``)."""
-        names = {f.name for f in fields(cls)} - {"object_summary"}
-        summary = {k: v for k, v in recorded.items() if k not in names}
-        return cls(**{k: v for k, v in recorded.items() if k in names}, object_summary=summary)
+        from unet.receipt import MEASURES
+
+        names = {f.name for f in fields(cls)} - {"object_summary", "receipt"}
+        receipt = {k: v for k, v in recorded.items() if k in MEASURES}
+        summary = {k: v for k, v in recorded.items() if k not in names and k not in MEASURES}
+        return cls(**{k: v for k, v in recorded.items() if k in names}, object_summary=summary, receipt=receipt)
 
 
 @dataclass
@@ -98,7 +125,8 @@ class SlideJob:
     staged: Staging | None = None
     lineage: dict = field(default_factory=dict)
     keys: list[tuple[int, int]] = field(default_factory=list)
-    tissue: set[tuple[int, int]] = field(default_factory=set)
+    tissue: set[tuple[int, int]] = field(default_factory=set)  # the chunks to predict
+    tissue_mask: TissueMask | None = None  # for its receipt (``slide_tissue``); None: the whole image counts
     stats: SlideStats = field(default_factory=SlideStats)
     started: float = 0.0  # when its first task was submitted
     resumed: bool = False  # its output was started by an earlier, interrupted run
@@ -127,11 +155,12 @@ def plan(item: Item, context: JobContext) -> SlideJob:
     try:
         _open(job, context)
         job.state, job.lock, recorded = open_output(job.staged, job.slide, job.spec, job.lineage, context.policy)
-        if job.state == SKIPPED:
-            job.stats = SlideStats.from_dict(recorded)  # what the complete output recorded
+        if job.state == SKIPPED:  # what the complete output recorded
+            job.stats, job.run_id = SlideStats.from_dict(recorded.get("stats", {})), recorded.get("mlflow_run_id")
         job.resumed = job.state == RESUMED
         if job.to_do:
-            job.keys, job.tissue = chunk_keys(context.config, job.slide, item.input)
+            job.tissue_mask = slide_tissue(context.config, job.slide, item.input)
+            job.keys, job.tissue = chunk_keys(context.config, job.slide, job.tissue_mask)
     except UserError as exc:
         if not context.batch:
             raise
@@ -197,28 +226,43 @@ def intensity_range(slide: Slide | Resampled) -> tuple[tuple[float, float], ...]
     return ranges
 
 
+def slide_tissue(config: Config, slide: Slide | Resampled, input: str) -> TissueMask | None:
+    """The slide's tissue mask (``unet.tissue``), where one can be had cheaply or ``infer.tissue_mask`` asks for it:
+    a brightfield (RGB) slide's lowest level, or a thumbnail of a small slide without a pyramid. None (the receipt
+    then counts the whole image as tissue): fluorescence, or a large slide without a pyramid."""
+    from unet.slides import open_slide
+    from unet.tissue import MAX_WHOLE_LEVEL_PIXELS, slide_tissue
+
+    infer = config.infer
+    if infer.tissue_mask:
+        return slide_tissue(input, slide, infer.chunk)
+    if slide.channels != 3:
+        return None
+    with open_slide(input, slide.levels - 1 if slide.levels > 1 else slide.level) as read_whole:
+        if read_whole.height * read_whole.width > MAX_WHOLE_LEVEL_PIXELS:
+            return None
+    return slide_tissue(input, slide, infer.chunk)
+
+
 def chunk_keys(
-    config: Config, slide: Slide | Resampled, input: str
+    config: Config, slide: Slide | Resampled, tissue: TissueMask | None
 ) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
-    """Every chunk's (row, col), and those to predict (all, or those with tissue)."""
+    """Every chunk's (row, col), and those to predict (all, or with ``infer.tissue_mask`` those with tissue)."""
     from unet.tiling import grid
-    from unet.tissue import chunks_with_tissue
 
     keys = [key for key, _ in grid(slide.height, slide.width, config.infer.chunk)]
     if not config.infer.tissue_mask:
         return keys, set(keys)
-    return keys, chunks_with_tissue(input, slide, config.infer.chunk)
+    return keys, tissue.chunks(config.infer.chunk)
 
 
-def finish(
-    job: SlideJob, context: JobContext, objects: int, parts: list[dict], parent_run_id: str | None = None
-) -> None:
-    """Write its objects table (``objects`` of them, from their partial sums ``parts``), record its MLflow run
+def finish(job: SlideJob, context: JobContext, segmented: Segmented, parent_run_id: str | None = None) -> None:
+    """Write its objects table (from the objects' partial sums), its receipt and QC picture, record its MLflow run
     (nested in the batch's), write its metadata and move it into place."""
     from pipelines.infer.output import finalize_output
 
-    summary = _write_objects(job, objects, parts) if job.spec.objects else {}
-    job.stats = _measured(job, context, objects, summary)
+    summary = _write_objects(job, segmented.objects, segmented.parts) if job.spec.objects else {}
+    job.stats = _measured(job, context, segmented, summary)
     with tempfile.TemporaryDirectory() as folder:
         picture = _write_qc_picture(job, Path(folder))
         job.run_id = _track(job, context.config, parent_run_id, (picture,) if picture else ())
@@ -230,12 +274,28 @@ def finish(
     job.unlock()
 
 
-def _measured(job: SlideJob, context: JobContext, objects: int, summary: dict[str, float]) -> SlideStats:
-    """The slide's stats, its time counted until now (its objects table written)."""
+def _measured(job: SlideJob, context: JobContext, segmented: Segmented, summary: dict[str, float]) -> SlideStats:
+    """The slide's receipt (``unet.receipt``), its time counted until now (its objects table written)."""
+    from unet.receipt import absolute_flags, slide_measures
+
     now = time.perf_counter()
     seconds, megapixels = now - job.started, job.slide.height * job.slide.width / 1e6
-    stats = SlideStats(len(job.keys), len(job.keys) - len(job.tissue), objects, summary, megapixels, seconds,
-                       megapixels / seconds)  # fmt: skip
+    measures = slide_measures(segmented.counts, segmented.objects, job.resolution.pixel_size_um)
+    stats = SlideStats(
+        chunks=len(job.keys),
+        chunks_skipped=len(job.keys) - len(job.tissue),
+        objects=segmented.objects,
+        object_summary=summary,
+        receipt=measures,
+        megapixels=megapixels,
+        seconds=seconds,
+        mpx_per_s=megapixels / seconds,
+        compute_seconds=segmented.compute_seconds,
+        gpu_seconds=segmented.gpu_seconds,
+        device=segmented.device or None,
+        tissue_from="tissue mask" if job.tissue_mask is not None else "whole image",
+        flags=absolute_flags(measures, segmented.objects, job.resolution),
+    )
     if not context.batch:  # a single slide: its one-off start-up apart, and the whole job
         stats.startup_seconds, stats.total_seconds = job.started - context.started, now - context.started
     return stats
@@ -285,6 +345,12 @@ def _track(job: SlideJob, config: Config, parent_run_id: str | None, artifacts: 
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     name = f"infer {storage.basename(job.item.output)}"
     experiment = config.tracking.experiment
-    metrics = job.stats.as_dict()
-    return registry.log_job_run(tracking_uri, experiment, "inference", name, params, metrics, artifacts,
-                                parent=parent_run_id)  # fmt: skip
+    params |= {"device": job.stats.device or "", "tissue_from": job.stats.tissue_from}
+    tags = {FLAGS_TAG: flags_text(job.stats.flags)}
+    return registry.log_job_run(tracking_uri, experiment, "inference", name, params, job.stats.metrics(), artifacts,
+                                parent=parent_run_id, tags=tags)  # fmt: skip
+
+
+def flags_text(flags: list[str]) -> str:
+    """A slide's flags in one line (the MLflow tag, a summary cell): "none", or each "KIND: why" joined by " | "."""
+    return " | ".join(flags) or "none"

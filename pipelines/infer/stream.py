@@ -5,8 +5,9 @@ thousands of slides never becomes one giant graph and workers never idle between
 goes through its further passes, each started when the one before is complete and ahead of further
 predictions: as soon as all its chunks are predicted, its seams are merged here and its label tasks run
 (each also measuring its objects); then each pyramid level is computed from the one above. When the last
-pass is done the slide is handed to ``on_done`` (objects table, metadata, MLflow, rename). A task that
-fails fails its slide only: its other tasks are cancelled and the stream goes on.
+pass is done the slide is handed to ``on_done`` (objects table, receipt, metadata, MLflow, rename) with what its
+tasks measured (``Segmented``). A task that fails fails its slide only: its other tasks are cancelled and the
+stream goes on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pipelines.infer.slide import FAILED, SlideJob
+from pipelines.infer.slide import FAILED, Segmented, SlideJob
 from unet.errors import first_line
 
 if TYPE_CHECKING:
@@ -41,6 +42,10 @@ class Passes:
     edges: dict[tuple[int, int], ChunkEdges] = field(default_factory=dict)  # of predicted chunks, by key
     objects: int = 0  # once its seams are merged
     parts: dict[tuple[int, int], dict] = field(default_factory=dict)  # the objects' partial sums, by chunk
+    counts: list[dict[str, int]] = field(default_factory=list)  # each chunk's receipt counts (label pass)
+    compute_seconds: float = 0.0  # its tasks' time in workers
+    gpu_seconds: float = 0.0  # its predictions' time, where they ran on a GPU
+    devices: set[str] = field(default_factory=set)  # what predicted its chunks
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Task:
     args: tuple
     priority: int = LATER_PRIORITY
     resources: dict | None = None
+    device: str | None = None  # a prediction's: its time counts as GPU time on cuda, its device is named
 
 
 def stream(
@@ -60,12 +66,11 @@ def stream(
     jobs: list[SlideJob],
     window: int,
     resources: dict | None,
-    on_done: Callable[[SlideJob, int, list[dict]], None],
+    on_done: Callable[[SlideJob, Segmented], None],
     on_failed: Callable[[SlideJob, BaseException], None],
 ) -> None:
     """Predict and label every chunk of ``jobs`` (predictions ask for ``resources``); call ``on_done(job,
-    objects, parts)`` when a slide is segmented (its object count and the objects' partial sums),
-    ``on_failed(job, error)`` when one of its tasks failed."""
+    segmented)`` when a slide is segmented, ``on_failed(job, error)`` when one of its tasks failed."""
     ChunkStream(client, jobs, window, resources, on_done, on_failed).run()
 
 
@@ -101,6 +106,8 @@ class ChunkStream:
                 self._submit_more()
 
     def _submit_more(self) -> None:
+        from pipelines.infer.tasks import timed
+
         while len(self.owners) < self.window:
             task = self.ready.popleft() if self.ready else next(self.predictions, None)
             if task is None:
@@ -109,8 +116,8 @@ class ChunkStream:
             if job.state == FAILED:
                 continue
             job.started = job.started or time.perf_counter()
-            future = self.client.submit(task.function, *task.args, pure=False, resources=task.resources,
-                                        priority=task.priority)  # fmt: skip
+            future = self.client.submit(timed, task.function, task.device, *task.args, pure=False,
+                                        resources=task.resources, priority=task.priority)  # fmt: skip
             self.owners[future.key] = (task, future)
             self.completed.add(future)
 
@@ -118,15 +125,12 @@ class ChunkStream:
         """One finished task; the last of a pass queues the slide's next pass, or hands the slide on."""
         passes = task.passes
         try:
-            result = future.result()
+            result, seconds, device = future.result()
         except Exception as exc:  # a task's error fails its slide; the batch goes on
             self._fail(passes, exc)
             return
         passes.units, passes.left = passes.units + 1, passes.left - 1
-        if passes.stage == PREDICT:
-            passes.edges[task.key] = result
-        elif passes.stage == LABEL and result is not None:
-            passes.parts[task.key] = result
+        _record(passes, task, result, seconds, device)
         if passes.left:
             return
         tasks = _next_pass(self.client, passes)
@@ -134,9 +138,7 @@ class ChunkStream:
             self.ready.extend(tasks)
         else:
             self.segmented += 1
-            # in grid order, whatever order they came in: the objects' sums are added up in the same order every run
-            parts, passes.parts = [passes.parts[key] for key in sorted(passes.parts)], {}  # freed with the slide
-            self.on_done(passes.job, passes.objects, parts)
+            self.on_done(passes.job, _segmented(passes))
 
     def _fail(self, passes: Passes, error: BaseException) -> None:
         job = passes.job
@@ -152,6 +154,30 @@ class ChunkStream:
         return f"slides {self.segmented}/{len(self.jobs)}{failed}"
 
 
+def _record(passes: Passes, task: Task, result, seconds: float, device: str | None) -> None:
+    """What one task of the slide returned and how long it took."""
+    passes.compute_seconds += seconds
+    if device is not None:
+        passes.devices.add(device)
+        passes.gpu_seconds += seconds if task.device == "cuda" else 0.0
+    if passes.stage == PREDICT:
+        passes.edges[task.key] = result
+    elif passes.stage == LABEL:
+        counts, sums = result
+        passes.counts.append(counts)
+        if sums is not None:
+            passes.parts[task.key] = sums
+
+
+def _segmented(passes: Passes) -> Segmented:
+    """What the slide's tasks found; its partial sums in grid order, whatever order they came in (they are added
+    up in the same order every run), and freed here with the slide."""
+    parts = [passes.parts[key] for key in sorted(passes.parts)]
+    passes.parts = {}
+    return Segmented(passes.objects, parts, passes.counts, passes.compute_seconds, passes.gpu_seconds,
+                     "; ".join(sorted(passes.devices)))  # fmt: skip
+
+
 def _units(job: SlideJob) -> int:
     """Tasks of all of a slide's passes: every chunk predicted and labelled, then each pyramid level's chunks."""
     from unet.tiling import grid_shape
@@ -164,8 +190,9 @@ def _predictions(passes: Passes, resources: dict | None) -> Iterator[Task]:
     from pipelines.infer.tasks import predict_and_store
 
     job = passes.job
+    device = job.spec.model.settings.device
     for key in job.keys:
-        yield Task(passes, key, predict_and_store, (job.spec, key, key in job.tissue), 0, resources)
+        yield Task(passes, key, predict_and_store, (job.spec, key, key in job.tissue), 0, resources, device)
 
 
 def _next_pass(client: Client, passes: Passes) -> list[Task]:
@@ -192,8 +219,11 @@ def _label_tasks(client: Client, passes: Passes) -> list[Task]:
     from pipelines.infer.tasks import label_chunk_globally
     from unet.instances import merge_chunks
 
-    job = passes.job
-    starts, mapping = merge_chunks(passes.edges, job.spec.rule.min_object_pixels)
+    job, spec = passes.job, passes.job.spec
+    starts, mapping = merge_chunks(passes.edges, spec.rule.min_object_pixels)
     passes.objects, passes.edges = int(mapping.max()), {}  # edges no longer needed: free them on large cohorts
     shared = client.scatter(mapping, broadcast=True)
-    return [Task(passes, key, label_chunk_globally, (job.spec, key, starts[key], shared)) for key in job.keys]
+    size = job.slide.height, job.slide.width
+    tissue = {key: job.tissue_mask.chunk(spec.region(key, *size)) if job.tissue_mask else None for key in job.keys}
+    return [Task(passes, key, label_chunk_globally, (spec, key, starts[key], shared, tissue[key]))
+            for key in job.keys]  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -35,10 +36,12 @@ from unet.instances import ChunkEdges, relabel
 from unet.model import UNet
 from unet.objects import chunk_sums
 from unet.pyramid import mean_2x2, nearest_2x2, source_window
+from unet.receipt import chunk_counts
 from unet.resample import Resampled
 from unet.resolution import open_at
 from unet.segmentation import from_stored
 from unet.slides import Slide
+from unet.tissue import ChunkTissue
 
 # Each worker process keeps the predictors of the last MODELS_PER_WORKER model specs used (model URI and
 # inference settings; the least recently used goes first), so jobs sharing a cluster with different models or
@@ -148,21 +151,24 @@ def predict_and_store(spec: JobSpec, key: tuple[int, int], has_tissue: bool = Tr
     return ChunkEdges.of(local, count)
 
 
-def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray) -> dict | None:
-    """Pass 2: write the chunk's final, slide-wide instance ids; returns its objects' partial sums
-    (``unet.objects.chunk_sums``) when the job measures objects."""
-    local_array, labels_array, done = _arrays(spec, LOCAL, LABELS, DONE_LABELS)
+def label_chunk_globally(
+    spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray, tissue: ChunkTissue | None
+) -> tuple[dict[str, int], dict | None]:
+    """Pass 2: write the chunk's final, slide-wide instance ids; returns its receipt counts
+    (``unet.receipt.chunk_counts``, inside ``tissue``: None, all of it) and, when the job measures objects, their
+    partial sums (``unet.objects.chunk_sums``)."""
+    local_array, labels_array, probability_array, done = _arrays(spec, LOCAL, LABELS, PROBABILITY, DONE_LABELS)
     region = spec.region(key, *local_array.shape)
     final = relabel(np.asarray(local_array[region.slices]), start, mapping)
     if not done[key]:
         write_block(labels_array, region.slices, final)
         write_block(done, _cell(key), np.ones((1, 1)))
+    stored = np.asarray(probability_array[(0, *region.slices)])
+    counts = chunk_counts(final, stored, None if tissue is None else tissue.pixels())
     if not spec.objects:
-        return None
-    (probability_array,) = _arrays(spec, PROBABILITY)
-    probability = from_stored(np.asarray(probability_array[(0, *region.slices)]))
+        return counts, None
     image = _slide(spec.input, spec.level, spec.scale).read(region.y0, region.y1, region.x0, region.x1)
-    return chunk_sums(final, probability, image, region.y0, region.x0)
+    return counts, chunk_sums(final, from_stored(stored), image, region.y0, region.x0)
 
 
 def downsample_chunk(spec: JobSpec, level: int, key: tuple[int, int]) -> None:
@@ -178,3 +184,13 @@ def downsample_chunk(spec: JobSpec, level: int, key: tuple[int, int]) -> None:
     write_block(probability, (slice(0, 1), *region.slices), mean[None])
     write_block(labels, region.slices, nearest_2x2(np.asarray(source_labels[source])))
     write_block(done, _cell(key), np.ones((1, 1)))
+
+
+def timed(function, device: str | None, *args):
+    """``function(*args)``, with the seconds it took here and, for a task on ``device``, what that device is
+    (``unet.devices.device_name``; None: not asked): ``(result, seconds, device name)``."""
+    from unet.devices import device_name
+
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started, device_name(device) if device else None

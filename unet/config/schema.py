@@ -266,6 +266,19 @@ class InferConfig(Section):
         description="Write the objects table in the output (tables/nuclei): one row per object (centroid, area, "
         "bbox, means).",
     )
+    outlier_z: float = Field(
+        3.5,
+        ge=0,
+        description="In a cohort, a slide whose receipt measure (objects per mm2 of tissue, median object area, "
+        "uncertain share, share of tissue chunks without objects) lies further than this robust z-score (median and "
+        "MAD of the cohort's) is flagged as an outlier, in batch_summary.csv, report.html and its MLflow run. 0: "
+        "no cohort flags (a slide's own flags stay).",
+    )
+    report: bool = Field(
+        True,
+        description="Write OUTPUT/report.html for a cohort: one static page (no network needed) with every slide's "
+        "receipt, flags and QC picture, rewritten as slides finish.",
+    )
     overwrite: bool = Field(False, description="Replace an existing output.")
     resume: bool = Field(False, description="Continue an interrupted run into an existing output.")
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import zarr
@@ -20,7 +21,7 @@ from scipy import ndimage as ndi
 
 from pipelines.infer.__main__ import cli
 from pipelines.infer.cluster import dashboard, start_dask
-from pipelines.infer.output import QC_PICTURE
+from pipelines.infer.output import OBJECTS, QC_PICTURE
 from pipelines.models import log_and_register
 from pipelines.registry import connect, promote
 from tests.helpers import ROOT, assert_valid_ngff, environment, free_port, in_the_foreground
@@ -93,6 +94,34 @@ def test_real_slide_in_ome_zarr_out(trained_model_dir, cmu_ome_zarr, tmp_path) -
     assert QC_PICTURE in [a.path for a in artifacts]
     stats = lineage["stats"]  # the one-off start-up apart from the segmentation's throughput
     assert 0 < stats["startup_seconds"] < stats["total_seconds"] and 0 < stats["seconds"] < stats["total_seconds"]
+    assert_receipt(stats, slide, low, probability, labels, output, chunk=512)
+    assert run.data.metrics["tissue_mm2"] == stats["tissue_mm2"] and run.data.params["device"] == stats["device"]
+    assert run.data.tags["flags"] == (" | ".join(stats["flags"]) or "none")
+
+
+def assert_receipt(stats: dict, slide, low, probability: np.ndarray, labels: np.ndarray, output: Path, chunk: int):
+    """The slide's receipt against computations of its own from the slide and the output, whole (the pipeline
+    counts chunk by chunk): tissue from Otsu's threshold on the lowest level, each pixel taking its mask pixel."""
+    from skimage.filters import threshold_otsu
+
+    gray = low.read(0, low.height, 0, low.width).astype(np.float32).mean(axis=0)
+    mask = gray < threshold_otsu(gray)
+    size = slide.pixel_size_um
+    area = mask.sum() * (slide.height / low.height) * (slide.width / low.width) * size**2 / 1e6
+    assert stats["tissue_from"] == "tissue mask" and stats["tissue_mm2"] == pytest.approx(area, rel=0.01)
+    objects = len(pd.read_parquet(output / OBJECTS))
+    assert stats["objects_per_mm2"] == pytest.approx(objects / stats["tissue_mm2"])
+    shapes = zip(labels.shape, mask.shape, strict=True)
+    rows, cols = (np.floor((np.arange(n) + 0.5) * m / n).astype(int) for n, m in shapes)
+    tissue = mask[rows[:, None], cols[None, :]]
+    assert stats["tissue_mm2"] == pytest.approx(tissue.sum() * size**2 / 1e6)
+    uncertain = (probability > 0.3 * 255) & (probability < 0.7 * 255) & tissue
+    assert stats["uncertain_share"] == pytest.approx(uncertain.sum() / tissue.sum())
+    blocks = [(tissue[y : y + chunk, x : x + chunk].any(), labels[y : y + chunk, x : x + chunk].any())
+              for y in range(0, labels.shape[0], chunk) for x in range(0, labels.shape[1], chunk)]  # fmt: skip
+    empty = [not has_objects for has_tissue, has_objects in blocks if has_tissue]
+    assert stats["empty_tissue_chunk_share"] == pytest.approx(sum(empty) / len(empty))
+    assert stats["compute_seconds"] > 0 and stats["gpu_seconds"] == 0 and stats["device"].endswith("cores)")
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from unet.resolution import Resolution
 
 UNCERTAIN = (0.3, 0.7)  # a probability strictly between these: the model is unsure
+NO_TISSUE_MM2 = 0.01  # less tissue than this (a 100 um square): dust or debris on glass, not a specimen
 ALMOST_NO_OBJECTS_PER_MM2 = 10.0  # nuclei: thousands per mm2 of tissue at 20x; under this, segmentation failed
 MOSTLY_UNCERTAIN = 0.5  # more uncertain tissue pixels than this share
 FAR_DOWNSAMPLING = 2.5  # read from a level this much finer than the model's: the pyramid lacks a level (slow)
@@ -37,6 +38,7 @@ OUTLIER_MEASURES = {  # the measures compared across a cohort; sizes (tissue are
     "uncertain_share": "uncertain share",
     "empty_tissue_chunk_share": "share of tissue chunks without objects",
 }
+NO_TISSUE = "no tissue"  # the kind of flag of a slide whose measures are not compared with the cohort's
 MEASURES = ("tissue_share", "tissue_mm2", "objects_per_mm2", "uncertain_share", "empty_tissue_chunk_share")
 
 
@@ -75,8 +77,9 @@ def slide_measures(counts: list[dict[str, int]], objects: int, pixel_size_um: fl
 def absolute_flags(measures: dict[str, float], objects: int, resolution: Resolution | None) -> list[str]:
     """What is wrong with one slide whatever the cohort (module docstring); none: nothing."""
     flags = []
-    if measures.get("tissue_share") == 0:
-        return ["no tissue: no tissue found in the slide (blank, or glass only)"]
+    if measures.get("tissue_share") == 0 or measures.get("tissue_mm2", 1.0) < NO_TISSUE_MM2:
+        found = f"{measures['tissue_mm2']:.2g} mm2" if "tissue_mm2" in measures else "none"
+        return [f"{NO_TISSUE}: {found} found, under {NO_TISSUE_MM2:g} mm2 (a blank slide, or glass only)"]
     density = measures.get("objects_per_mm2")
     if density is not None and density < ALMOST_NO_OBJECTS_PER_MM2:
         flags.append(f"almost no objects: {objects} in {measures['tissue_mm2']:.3g} mm2 of tissue "

@@ -145,11 +145,12 @@ def _flag_runs(tracking_uri: str, jobs: list[SlideJob], rows: list[dict]) -> Non
 def summary_rows(jobs: list[SlideJob], outlier_z: float) -> list[dict]:
     """Every slide's summary row, its flags being its own and those it has as an outlier of the cohort (the
     slides with a receipt, skipped ones included; ``unet.receipt.cohort_flags``)."""
-    from unet.receipt import cohort_flags
+    from unet.receipt import NO_TISSUE, cohort_flags, flag_kind
 
     rows = [row(job) for job in jobs]
-    measured = {index: job.stats.as_dict() for index, job in enumerate(jobs) if job.stats.receipt}
-    outliers = cohort_flags({i: m for i, m in measured.items() if not jobs[i].stats.flags}, outlier_z)
+    compared = [i for i, job in enumerate(jobs) if job.stats.receipt
+                and NO_TISSUE not in map(flag_kind, job.stats.flags)]  # fmt: skip
+    outliers = cohort_flags({i: jobs[i].stats.as_dict() for i in compared}, outlier_z)
     for index, flags in outliers.items():
         rows[index]["flags"] = rows[index]["flags"] + flags
     return rows

@@ -32,7 +32,8 @@ test: lint
 
 # Multi-process clusters and services: PostgreSQL (its server binaries; .ci/run installs them), S3 + MLflow server
 # + Ray, a two-node Ray cluster losing a node, Ray Train losing a worker, `ray job submit`, a Dask scheduler and
-# workers losing a worker, MLflow with accounts, Dask over TLS, concurrent jobs, the cohort report in Chromium (.ci/run installs it).
+# workers losing a worker, MLflow with accounts, Dask over TLS, concurrent jobs, the cohort report in Chromium
+# (.ci/run installs it).
 test-cluster: $(STAMP)
 	$(PY) -m pytest -m cluster --durations=5
 

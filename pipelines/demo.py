@@ -30,7 +30,9 @@ if TYPE_CHECKING:  # heavy modules and the other pipelines are imported where th
     from unet.data.store import TrainingStore
 
 log = logging.getLogger("demo")
-STEPS = 8
+STEPS = 9
+CROP = 512  # the cohort's crops of the slide: their side (level-0 pixels) and top-left corners
+COHORT_CROPS = {"tissue-1": (1200, 1200), "tissue-2": (2000, 1200), "tissue-3": (1600, 800), "glass": (1600, 0)}
 
 
 class Steps:
@@ -136,7 +138,8 @@ def main(config: Config, args: argparse.Namespace) -> None:
     evaluate_step(steps, config)
     folder, table = show_step(steps, config, slide_zarr, output)
     export_step(steps, output, folder)
-    report(steps, config, output, table, tracking_uri, champion)
+    page = cohort_step(steps, config, slide_zarr, folder)
+    report(steps, config, output, table, tracking_uri, champion, page)
 
 
 def fetch_step(steps: Steps) -> dict[str, Path]:
@@ -247,7 +250,32 @@ def export_step(steps: Steps, output: Path, folder: Path) -> None:
     steps.done(f"{exported}: {count} nuclei (QuPath: File > Import objects from file)")
 
 
-def report(steps: Steps, config: Config, output: Path, table: pd.DataFrame, tracking_uri: str, champion: str) -> None:
+def cohort_step(steps: Steps, config: Config, slide_zarr: Path, folder: Path) -> str:
+    """Segment a small cohort, the slide and crops of it (tissue, and glass only), listed in a manifest; outputs
+    complete from an earlier run are skipped. Returns its report's location."""
+    from pipelines.infer.job import infer
+    from unet.io import write_tiff
+    from unet.slides import open_slide
+
+    steps.begin("segment a small cohort: the slide and crops of it, and its report")
+    slides = slide_zarr.parent / "cohort"
+    manifest = slides / "cohort.csv"
+    if not manifest.is_file():
+        slides.mkdir(parents=True, exist_ok=True)
+        with open_slide(slide_zarr) as slide:
+            for name, (y, x) in COHORT_CROPS.items():
+                write_tiff(slides / f"{name}.tif", slide.read(y, y + CROP, x, x + CROP), slide.pixel_size_um)
+        rows = [f"../{slide_zarr.name}", *(f"{name}.tif" for name in COHORT_CROPS)]
+        manifest.write_text("input\n" + "".join(f"{row}\n" for row in rows))
+    update = {"input": str(manifest), "output": str(folder / "cohort")}
+    result = infer(config.model_copy(update={"infer": config.infer.model_copy(update=update)}))
+    steps.done(f"{result['report']}: {len(COHORT_CROPS) + 1} slides, {result['flagged']} flagged (open it in a "
+               "browser; every slide is up-sampled 2x to the demo model's 0.25 um/px)")  # fmt: skip
+    return result["report"]
+
+
+def report(steps: Steps, config: Config, output: Path, table: pd.DataFrame, tracking_uri: str, champion: str,
+           page: str) -> None:  # fmt: skip
     """The summary: what each step did, the first rows of the objects table, and where to look further."""
     from pipelines.infer.output import OBJECTS
 
@@ -257,6 +285,7 @@ def report(steps: Steps, config: Config, output: Path, table: pd.DataFrame, trac
     print(table.head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"\n  MLflow UI   mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
     print(f"  napari      napari --plugin napari-ome-zarr {output}")
+    print(f"  cohort      {page} (each slide's receipt, flags and QC picture)")
     print(f"  champion    {champion}  (load: pipelines.models.load_model('{config.infer.model}'))")
 
 

@@ -35,7 +35,7 @@ def test_shortened_demo_runs_end_to_end_and_reuses_its_results(tmp_path: Path) -
     output = first.stdout
     for step in ("fetch real sample data", "prepare the training store", "train with Ray Train", "convert the slide",
                  "segment the slide with Dask", "evaluate on held-out images", "show the results",
-                 "export the outlines for QuPath"):  # fmt: skip
+                 "export the outlines for QuPath", "segment a small cohort"):  # fmt: skip
         assert step in output
     assert "models:/unet-demo/1, 2 epochs" in output and "F1@0.5" in output and "mlflow ui" in output
     # the slide (0.499 um/px) is segmented at the training crops' pixel size, and the nuclei found are set beside
@@ -50,6 +50,12 @@ def test_shortened_demo_runs_end_to_end_and_reuses_its_results(tmp_path: Path) -
     assert "centroid_x_um" in first_rows and all(str(area) in first_rows for area in table["area"][:5])
     exported = json.loads((tmp_path / "outputs" / "nuclei.qupath.geojson").read_text())
     assert len(exported["features"]) == len(table)
+    # a small cohort of the slide and crops of it, with its report: the glass-only crop flagged as such
+    cohort = pd.read_csv(tmp_path / "outputs" / "cohort" / "batch_summary.csv").set_index("slide")
+    assert list(cohort.index) == ["slide", "tissue-1", "tissue-2", "tissue-3", "glass"]
+    assert cohort.loc["glass", "flags"].startswith("no tissue: ")  # the others hold tissue (this brief model's
+    assert not cohort["flags"][:4].str.contains("no tissue").any()  # objects may be few: flags of their own)
+    assert "data:image/png;base64," in (tmp_path / "outputs" / "cohort" / "report.html").read_text()
 
     second = subprocess.run(cmd, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

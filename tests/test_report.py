@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 from mlflow.tracking import MlflowClient
 
 from tests.test_infer import infer
+from unet.io import write_tiff
 from unet.slides import open_slide
 
 pytestmark = pytest.mark.slow
@@ -23,12 +23,6 @@ TISSUE = {"t1": (800, 800), "t2": (1200, 1200), "t3": (1600, 800), "t4": (2000, 
           "t6": (1000, 1400)}  # fmt: skip
 SIDE = 600
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def write_tiff(path: Path, cyx: np.ndarray, pixel_size_um: float) -> None:
-    """A TIFF stating its pixel size, as a scanner's does (pixels per centimetre)."""
-    per_cm = 1e4 / pixel_size_um
-    tifffile.imwrite(path, np.moveaxis(cyx, 0, -1), resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
 
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,14 @@ def write_png(location: str | Path, rgb: np.ndarray) -> str:
     return storage.write_bytes(location, buffer.getvalue())
 
 
+def write_tiff(path: str | Path, cyx: np.ndarray, pixel_size_um: float) -> Path:
+    """Write a CYX image as a TIFF stating its pixel size as a scanner's does (pixels per centimetre, which
+    ``pixel_size_um`` reads back)."""
+    per_cm = 1e4 / pixel_size_um
+    tifffile.imwrite(path, np.moveaxis(cyx, 0, -1), resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+    return Path(path)
+
+
 def pixel_size_um(path: str | Path) -> float | None:
     """Pixel size in micrometres from TIFF metadata (Aperio MPP, OME PhysicalSizeX, resolution tags); None where
     it states none, or a size that is not a positive number."""

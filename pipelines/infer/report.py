@@ -38,7 +38,8 @@ h1 { font-size: 1.3em; margin: 0 0 .3em; } p.meta { color: #555; margin: .2em 0;
 table { border-collapse: collapse; } th, td { padding: 4px 8px; border-bottom: 1px solid #ddd; vertical-align: top; }
 th { background: #f3f3f3; cursor: pointer; position: sticky; top: 0; white-space: nowrap; user-select: none; }
 th.asc::after { content: " ▲"; } th.desc::after { content: " ▼"; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; } td.flags { color: #a40000; min-width: 14em; max-width: 28em; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.flags { color: #a40000; min-width: 14em; max-width: 28em; }
 tr.flagged td:first-child { border-left: 4px solid #d33; } img { height: THUMBNAIL_HEIGHTpx; display: block; }
 .status-failed { color: #a40000; } .status-pending { color: #888; }
 """.replace("THUMBNAIL_HEIGHT", str(THUMBNAIL_HEIGHT))

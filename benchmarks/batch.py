@@ -32,8 +32,9 @@ TITLE = "Batch inference: one job over 20 slides vs 20 single-slide jobs"
 SLIDES, SIDE, BASES = 20, 1024, (16, 64)
 
 
-def make_cohort(folder: Path, count: int) -> Path:
-    """``count`` windows of SIDE x SIDE from the real slide, as Zarr stores in ``folder/slides``."""
+def make_cohort(folder: Path, count: int, side: int = SIDE) -> Path:
+    """``count`` windows of ``side`` x ``side`` from the real slide, as Zarr stores in ``folder/slides`` (``side``
+    other than SIDE: ``folder/slides-SIDE``)."""
     import zarr
 
     from unet.samples import fetch_samples
@@ -41,10 +42,10 @@ def make_cohort(folder: Path, count: int) -> Path:
 
     slide = open_slide(fetch_samples(["cmu_slide"])["cmu_slide"] / "cmu_small_region.svs")
     rng = np.random.default_rng(0)
-    cohort = folder / "slides"
+    cohort = folder / ("slides" if side == SIDE else f"slides-{side}")
     for index in range(count):
-        y0, x0 = int(rng.integers(0, slide.height - SIDE)), int(rng.integers(0, slide.width - SIDE))
-        zarr.create_array(cohort / f"slide{index:02d}.zarr", data=slide.read(y0, y0 + SIDE, x0, x0 + SIDE),
+        y0, x0 = int(rng.integers(0, slide.height - side)), int(rng.integers(0, slide.width - side))
+        zarr.create_array(cohort / f"slide{index:02d}.zarr", data=slide.read(y0, y0 + side, x0, x0 + side),
                           chunks=(3, 512, 512))  # fmt: skip
     return cohort
 

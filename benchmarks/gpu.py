@@ -258,9 +258,9 @@ def _synchronize(device: str) -> None:
 def _device_name(device: str) -> str:
     import torch
 
-    from benchmarks.run import cpu_name
+    from unet.devices import cpu_model
 
-    return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU: {cpu_name()}, {os.cpu_count()} cores"
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU: {cpu_model()}, {os.cpu_count()} cores"
 
 
 def _bf16_peak(device: str) -> float | None:

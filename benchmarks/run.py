@@ -18,7 +18,19 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks import batch, chunk_size, inference, memory, resolution, results, startup, train_step, weight_map
+from benchmarks import (
+    batch,
+    chunk_size,
+    inference,
+    memory,
+    receipt,
+    resolution,
+    results,
+    startup,
+    train_step,
+    weight_map,
+)
+from unet.devices import cpu_model
 
 BENCHMARKS = {
     "weight_map": weight_map,
@@ -27,6 +39,7 @@ BENCHMARKS = {
     "chunk_size": chunk_size,
     "memory": memory,
     "batch": batch,
+    "receipt": receipt,
     "results": results,
     "resolution": resolution,
     "startup": startup,
@@ -40,21 +53,12 @@ HEADER = (
 )
 
 
-def cpu_name() -> str:
-    """The processor's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def machine() -> str:
     import torch
 
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES)
     return (
-        f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
         f"Python {platform.python_version()}; {versions}"
     )
 

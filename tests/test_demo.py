@@ -55,7 +55,7 @@ def test_shortened_demo_runs_end_to_end_and_reuses_its_results(tmp_path: Path) -
     assert list(cohort.index) == ["slide", "tissue-1", "tissue-2", "tissue-3", "glass"]
     assert cohort.loc["glass", "flags"].startswith("no tissue: ")  # the others hold tissue (this brief model's
     assert not cohort["flags"][:4].str.contains("no tissue").any()  # objects may be few: flags of their own)
-    assert "data:image/png;base64," in (tmp_path / "outputs" / "cohort" / "report.html").read_text()
+    assert "data:image/jpeg;base64," in (tmp_path / "outputs" / "cohort" / "report.html").read_text()
 
     second = subprocess.run(cmd, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

@@ -67,7 +67,7 @@ def test_the_report_is_one_self_contained_page(cohort_output: Path) -> None:
     page = (cohort_output / "report.html").read_text()
     # nothing is fetched (no CDN, no web font, no remote picture); links (to MLflow runs) are only followed on a click
     assert not re.search(r"""src=["']?(https?:)?//|<link[^>]+href=["']?(https?:)?//|@import|url\(""", page)
-    assert page.count("data:image/png;base64,") == len(TISSUE) + 2  # every segmented slide's thumbnail, inline
+    assert page.count("data:image/jpeg;base64,") == len(TISSUE) + 2  # every segmented slide's thumbnail, inline
     assert 'http-equiv="refresh"' not in page  # the batch ended: the last version does not reload
     for name in (*TISSUE, "blank", "glass"):
         assert f'href="{name}.ome.zarr"' in page and f'href="{name}.ome.zarr/qc.png"' in page

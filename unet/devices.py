@@ -15,7 +15,7 @@ import torch
 
 from unet.errors import UserError
 
-__all__ = ["DeviceError", "check_device", "cuda_build", "device_name", "visible_gpus"]
+__all__ = ["DeviceError", "check_device", "cpu_model", "cuda_build", "device_name", "visible_gpus"]
 
 
 class DeviceError(UserError):
@@ -55,16 +55,19 @@ def check_device(setting: str, device: str, precision: str = "fp32") -> None:
         raise DeviceError(f"{torch.cuda.get_device_name()} cannot compute in bf16 ({setting}); use fp16 or fp32")
 
 
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``'s where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 @functools.cache
 def device_name(device: str) -> str:
     """What computes on ``device`` in this process, as a person names it: the GPU's model for ``cuda`` (the current
-    one), else the CPU's (``/proc/cpuinfo``'s model name where there is one) and its core count."""
+    one), else the CPU's model and its core count."""
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.cuda.current_device())
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+    return f"{cpu_model()} ({os.cpu_count()} cores)"

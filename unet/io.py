@@ -199,9 +199,10 @@ class GuardedReads:
 
 
 def write_png(location: str | Path, rgb: np.ndarray) -> str:
-    """Write an HxWx3 (or HxW) uint8 array as PNG to a path (parent folders created) or URL."""
+    """Write an HxWx3 (or HxW) uint8 array as PNG to a path (parent folders created) or URL. Fast compression: a
+    picture of a slide barely compresses further, and each slide of a batch writes one."""
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
     return storage.write_bytes(location, buffer.getvalue())
 
 

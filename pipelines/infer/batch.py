@@ -265,11 +265,14 @@ class Report:
         if job.state in (DONE, SKIPPED):
             row["output"] = _relative(job.item.output, self.cohort.folder)
             picture = f"{job.item.output.rstrip('/')}/{QC_PICTURE}"
-            if picture not in self.thumbnails and storage.exists(picture):
+            if job.thumbnail:  # made when the slide was finished
+                self.thumbnails[picture] = job.thumbnail
+            elif picture not in self.thumbnails:  # a skipped slide's, read once ("": it has none)
                 from pipelines.infer.report import thumbnail
 
-                self.thumbnails[picture] = thumbnail(storage.read_bytes(picture))
-            if picture in self.thumbnails:
+                found = storage.exists(picture)
+                self.thumbnails[picture] = thumbnail(storage.read_bytes(picture)) if found else ""
+            if self.thumbnails[picture]:
                 row |= {"thumbnail": self.thumbnails[picture], "picture": _relative(picture, self.cohort.folder)}
         return row
 

@@ -132,6 +132,7 @@ class SlideJob:
     resumed: bool = False  # its output was started by an earlier, interrupted run
     run_id: str | None = None
     lock: Lock | None = None  # held while the job writes the output: no other job may (pipelines.locks)
+    thumbnail: str | None = None  # of its QC picture, for the report (pipelines.infer.report.thumbnail)
 
     @property
     def to_do(self) -> bool:
@@ -320,6 +321,7 @@ def _write_qc_picture(job: SlideJob, folder: Path) -> Path | None:
     MLflow run)."""
     from pipelines.infer.output import QC_PICTURE
     from pipelines.infer.qc import qc_picture
+    from pipelines.infer.report import thumbnail
     from unet import storage
     from unet.io import write_png
 
@@ -330,6 +332,7 @@ def _write_qc_picture(job: SlideJob, folder: Path) -> Path | None:
         return None
     local = Path(write_png(folder / QC_PICTURE, picture))
     storage.write_bytes(f"{job.staged.partial.rstrip('/')}/{QC_PICTURE}", local.read_bytes())
+    job.thumbnail = thumbnail(picture)  # for the cohort's report, made while the picture is at hand
     return local
 
 

@@ -100,8 +100,10 @@ def run(quick: bool = False) -> dict:
         folder = Path(tmp)
         tracking = f"sqlite:///{folder / 'mlflow.db'}"
         registry.connect(tracking)
+        cohorts: dict[int, Path] = {}
         for side, base, repeats in plan:
-            cohort, model = make_cohort(folder, count, side), briefly_trained(folder, base)
+            cohort = cohorts[side] = cohorts.get(side) or make_cohort(folder, count, side)
+            model = briefly_trained(folder, base)
             walls: dict[str, list[float]] = {"with": [], "without": []}
             for repeat in range(max(1, repeats)):
                 ways = [("without", ["--set", "infer.report=false"])] if repeats else []

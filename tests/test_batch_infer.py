@@ -84,12 +84,15 @@ def test_killed_batch_resumes_equal_to_single_runs(trained_model_dir, cohort, tm
     output = tmp_path / "out"
     proc = batch_process(tmp_path, trained_model_dir, cohort, output)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not complete_outputs(output):
+    page = output / "report.html"  # written as soon as a slide is finished, to be watched during the run
+    while time.monotonic() < deadline and proc.poll() is None and not page.exists():
         time.sleep(0.02)
+    during = page.read_text()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished_before = complete_outputs(output)
     assert 1 <= len(finished_before) < len(GOOD), finished_before  # killed mid-batch
+    assert 'http-equiv="refresh"' in during and 'class="status-pending"' in during  # reloads; slides to come
 
     # the re-run does what is missing; the bad slides are reported and the job fails at the end naming them
     assert infer(tmp_path, trained_model_dir, cohort, output, *SMALL) == 2

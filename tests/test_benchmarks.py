@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 
 from benchmarks.gpu import main as gpu_main
@@ -82,3 +83,15 @@ def test_resampling_benchmark_times_every_window_inference_resamples(tmp_path: P
     row = {"slide": "s", "model_um": 0.25, "scale": 0.5, "output_mpx": 0.078, "seconds": 2.0, "resampling": seconds,
            "resampled_mpx": pixels / 1e6}  # fmt: skip
     assert "| s | 0.25 | 0.50 |" in to_markdown({"rows": [row]})
+
+
+def test_quick_receipt_benchmark_counts_every_part(tmp_path: Path) -> None:
+    """`--only receipt --quick`: a 3-slide batch, each part of the receipt and report counted and shown."""
+    output = tmp_path / "benchmarks.md"
+    assert main(["--only", "receipt", "--quick", "--output", str(output)]) == 0
+    report = output.read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| 1024 x 1024 | base 16"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    parts = [float(c) for c in cells[3:8]]  # tissue mask, chunk counts, QC picture, flags, report
+    assert all(p >= 0 for p in parts) and parts[2] > 0 and float(cells[8]) == pytest.approx(sum(parts), abs=0.02)
+    assert "Goal: receipt and report under 3% of the batch's wall time" in report

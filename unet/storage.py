@@ -113,12 +113,19 @@ def sha256(location: str | Path, block: int = 1 << 20) -> str:
 
 
 def write_bytes(location: str | Path, data: bytes) -> str:
-    """Write a small file (a PNG preview, say), creating local parent folders; returns the resolved location."""
+    """Write a small file (a PNG preview, say), creating local parent folders; returns the resolved location. A
+    reader never sees it half written (a page being watched): a local file is written aside and renamed into place,
+    an object store's put is whole already."""
     location = resolve(location)
-    if not is_url(location):
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
-    with fsspec.open(location, "wb") as handle:
-        handle.write(data)
+    if is_url(location):
+        with fsspec.open(location, "wb") as handle:
+            handle.write(data)
+        return location
+    path = Path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    aside.write_bytes(data)
+    os.replace(aside, path)
     return location
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
-from scipy import ndimage as ndi
 
 from unet.io import write_png
 
@@ -24,19 +24,31 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
 
 
+@functools.cache
+def _colors(cmap: str) -> np.ndarray:
+    """The colormap's 256 colours as uint8 RGB (what it gives for each of its entries)."""
+    return (colormaps[cmap](np.arange(256))[:, :3] * 255).astype(np.uint8)
+
+
 def colorize(values: np.ndarray, vmax: float | None = None, cmap: str = "magma") -> np.ndarray:
-    """Scalar map to YX3 uint8 through a matplotlib colormap, scaled to [0, vmax]."""
+    """Scalar map to YX3 uint8 through a matplotlib colormap, scaled to [0, vmax] (the colormap's entry for each
+    value, as matplotlib picks it, looked up in a table: a slide's picture at a time)."""
     vmax = float(values.max()) if vmax is None else vmax
-    scaled = np.clip(values / vmax, 0, 1) if vmax > 0 else np.zeros_like(values, dtype=np.float32)
-    return (colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
+    scaled = np.clip(values / vmax, 0, 1) if vmax > 0 else np.zeros(values.shape, np.float32)
+    return _colors(cmap)[np.minimum((scaled * 256).astype(np.int64), 255)]
 
 
 def outline(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0)) -> np.ndarray:
-    """Copy of ``rgb`` with the boundaries of ``mask``'s objects (binary or instance ids) drawn on it."""
+    """Copy of ``rgb`` with the boundaries of ``mask``'s objects (binary or instance ids) drawn on it: the pixels of
+    an object with a neighbour (of 8; beyond the border, the pixel itself) of another value."""
     mask = np.asarray(mask)
-    edges = (ndi.maximum_filter(mask, 3) != ndi.minimum_filter(mask, 3)) & (mask > 0)
+    padded = np.pad(mask, 1, mode="edge")
+    height, width = mask.shape
+    edges = np.zeros(mask.shape, bool)
+    for dy, dx in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)):
+        edges |= padded[dy : dy + height, dx : dx + width] != mask
     out = rgb.copy()
-    out[edges] = color
+    out[edges & (mask > 0)] = color
     return out
 
 

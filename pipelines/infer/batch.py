@@ -132,13 +132,14 @@ def _copy(location: str, folder: Path) -> Path:
 
 
 def _flag_runs(tracking_uri: str, jobs: list[SlideJob], rows: list[dict]) -> None:
-    """Each slide's MLflow run gets its flags, the cohort's included (its own were set when it was logged)."""
+    """Each slide's MLflow run gets its flags, the cohort's included (its own were set when it was logged; a skipped
+    slide's run may hold an earlier cohort's)."""
     from pipelines import registry
     from pipelines.infer.slide import FLAGS_TAG, flags_text
 
     client = registry.connect(tracking_uri)
     for job, row in zip(jobs, rows, strict=True):
-        if job.run_id and row["flags"] != job.stats.flags:
+        if job.run_id and (row["flags"] != job.stats.flags or job.state == SKIPPED):
             registry.set_tags(client, job.run_id, {FLAGS_TAG: flags_text(row["flags"])})
 
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import zarr
 
 QC_SIDE = 1024  # each panel's longer side, at most (pixels)
+MIN_REDUCTION = 2  # and each of its pixels covers 2 of level 0 a side at least: a thumbnail, never the slide itself
 GAP = 4  # white pixels between the panels
 
 
@@ -51,7 +52,8 @@ class Overview:
 
 
 def overview(slide_path: str, levels: int, to_level0: float, max_side: int | None = QC_SIDE) -> Overview | None:
-    """The slide's lowest level (at most ``max_side`` pixels a side; None: whole) under an output of ``levels``
+    """The slide's lowest level (at most ``max_side`` pixels a side and ``MIN_REDUCTION`` times smaller than level 0;
+    None: whole) under an output of ``levels``
     levels, an output pixel being ``to_level0`` level-0 pixels; None where that level is too large to read whole
     (``unet.tissue.MAX_WHOLE_LEVEL_PIXELS``: a slide without a pyramid)."""
     from unet.slides import open_slide
@@ -61,6 +63,8 @@ def overview(slide_path: str, levels: int, to_level0: float, max_side: int | Non
         if low.height * low.width > MAX_WHOLE_LEVEL_PIXELS:
             return None
         step = max(1, math.ceil(max(low.height, low.width) / max_side)) if max_side else 1
+        if max_side and slide.width / low.width * step < MIN_REDUCTION:
+            step = MIN_REDUCTION  # a small slide without a pyramid
         pixels = low.read(0, low.height, 0, low.width)[:, ::step, ::step]  # read whole, as its intensity range is
         factor = slide.width / low.width * step  # level-0 pixels per picture pixel
     level = closest_level(levels, to_level0, factor)

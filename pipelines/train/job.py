@@ -314,11 +314,33 @@ def fit(trainer):
 
     thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
     thread.start()
-    while thread.is_alive():  # a signal is answered between waits (KeyboardInterrupt here): a plain join() is not
-        thread.join(0.25)  # interrupted once a library (polars, imported by MLflow) restarts waits after signals
+    _wait_answering_signals(thread)  # KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) here
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def _wait_answering_signals(thread: threading.Thread) -> None:
+    """Wait for ``thread`` in a way a signal interrupts at once, whichever thread the kernel hands it to. A plain
+    ``join()`` is woken only by a signal delivered to the main thread; with threads that leave signals unblocked
+    (polars', imported by MLflow when installed) it may go to one of them, and the job would not answer until the
+    wait ended (Ctrl-C: training went on; SIGTERM: Ray's processes, stopped with the job, took it down first). Every
+    signal's handler writes to the wakeup descriptor, whichever thread runs it, and that wakes this ``select``."""
+    import select
+    import socket
+
+    wake, wakeup = socket.socketpair()
+    for end in (wake, wakeup):
+        end.setblocking(False)
+    previous = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
+    try:
+        while thread.is_alive():
+            if select.select([wake], [], [], 0.25)[0]:  # the signal's Python handler runs right after this call
+                wake.recv(4096)
+    finally:
+        signal.set_wakeup_fd(previous)
+        wake.close()
+        wakeup.close()
 
 
 def _reason(exc: BaseException) -> str:

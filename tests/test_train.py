@@ -279,8 +279,9 @@ def run_status(workspace: Path, name: str) -> str:
 
 
 def interrupt(workspace: Path, name: str, after: str, sig: signal.Signals = signal.SIGINT) -> tuple[int, str, float]:
-    """Start training ``name`` and send ``sig`` to its whole process group (Ctrl-C in a terminal) as soon as a line
-    containing ``after`` appears: (exit status, output, seconds from the signal to the exit)."""
+    """Start training ``name`` and, as soon as a line containing ``after`` appears, send ``sig``: SIGINT to its whole
+    process group (Ctrl-C in a terminal), SIGTERM to the job's process (``kill PID``, a pod's main process being
+    stopped): (exit status, output, seconds from the signal to the exit)."""
     proc = subprocess.Popen(train_command(workspace, name, 30), cwd=workspace, env=environment(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=in_the_foreground)  # fmt: skip
@@ -290,7 +291,7 @@ def interrupt(workspace: Path, name: str, after: str, sig: signal.Signals = sign
             lines.append(line)
             if after in line:
                 break
-        os.killpg(proc.pid, sig)
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
         sent = time.monotonic()
         rest, _ = proc.communicate(timeout=120)
         return proc.returncode, "".join(lines) + rest, time.monotonic() - sent

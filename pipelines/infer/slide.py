@@ -68,6 +68,9 @@ class Segmented:
     device: str  # what predicted its chunks (several: joined by "; ")
 
 
+NESTED = ("object_summary", "receipt")  # SlideStats' fields recorded flat, their keys beside the others
+
+
 @dataclass
 class SlideStats:
     """What a slide's segmentation measured, its receipt: recorded in its lineage (``stats``) and MLflow run, and
@@ -93,7 +96,7 @@ class SlideStats:
     def as_dict(self) -> dict:
         """The measured values by name, as recorded (numbers, and the device, tissue source and flags)."""
         counts = {"chunks": self.chunks, "chunks_skipped": self.chunks_skipped, "objects": self.objects}
-        rest = {f.name: getattr(self, f.name) for f in fields(self)[5:]}  # megapixels on
+        rest = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in {*counts, *NESTED}}
         return {k: v for k, v in {**counts, **self.object_summary, **self.receipt, **rest}.items() if v is not None}
 
     def metrics(self) -> dict[str, float]:
@@ -105,7 +108,7 @@ class SlideStats:
         """The stats an output recorded (``as_dict``)."""
         from unet.receipt import MEASURES
 
-        names = {f.name for f in fields(cls)} - {"object_summary", "receipt"}
+        names = {f.name for f in fields(cls)} - set(NESTED)
         receipt = {k: v for k, v in recorded.items() if k in MEASURES}
         summary = {k: v for k, v in recorded.items() if k not in names and k not in MEASURES}
         return cls(**{k: v for k, v in recorded.items() if k in names}, object_summary=summary, receipt=receipt)
@@ -126,7 +129,7 @@ class SlideJob:
     lineage: dict = field(default_factory=dict)
     keys: list[tuple[int, int]] = field(default_factory=list)
     tissue: set[tuple[int, int]] = field(default_factory=set)  # the chunks to predict
-    tissue_mask: TissueMask | None = None  # for its receipt (``slide_tissue``); None: the whole image counts
+    tissue_mask: TissueMask | None = None  # for its receipt (``tissue_mask_for``); None: the whole image counts
     stats: SlideStats = field(default_factory=SlideStats)
     started: float = 0.0  # when its first task was submitted
     resumed: bool = False  # its output was started by an earlier, interrupted run
@@ -160,7 +163,7 @@ def plan(item: Item, context: JobContext) -> SlideJob:
             job.stats, job.run_id = SlideStats.from_dict(recorded.get("stats", {})), recorded.get("mlflow_run_id")
         job.resumed = job.state == RESUMED
         if job.to_do:
-            job.tissue_mask = slide_tissue(context.config, job.slide, item.input)
+            job.tissue_mask = tissue_mask_for(context.config, job.slide, item.input)
             job.keys, job.tissue = chunk_keys(context.config, job.slide, job.tissue_mask)
     except UserError as exc:
         if not context.batch:
@@ -227,7 +230,7 @@ def intensity_range(slide: Slide | Resampled) -> tuple[tuple[float, float], ...]
     return ranges
 
 
-def slide_tissue(config: Config, slide: Slide | Resampled, input: str) -> TissueMask | None:
+def tissue_mask_for(config: Config, slide: Slide | Resampled, input: str) -> TissueMask | None:
     """The slide's tissue mask (``unet.tissue``), where one can be had cheaply or ``infer.tissue_mask`` asks for it:
     a brightfield (RGB) slide's lowest level, or a thumbnail of a small slide without a pyramid. None (the receipt
     then counts the whole image as tissue): fluorescence, or a large slide without a pyramid."""

@@ -205,6 +205,21 @@ def test_holes_inside_a_chunk_are_filled_those_cut_by_a_seam_stay_open() -> None
     assert chunked_labels(diamond, 64, fill_holes=True).max() == 4
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_hole_filling_equals_scipys_binary_fill_holes(seed: int) -> None:
+    """``fill_holes_of`` (one labelling of the background) gives the pixels of ``ndi.binary_fill_holes`` (iterated
+    dilations), on blobs with holes of every shape, all foreground, all background and holes only."""
+    from unet.instances import fill_holes_of
+
+    rng = np.random.default_rng(seed)
+    blobs = ndi.gaussian_filter(rng.random((97, 131)), 1.0 + seed % 3) > 0.5
+    for foreground in (blobs, ~blobs, np.ones((8, 9), bool), np.zeros((8, 9), bool), np.pad(~blobs[:5, :5], 1)):
+        expected = ndi.binary_fill_holes(foreground, structure=np.ones((3, 3), bool))
+        assert fill_holes_of(foreground).dtype == bool
+        np.testing.assert_array_equal(fill_holes_of(foreground), expected)
+    assert (ndi.binary_fill_holes(blobs) != blobs).sum() > 0  # there were holes to fill
+
+
 def test_objects_on_seams_get_one_id() -> None:
     yy, xx = np.mgrid[:128, :128]
     foreground = ((yy - 64) ** 2 + (xx - 64) ** 2 < 20**2) | ((yy - 10) ** 2 + (xx - 64) ** 2 < 6**2)

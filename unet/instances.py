@@ -25,8 +25,8 @@ def label_chunk(foreground: np.ndarray, fill_holes: bool = False, min_area: int 
     """Local instance ids 1..n of a chunk's foreground (int32) and n: holes inside the chunk filled if asked,
     objects of fewer than ``min_area`` pixels dropped unless they touch the chunk's border (``merge_ids``
     judges those, once their parts in other chunks are known)."""
-    if fill_holes:  # background 8-connected, the dual of 4-connected objects: a diagonal gap is no hole
-        foreground = ndi.binary_fill_holes(foreground, structure=np.ones((3, 3), bool))
+    if fill_holes:
+        foreground = fill_holes_of(foreground)
     labels, count = ndi.label(foreground)
     if min_area > 1 and count:
         areas = np.bincount(labels.ravel(), minlength=count + 1)
@@ -37,6 +37,20 @@ def label_chunk(foreground: np.ndarray, fill_holes: bool = False, min_area: int 
         ids[keep] = np.arange(1, int(keep.sum()) + 1)
         labels, count = ids[labels], int(keep.sum())
     return labels.astype(np.int32, copy=False), int(count)
+
+
+def fill_holes_of(foreground: np.ndarray) -> np.ndarray:
+    """``foreground`` with its holes filled: background not connected to the border, 8-connected (the dual of
+    4-connected objects: a diagonal gap is no hole). The same pixels as ``ndi.binary_fill_holes`` with a 3x3
+    structure, by one labelling of the background instead of its iterated dilations (4-40x faster on nuclei,
+    docs/benchmarks.md, "The pipeline around the model")."""
+    background, count = ndi.label(~foreground, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return foreground.copy()
+    open_to_border = np.zeros(count + 1, bool)
+    open_to_border[_border(background)] = True
+    open_to_border[0] = False  # the foreground itself
+    return ~open_to_border[background]
 
 
 def _border(labels: np.ndarray) -> np.ndarray:

@@ -56,6 +56,14 @@ def chunk_sums(labels: np.ndarray, probability: np.ndarray, image: np.ndarray, y
     return parts
 
 
+def relabel_sums(parts: dict, start: int, mapping: np.ndarray) -> dict:
+    """A chunk's partial sums (``chunk_sums`` of its chunk-local ids) under the final ids (``unet.instances``:
+    ``mapping[start + local id]``); the parts of objects dropped at the seams (final id 0) are left out."""
+    ids = mapping[parts["id"] + start]
+    kept = ids > 0
+    return {name: ids[kept].astype(np.int64) if name == "id" else values[kept] for name, values in parts.items()}
+
+
 def objects_table(
     parts: list[dict], pixel_size_um: float | None, channels: int, to_level0: float = 1.0
 ) -> pd.DataFrame:

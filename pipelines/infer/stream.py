@@ -42,7 +42,7 @@ class Passes:
     edges: dict[tuple[int, int], ChunkEdges] = field(default_factory=dict)  # of predicted chunks, by key
     objects: int = 0  # once its seams are merged
     parts: dict[tuple[int, int], dict] = field(default_factory=dict)  # the objects' partial sums, by chunk
-    counts: list[dict[str, int]] = field(default_factory=list)  # each chunk's receipt counts (label pass)
+    counts: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict)  # receipt counts, by chunk
     compute_seconds: float = 0.0  # its tasks' time in workers
     gpu_seconds: float = 0.0  # its predictions' time, where they ran on a GPU
     devices: set[str] = field(default_factory=set)  # what predicted its chunks
@@ -161,20 +161,20 @@ def _record(passes: Passes, task: Task, result, seconds: float, device: str | No
         passes.devices.add(device)
         passes.gpu_seconds += seconds if task.device == "cuda" else 0.0
     if passes.stage == PREDICT:
-        passes.edges[task.key] = result
+        passes.edges[task.key], passes.counts[task.key] = result.edges, result.counts
+        if result.sums is not None:
+            passes.parts[task.key] = result.sums
     elif passes.stage == LABEL:
-        counts, sums = result
-        passes.counts.append(counts)
-        if sums is not None:
-            passes.parts[task.key] = sums
+        passes.counts[task.key]["has_objects"] = int(result)  # objects dropped at the seams counted out
 
 
 def _segmented(passes: Passes) -> Segmented:
     """What the slide's tasks found; its partial sums in grid order, whatever order they came in (they are added
     up in the same order every run), and freed here with the slide."""
     parts = [passes.parts[key] for key in sorted(passes.parts)]
-    passes.parts = {}
-    return Segmented(passes.objects, parts, passes.counts, passes.compute_seconds, passes.gpu_seconds,
+    counts = [passes.counts[key] for key in sorted(passes.counts)]
+    passes.parts, passes.counts = {}, {}
+    return Segmented(passes.objects, parts, counts, passes.compute_seconds, passes.gpu_seconds,
                      "; ".join(sorted(passes.devices)))  # fmt: skip
 
 
@@ -191,8 +191,10 @@ def _predictions(passes: Passes, resources: dict | None) -> Iterator[Task]:
 
     job = passes.job
     device = job.spec.model.settings.device
+    size = job.slide.height, job.slide.width
     for key in job.keys:
-        yield Task(passes, key, predict_and_store, (job.spec, key, key in job.tissue), 0, resources, device)
+        tissue = job.tissue_mask.chunk(job.spec.region(key, *size)) if job.tissue_mask else None
+        yield Task(passes, key, predict_and_store, (job.spec, key, key in job.tissue, tissue), 0, resources, device)
 
 
 def _next_pass(client: Client, passes: Passes) -> list[Task]:
@@ -215,15 +217,15 @@ def _next_pass(client: Client, passes: Passes) -> list[Task]:
 
 
 def _label_tasks(client: Client, passes: Passes) -> list[Task]:
-    """Merge the slide's seams (here: one small array) and describe its label tasks."""
+    """Merge the slide's seams (here: one small array), give its objects' partial sums their final ids, and
+    describe its label tasks."""
     from pipelines.infer.tasks import label_chunk_globally
     from unet.instances import merge_chunks
+    from unet.objects import relabel_sums
 
     job, spec = passes.job, passes.job.spec
     starts, mapping = merge_chunks(passes.edges, spec.rule.min_object_pixels)
     passes.objects, passes.edges = int(mapping.max()), {}  # edges no longer needed: free them on large cohorts
+    passes.parts = {key: relabel_sums(sums, starts[key], mapping) for key, sums in passes.parts.items()}
     shared = client.scatter(mapping, broadcast=True)
-    size = job.slide.height, job.slide.width
-    tissue = {key: job.tissue_mask.chunk(spec.region(key, *size)) if job.tissue_mask else None for key in job.keys}
-    return [Task(passes, key, label_chunk_globally, (spec, key, starts[key], shared, tissue[key]))
-            for key in job.keys]  # fmt: skip
+    return [Task(passes, key, label_chunk_globally, (spec, key, starts[key], shared)) for key in job.keys]

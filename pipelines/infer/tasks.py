@@ -14,6 +14,7 @@ import functools
 import threading
 import time
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -129,18 +130,51 @@ def _arrays(spec: JobSpec, *names: str) -> list[zarr.Array]:
     return [root[name] for name in names]
 
 
-def predict_and_store(spec: JobSpec, key: tuple[int, int], has_tissue: bool = True) -> ChunkEdges:
-    """Pass 1: predict one chunk, store its probability and its chunk-local objects (``unet.segmentation``);
-    returns its border labels."""
+@dataclass(frozen=True)
+class Predicted:
+    """What pass 1 found in one chunk, for the driver: its seam edges (``merge_chunks``), its receipt counts
+    (``unet.receipt.chunk_counts``; ``has_objects`` is settled by pass 2) and, when the job measures objects, their
+    partial sums under chunk-local ids (``unet.objects.chunk_sums``; ``relabel_sums`` gives them final ids)."""
+
+    edges: ChunkEdges
+    counts: dict[str, int]
+    sums: dict | None
+
+
+class _Remembered:
+    """A slide reader that keeps its last window: the chunk's own pixels lie inside the window the model read, so
+    its objects are measured without reading (and decoding) the slide again."""
+
+    def __init__(self, read) -> None:
+        self.read, self.corner, self.window = read, (0, 0), None
+
+    def __call__(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        self.corner, self.window = (y0, x0), self.read(y0, y1, x0, x1)
+        return self.window
+
+    def pixels(self, region) -> np.ndarray:
+        (y0, x0), window = self.corner, self.window
+        return window[:, region.y0 - y0 : region.y1 - y0, region.x0 - x0 : region.x1 - x0]
+
+
+def predict_and_store(
+    spec: JobSpec, key: tuple[int, int], has_tissue: bool = True, tissue: ChunkTissue | None = None
+) -> Predicted:
+    """Pass 1: predict one chunk, store its probability and its chunk-local objects (``unet.segmentation``) and
+    measure them (``Predicted``; the receipt counts inside ``tissue``: None, all of the chunk)."""
     probability_array, local_array, done = _arrays(spec, PROBABILITY, LOCAL, DONE_PREDICT)
     height, width = local_array.shape
     region = spec.region(key, height, width)
-    if done[key]:  # finished before an interruption: reuse what was written
-        local = np.asarray(local_array[region.slices])
-        return ChunkEdges.of(local, int(local.max()))
+    slide = _slide(spec.input, spec.level, spec.scale)
+    if done[key]:  # finished before an interruption: measure what was written
+        local, stored = np.asarray(local_array[region.slices]), np.asarray(probability_array[(0, *region.slices)])
+        image = slide.read(region.y0, region.y1, region.x0, region.x1) if spec.objects else None
+        return _measured(spec, region, local, int(local.max()), stored, image, tissue)
+    image = None
     if has_tissue:
-        read = _slide(spec.input, spec.level, spec.scale).read
+        read = _Remembered(slide.read)
         probability = _predictor(spec.model).predict_chunk(read, height, width, region, spec.intensity_range)
+        image = read.pixels(region)
     else:
         probability = np.zeros((region.height, region.width), np.float32)
     stored = spec.rule.store(probability)
@@ -148,27 +182,26 @@ def predict_and_store(spec: JobSpec, key: tuple[int, int], has_tissue: bool = Tr
     local, count = spec.rule.label_chunk(stored)
     write_block(local_array, region.slices, local)
     write_block(done, _cell(key), np.ones((1, 1)))  # only now: the chunk is complete
-    return ChunkEdges.of(local, count)
+    return _measured(spec, region, local, count, stored, image, tissue)
 
 
-def label_chunk_globally(
-    spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray, tissue: ChunkTissue | None
-) -> tuple[dict[str, int], dict | None]:
-    """Pass 2: write the chunk's final, slide-wide instance ids; returns its receipt counts
-    (``unet.receipt.chunk_counts``, inside ``tissue``: None, all of it) and, when the job measures objects, their
-    partial sums (``unet.objects.chunk_sums``)."""
-    local_array, labels_array, probability_array, done = _arrays(spec, LOCAL, LABELS, PROBABILITY, DONE_LABELS)
+def _measured(spec: JobSpec, region, local, count: int, stored, image, tissue: ChunkTissue | None) -> Predicted:
+    counts = chunk_counts(local, stored, None if tissue is None else tissue.pixels())
+    sums = None
+    if spec.objects and count:  # a chunk without objects (or without tissue: never read) adds no rows
+        sums = chunk_sums(local, from_stored(stored), image, region.y0, region.x0)
+    return Predicted(ChunkEdges.of(local, count), counts, sums)
+
+
+def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray) -> bool:
+    """Pass 2: write the chunk's final, slide-wide instance ids; returns whether any object lies in it."""
+    local_array, labels_array, done = _arrays(spec, LOCAL, LABELS, DONE_LABELS)
     region = spec.region(key, *local_array.shape)
     final = relabel(np.asarray(local_array[region.slices]), start, mapping)
     if not done[key]:
         write_block(labels_array, region.slices, final)
         write_block(done, _cell(key), np.ones((1, 1)))
-    stored = np.asarray(probability_array[(0, *region.slices)])
-    counts = chunk_counts(final, stored, None if tissue is None else tissue.pixels())
-    if not spec.objects:
-        return counts, None
-    image = _slide(spec.input, spec.level, spec.scale).read(region.y0, region.y1, region.x0, region.x1)
-    return counts, chunk_sums(final, from_stored(stored), image, region.y0, region.x0)
+    return bool(final.any())
 
 
 def downsample_chunk(spec: JobSpec, level: int, key: tuple[int, int]) -> None:

@@ -115,6 +115,18 @@ def test_a_pass_over_the_memory_budget_falls_back_to_tiles_once(model, caplog) -
     np.testing.assert_allclose(tiled, whole_image_probability(model, image), rtol=0, atol=2e-5)
 
 
+def test_the_pass_budget_follows_the_device_unless_set(model) -> None:
+    """``infer.pass_memory_mb: null``: the measured CPU budget on a CPU (on CUDA, a share of the GPU's free memory:
+    ``benchmarks.gpu`` records the budget it got); a number is used as given, 0 is no limit."""
+    from unet.devices import CPU_PASS_MEMORY_MB, pass_budget_mb
+
+    assert InferenceSettings().pass_memory_mb is None and pass_budget_mb("cpu") == CPU_PASS_MEMORY_MB
+    assert ChunkPredictor(model, InferenceSettings()).pass_limit_mb == CPU_PASS_MEMORY_MB
+    assert ChunkPredictor(model, InferenceSettings(pass_memory_mb=0)).tile_for(Region(0, 4096, 0, 4096)) == 4096
+    small = ChunkPredictor(model, InferenceSettings(pass_memory_mb=1))
+    assert small.pass_limit_mb == 1 and small.tile_for(Region(0, 256, 0, 256)) < 256
+
+
 def test_threads_sharing_a_predictor_get_what_one_thread_gets(model) -> None:
     """A Dask worker runs several chunks at once on one predictor: passes take turns on its model thread."""
     image = np.random.default_rng(7).random((3, 190, 260)).astype(np.float32)

@@ -15,7 +15,13 @@ import torch
 
 from unet.errors import UserError
 
-__all__ = ["DeviceError", "check_device", "cpu_model", "cuda_build", "device_name", "visible_gpus"]
+__all__ = ["DeviceError", "check_device", "cpu_model", "cuda_build", "device_name", "pass_budget_mb", "visible_gpus"]
+
+# The largest forward pass on a CPU: measured fastest below it (docs/benchmarks.md, "Choosing the chunk size").
+CPU_PASS_MEMORY_MB = 2048
+# On CUDA, the share of the GPU's free memory one pass may take: the rest holds cuDNN's workspaces, the chunks
+# being copied in (infer.tasks_per_worker of them) and the allocator's slack.
+GPU_PASS_SHARE = 0.75
 
 
 class DeviceError(UserError):
@@ -71,3 +77,14 @@ def device_name(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.cuda.current_device())
     return f"{cpu_model()} ({os.cpu_count()} cores)"
+
+
+def pass_budget_mb(device: torch.device | str) -> int:
+    """The default largest memory (MB) of one forward pass on ``device`` (``infer.pass_memory_mb: null``): on CUDA
+    ``GPU_PASS_SHARE`` of its free memory now (an H100 with 80 GB free: 60 GB, a 2048-px chunk of the paper's
+    base-64 model in one pass), on a CPU ``CPU_PASS_MEMORY_MB``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_PASS_MEMORY_MB
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(free * GPU_PASS_SHARE / 1e6))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from unet.config import InferConfig
+from unet.devices import pass_budget_mb
 from unet.errors import UserError
 from unet.fused import inference_model
 from unet.geometry import round_up
@@ -53,7 +54,7 @@ class InferenceSettings:
     blend: str = _INFER["blend"].default
     overlap: float = _INFER["blend_overlap"].default  # Gaussian blending only
     device: str = _INFER["device"].default
-    pass_memory_mb: int = _INFER["pass_memory_mb"].default  # largest estimated memory of one pass; 0: no limit
+    pass_memory_mb: int | None = _INFER["pass_memory_mb"].default  # of one pass; None: the device's; 0: no limit
     compile: bool = _INFER["compile"].default  # torch.compile the model
 
     @classmethod
@@ -93,6 +94,7 @@ class ChunkPredictor:
         if settings.compile:
             self.model = torch.compile(self.model)
         self.settings = settings
+        self.pass_limit_mb = pass_budget_mb(self.device) if settings.pass_memory_mb is None else settings.pass_memory_mb
         self.halo, self.multiple = model.halo, model.size_multiple
         self.largest_tile: int | None = None  # set once a pass did not fit
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet-model")
@@ -186,11 +188,11 @@ class ChunkPredictor:
 
     def tile_for(self, chunk: Region) -> int:
         """The output tile side for ``chunk``: the configured tile (or the whole chunk), halved while one
-        pass would exceed ``pass_memory_mb``."""
+        pass would exceed ``pass_limit_mb`` (``infer.pass_memory_mb``, or the device's budget)."""
         tile = wanted = self.settings.tile or max(chunk.height, chunk.width)
         if self.largest_tile is not None:
             tile = min(tile, self.largest_tile)
-        limit = self.settings.pass_memory_mb
+        limit = self.pass_limit_mb
         while limit and tile > self.multiple and self._estimate(chunk, tile) > limit:
             tile = round_up(tile // 2, self.multiple)
         if tile < wanted:

@@ -194,11 +194,12 @@ class InferConfig(Section):
         "pass. null: one pass per chunk, smaller tiles only when a pass exceeds infer.pass_memory_mb.",
     )
     batch_size: int = Field(1, ge=1, description="Tiles per forward pass when chunks are predicted in tiles.")
-    pass_memory_mb: int = Field(
-        2048,
+    pass_memory_mb: int | None = Field(
+        None,
         ge=0,
         description="Largest estimated memory (MB) of one forward pass; a chunk that needs more is predicted in "
-        "smaller tiles (logged once). On CUDA, running out of memory falls back the same way. 0: no limit.",
+        "smaller tiles (logged once). On CUDA, running out of memory falls back the same way. null: 2048 on CPU "
+        "(measured), on CUDA 75% of the GPU's memory free when the model is loaded. 0: no limit.",
     )
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="cuda: one local worker per GPU; on a cluster, tasks ask for the Dask worker resource GPU."

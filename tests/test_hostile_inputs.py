@@ -319,6 +319,24 @@ def test_a_pyramid_whose_lowest_level_is_huge_or_an_integer_slide_of_absurd_rang
     assert snapshot(tmp_path) == before
 
 
+def test_a_slide_in_tiny_chunks_is_refused_in_one_line_naming_the_fix(model, state, tmp_path, capsys) -> None:
+    """8 x 8-px chunks: every 1024-px window would decode 16,384 of them (hours for a slide); the job says how to
+    rechunk it, and ``pipelines.convert`` does, into a slide that segments."""
+    user = tmp_path / "user"
+    user.mkdir()
+    tiny = user / "tiny.zarr"
+    zarr.create_array(tiny, data=np.full((3, 256, 256), 200, np.uint8), chunks=(3, 8, 8))
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert infer(model, state, tiny, tmp_path / "out.ome.zarr") == 2
+    line = error_line(capsys.readouterr().err, "infer")
+    assert "tiny.zarr: level 0 is stored in 1,024 chunks of 8 x 8 px, too small to read in reasonable time" in line
+    assert "rechunk it once: python -m pipelines.convert" in line
+    assert snapshot(tmp_path) == before
+    rechunked = convert(tiny, tmp_path / "rechunked.ome.zarr", chunk=64)
+    assert infer(model, state, Path(rechunked), tmp_path / "out.ome.zarr", *SMALL) == 0
+
+
 # --- truncated or corrupt chunks ------------------------------------------------------------------------------
 
 
@@ -622,6 +640,7 @@ HOSTILE = (
     len(ABSURD_SLIDES)  # absurd shapes, channels, chunks; TIFF bombs
     + 1  # a Trestle (OpenSlide) bomb
     + 2  # a pyramid whose lowest level is huge, a 32-bit slide of absurd range
+    + 1  # a slide in tiny chunks
     + 4  # truncated chunk (infer), garbage chunk (infer, then convert), corrupt TIFF tile and Zarr chunk (prepare)
     + len(MANIFEST_OUTPUTS)
     + 1  # an input inside another row's output

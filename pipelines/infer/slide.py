@@ -178,12 +178,14 @@ def _open(job: SlideJob, context: JobContext) -> None:
     from unet.pyramid import level_shapes
     from unet.resolution import open_at, plan_resolution
     from unet.segmentation import ObjectRule
+    from unet.slides import check_chunk_size
     from unet.tissue import check_lowest_level
 
     item, infer, model = job.item, context.config.infer, context.model
     resolution = plan_resolution(item.input, model.pixel_size_um, item.level, item.pixel_size_um, infer.resample)
     # its metadata's claims are checked (unet.slides.MAX_PIXELS, ...)
     job.slide = open_at(item.input, resolution.level, resolution.scale)
+    check_chunk_size(getattr(job.slide, "source", job.slide))  # a Resampled view reads its source's chunks
     if job.slide.channels != model.n_channels:
         raise UserError(f"{item.input} has {job.slide.channels} channels but the model expects {model.n_channels}")
     if infer.tissue_mask and job.slide.levels > 1:

@@ -27,6 +27,9 @@ MAX_SIDE = 2**24  # pixels a side (16.7 million): Dask's and the tiling's bookke
 MAX_PIXELS = 2**36  # pixels a level (68.7 billion, e.g. 262,144 x 262,144)
 MAX_CHANNELS = 256
 MAX_CHUNK_BYTES = 2**30  # one stored chunk (a TIFF strip or tile) decoded: reading any pixel of it costs this much
+# Fewer pixels a stored chunk and each read decodes thousands of them: Zarr reads 8x8-px chunks at 0.15 Mpx/s, 32x32
+# at 3, 64x64 at 30 (2 cores); a level of more than MAX_SMALL_CHUNKS such chunks is refused for inference.
+MIN_CHUNK_PIXELS, MAX_SMALL_CHUNKS = 64 * 64, 256
 READABLE = (
     "OME-Zarr, Zarr, TIFF/OME-TIFF, and OpenSlide formats (Aperio .svs/.tif, DICOM .dcm, Hamamatsu "
     ".ndpi/.vms/.vmu, Leica .scn, MIRAX .mrxs, Philips .tiff, Sakura .svslide, Trestle .tif, Ventana .bif/.tif, "
@@ -182,3 +185,21 @@ def check_claims(path: str, level: int, axes: str, array: Any) -> None:
                 f"more than unet.slides.MAX_CHUNK_BYTES = {MAX_CHUNK_BYTES // 2**20:,} MiB: reading any "
                 "pixel would decode a whole chunk; save it tiled or in smaller chunks"
             )
+
+
+def check_chunk_size(slide: Slide) -> None:
+    """Refuse, for inference, a level stored in chunks so small that reading it would take hours (``MIN_CHUNK_PIXELS``);
+    ``pipelines.convert`` rewrites it in 512-px chunks once."""
+    chunks = getattr(slide.array, "chunks", None)
+    if not isinstance(chunks, tuple) or len(chunks) != len(slide.axes):
+        return
+    sizes = dict(zip(slide.axes, (int(n) for n in chunks), strict=True))
+    height, width = min(sizes["y"], slide.height), min(sizes["x"], slide.width)
+    count = math.ceil(slide.height / height) * math.ceil(slide.width / width)
+    if height * width < MIN_CHUNK_PIXELS and count > MAX_SMALL_CHUNKS:
+        per_window = math.ceil(1024 / height) * math.ceil(1024 / width)
+        raise SlideError(
+            f"{slide.path}: level {slide.level} is stored in {count:,} chunks of {height} x {width} px, too small to "
+            f"read in reasonable time (each 1024-px window decodes {per_window:,} of them); rechunk it once: "
+            f"python -m pipelines.convert {slide.path} RECHUNKED.ome.zarr"
+        )

@@ -33,26 +33,35 @@ MINIMA, MAXIMA = ("bbox_y0", "bbox_x0"), ("bbox_y1", "bbox_x1")
 def chunk_sums(labels: np.ndarray, probability: np.ndarray, image: np.ndarray, y0: int, x0: int) -> dict:
     """Partial sums of every object in one chunk: ``labels`` (YX ids), ``probability`` (YX in [0, 1]),
     ``image`` (CYX input pixels), the chunk's origin in the slide ``(y0, x0)``. One array per column."""
-    mask = labels > 0
-    rows, cols = np.nonzero(mask)
-    ids, index = np.unique(labels[mask], return_inverse=True)
-    compact = np.zeros(labels.shape, np.int32)  # ids 1..n: find_objects' list is as long as the largest id
-    compact[mask] = index + 1
-    boxes = ndi.find_objects(compact)
-    area = np.bincount(index, minlength=len(ids))
+    flat = labels.ravel()
+    where = np.flatnonzero(flat)  # the objects' pixels, in raster order: one pass, then cheap gathers
+    values = flat[where]
+    pixels = np.bincount(values, minlength=1)  # by id; a chunk's local ids are 1..n, every one present
+    ids = np.flatnonzero(pixels[1:]) + 1
+    if len(ids) == len(pixels) - 1:  # ids 1..n: each object's index is its id - 1, no sorting needed
+        index, compact = values - 1, labels
+    else:  # any ids: numbered 1..n in order (find_objects' list is as long as the largest id)
+        lookup = np.zeros(len(pixels), np.int64)
+        lookup[ids] = np.arange(len(ids))
+        index = lookup[values]
+        compact = np.zeros(labels.shape, np.int32)
+        compact.ravel()[where] = index + 1
+    boxes = ndi.find_objects(compact, max_label=len(ids))
+    area, count = pixels[ids], len(ids)
+    rows, cols = np.divmod(where, labels.shape[1])
     parts = {
         "id": ids.astype(np.int64),
         "area": area.astype(np.int64),
-        "sum_y": np.bincount(index, rows, len(ids)) + area * float(y0),
-        "sum_x": np.bincount(index, cols, len(ids)) + area * float(x0),
-        "sum_probability": np.bincount(index, probability[mask].astype(np.float64), len(ids)),
+        "sum_y": np.bincount(index, rows, count) + area * float(y0),
+        "sum_x": np.bincount(index, cols, count) + area * float(x0),
+        "sum_probability": np.bincount(index, np.ravel(probability)[where], count),
         "bbox_y0": np.array([y0 + box[0].start for box in boxes], np.int64),
         "bbox_x0": np.array([x0 + box[1].start for box in boxes], np.int64),
         "bbox_y1": np.array([y0 + box[0].stop for box in boxes], np.int64),
         "bbox_x1": np.array([x0 + box[1].stop for box in boxes], np.int64),
     }
     for channel, plane in enumerate(image):
-        parts[f"sum_intensity_{channel}"] = np.bincount(index, plane[mask].astype(np.float64), len(ids))
+        parts[f"sum_intensity_{channel}"] = np.bincount(index, np.ravel(plane)[where], count)
     return parts
 
 

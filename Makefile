@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PIP_ARGS ?=
 
-.PHONY: install demo test test-cluster lint format lock benchmarks clean
+.PHONY: install demo test test-cluster lint format lock benchmarks clean wheelhouse install-offline
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,19 @@ lock: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/' > constraints.body
 	@{ sed -n '1,/^# torch is/p' constraints.txt; cat constraints.body; } > constraints.new && rm constraints.body
 	mv constraints.new constraints.txt
+
+# Air-gapped GPU nodes (README): every wheel needed at run time except PyTorch's, for Linux x86-64, cp311 and cp312.
+WHEELHOUSE ?= wheelhouse
+
+wheelhouse: $(STAMP)
+	$(PY) scripts/wheelhouse.py "$(WHEELHOUSE)"
+
+# Into the environment of PYTHON (the python3 on PATH: the node's venv or conda env with CUDA torch, not .venv),
+# from the wheelhouse alone. Checks come first, so a wrong PYTHON or folder costs one line.
+install-offline:
+	@$(PYTHON) -c 'import torch' 2>/dev/null || { echo "install-offline: $(PYTHON) cannot import torch: install PyTorch (CUDA build) into it first" >&2; exit 1; }
+	@test -f "$(WHEELHOUSE)/constraints.txt" || { echo "install-offline: $(WHEELHOUSE) is not a wheelhouse (no constraints.txt): make wheelhouse WHEELHOUSE=DIR" >&2; exit 1; }
+	$(PYTHON) -m pip install --no-index --find-links "$(WHEELHOUSE)" -c "$(WHEELHOUSE)/constraints.txt" 'unet-wsi[server]'
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

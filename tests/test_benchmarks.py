@@ -26,21 +26,78 @@ def test_quick_weight_map_benchmark_writes_a_report(tmp_path: Path) -> None:
     assert float(cells[-1]) <= 1e-5  # the fast weight map equals the reference
 
 
+def test_pipeline_benchmark_profiles_the_cpu_side_with_a_stand_in_network(capsys) -> None:
+    """`python -m benchmarks.pipeline --quick`: a job with the nearly free stand-in (about a thousand objects per
+    Mpx of real H&E), its stages profiled, then one with the stand-in as slow as a GPU."""
+    from benchmarks.pipeline import main as pipeline_main
+
+    assert pipeline_main(["--quick"]) == 0
+    table = capsys.readouterr().out.split("| cores |")[1]
+    free, gpu_like = (line.strip("|").split("|") for line in table.splitlines()[2:4])
+    assert free[1].strip() == "nearly free" and "as slow as a GPU" in gpu_like[1]
+    assert 300 < float(free[2]) < 3000  # objects per Mpx: a realistic density
+    assert float(free[4]) > 0 and float(free[5]) >= float(free[4])  # per core; the stand-in's own time left out
+    stages = {line.split("|")[1].strip() for line in table.split("| stage |")[1].splitlines()[2:] if "|" in line}
+    assert {"read, decode input", "label chunk", "objects", "encode, write", "pyramid", "merge seams"} <= stages
+
+
+def _gpu_table(report: str) -> dict[str, str]:
+    """The GPU section's table: measurement -> (value, notes)."""
+    section = report.split("## GPU: inference and training on one device")[1].split("\n## ")[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): (cells[1].strip(), cells[2].strip()) for cells in rows[1:]}
+
+
 def test_gpu_benchmark_runs_on_a_cpu_as_a_smoke_test(tmp_path: Path) -> None:
-    """`python -m benchmarks.gpu --device cpu --quick`: the same code as on a GPU, small sizes."""
-    output = tmp_path / "benchmarks.md"
-    assert gpu_main(["--device", "cpu", "--quick", "--output", str(output)]) == 0
+    """`python -m benchmarks.gpu --device cpu --quick`: the same code as on a GPU, small sizes; every section runs
+    in its own process and gives its figures, in the report and in the raw results."""
+    output, raw = tmp_path / "benchmarks.md", tmp_path / "gpu.json"
+    assert gpu_main(["--device", "cpu", "--quick", "--output", str(output), "--json", str(raw)]) == 0
     report = output.read_text()
-    assert "## GPU: inference and training on one device" in report and "--device cpu --quick" in report
-    values = {}
-    for line in report.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 3 and cells[1].split(" ")[0].replace(".", "").isdigit():
-            values[cells[0]] = float(cells[1].split(" ")[0])
-    assert set(values) == {"model only", "end to end, Zarr to Zarr", "MONAI sliding window",
-                           "training, plain PyTorch", "training, Ray Train 1 worker",
-                           "training, Ray Train 1 worker, `train.deterministic`"}  # fmt: skip
-    assert all(value > 0 for value in values.values())
+    assert "--device cpu --quick" in report and "7 of 7 sections ran" in report
+    result = json.loads(raw.read_text())
+    assert result["finished"] and {name: r["status"] for name, r in result["sections"].items()} == dict.fromkeys(
+        ["model", "inputs", "end_to_end", "monai", "plain", "ray", "deterministic"], "ok"
+    )
+    assert result["versions"]["torch"] and result["versions"]["driver"] == "n/a"  # no NVIDIA driver here
+    table = _gpu_table(report)
+    numbers = {"model only, one chunk": "Mpx/s", "model only, inference's pass": "Mpx/s",
+               "end to end, Zarr to Zarr": "Mpx/s", "MONAI sliding window": "Mpx/s", "training, plain PyTorch": "img/s",
+               "training, Ray Train 1 worker": "img/s",
+               "training, Ray Train 1 worker, `train.deterministic`": "img/s"}  # fmt: skip
+    for row, unit in numbers.items():
+        value, number_unit = table[row][0].split(" ")
+        assert float(value) > 0 and number_unit == unit, (row, table[row])
+    assert "the real CMU slide" in table["inputs"][1]  # the sample data is in the cache (tests fetch it)
+    assert result["sections"]["end_to_end"]["result"]["objects"] > 0  # the briefly trained model finds nuclei
+
+
+def test_gpu_benchmark_records_a_section_over_time_or_failing_and_runs_the_next(tmp_path: Path, monkeypatch) -> None:
+    """A section past its limit is stopped with every process it started and recorded as timed out, one missing
+    a package is recorded as skipped, and the sections after them still run; without the model-only figure the
+    exit status says so. Without the sample data the inputs are synthetic nuclei."""
+    import psutil
+
+    shadow = tmp_path / "shadow"  # ray, as if it were not installed
+    (shadow / "ray").mkdir(parents=True)
+    (shadow / "ray" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
+    monkeypatch.setenv("PYTHONPATH", str(shadow))
+    monkeypatch.setenv("UNET_SAMPLES_DIR", str(tmp_path / "no-samples"))
+    output, raw = tmp_path / "benchmarks.md", tmp_path / "gpu.json"
+    arguments = ["--device", "cpu", "--quick", "--output", str(output), "--json", str(raw), "--only", "model",
+                 "end_to_end", "ray", "--limit", "model=0.01", "--limit", "end_to_end=3"]  # fmt: skip
+    assert gpu_main(arguments) == 1  # the model-only section did not run
+    sections = json.loads(raw.read_text())["sections"]
+    assert {name: r["status"] for name, r in sections.items()} == {
+        "model": "timed out", "inputs": "ok", "end_to_end": "timed out", "ray": "skipped"}  # fmt: skip
+    table = _gpu_table(output.read_text())
+    assert table["model only"] == ("-", "timed out after 0.01 s")
+    assert table["end to end, Zarr to Zarr"] == ("-", "timed out after 3 s")
+    assert table["training, Ray Train 1 worker"] == ("-", "skipped: ray not installed")
+    assert table["inputs"][0] == "1024 x 1024" and "synthetic nuclei (no sample data" in table["inputs"][1]
+    left = [p for p in psutil.process_iter(["cmdline"]) if "pipelines.infer" in " ".join(p.info["cmdline"] or [])
+            and str(tmp_path) in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+    assert not left  # the stopped section's job went with it
 
 
 def test_seed_study_holds_its_test_images_out_and_reports_every_variant(tmp_path: Path) -> None:

@@ -1,0 +1,281 @@
+"""The pipeline around the model: everything ``pipelines.infer`` does but the network, per CPU core and per stage.
+
+On a GPU node the model is fast; what decides the end-to-end throughput is whether the CPU side (read, decode,
+normalise, store, label, merge, objects, pyramid, encode, write, the receipt) keeps up. At 100 Mpx/s on a 16-core
+node every core must carry >= 6.25 Mpx/s of it; the goal here is **8 Mpx/s per core** with the default outputs.
+
+The network is replaced by a nearly free stand-in (``StandIn``: an elementwise function of the pixels, the
+darkness of hematoxylin above a threshold, about a thousand nucleus-sized objects per Mpx on this H&E, a
+realistic density at 20x), so the job measures the rest. The slide: the real CMU slide mirrored about its borders
+to ``--side`` x ``--side`` (real tissue, made-up layout), Zarr in 512-px chunks, at the model's pixel size (no
+resampling). The job: ``pipelines.infer`` in one process with ``configs/infer.yaml`` (probability, labels,
+pyramid, objects table, receipt, QC picture, MLflow), the process pinned to N cores (``sched_setaffinity``) with
+N Dask threads and N torch threads. "Mpx/s per core" is the job's own segmentation throughput (past start-up)
+divided by N.
+
+The profile (1 core): the wall time spent in each stage, measured by wrapping the functions that do it (only the
+outermost stage counts within a thread: the slide's own reads inside the read stage, say); "Mpx/s alone" is the
+rate that stage alone would allow on one core. On one core the threads take turns, so the stages add up to about
+the wall time; what is left is Dask, the stream and Python.
+
+    python -m benchmarks.pipeline [--side 10240] [--cores 1 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TITLE = "The pipeline around the model: Mpx/s per CPU core, by stage"
+GOAL_PER_CORE = 8.0
+PIXEL_SIZE_UM = 0.499  # the CMU slide's
+DARK = 0.45  # the stand-in's threshold on the mean of the normalised channels (H&E nuclei are the darkest)
+
+
+def standin_class():
+    """The stand-in network (a ``UNet`` subclass, so the predictor prepares it as it would the real one)."""
+    import torch
+
+    from unet.model import UNet
+
+    class StandIn(UNet):
+        seconds_per_mpx = 0.0  # > 0: also wait this long per input Mpx, as for a GPU (the GIL released)
+        busy = 0.0  # seconds inside forward (one pass at a time: the predictor's model thread)
+        pixels = 0  # input pixels seen (the chunks and their halos)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            started = time.perf_counter()
+            darkness = (DARK - x.float().mean(dim=1, keepdim=True)) * 40
+            logits = torch.cat([torch.zeros_like(darkness), darkness], dim=1)
+            if self.seconds_per_mpx:
+                time.sleep(x.shape[0] * x.shape[-2] * x.shape[-1] / 1e6 * self.seconds_per_mpx)
+            type(self).busy += time.perf_counter() - started
+            type(self).pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
+            return logits
+
+    return StandIn
+
+
+class Stages:
+    """Wall seconds per stage, counted by the outermost wrapped function of each thread."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._lock, self._inside = threading.Lock(), threading.local()
+
+    def wrap(self, owner: object, name: str, stage: str) -> None:
+        function = getattr(owner, name)
+
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            if getattr(self._inside, "stage", None):
+                return function(*args, **kwargs)
+            self._inside.stage, started = stage, time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._inside.stage = None
+                with self._lock:
+                    self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+                    self.calls[stage] = self.calls.get(stage, 0) + 1
+
+        setattr(owner, name, timed)
+
+
+def instrument(stages: Stages) -> None:
+    """Wrap the functions of each stage (see ``Stages``)."""
+    import zarr
+
+    import pipelines.infer.output as output
+    import pipelines.infer.slide as slide
+    import pipelines.infer.tasks as tasks
+    import unet.inference as inference
+    import unet.instances as instances
+    from unet.segmentation import ObjectRule
+    from unet.slides.base import Slide
+
+    for owner, name, stage in [
+        (Slide, "read", "read, decode input"),
+        (inference, "scale_intensity", "normalise"),
+        (inference.ChunkPredictor, "probabilities", "model (stand-in)"),
+        (ObjectRule, "store", "store probability"),
+        (ObjectRule, "label_chunk", "label chunk"),
+        (instances.ChunkEdges, "of", "label chunk"),
+        (instances, "merge_chunks", "merge seams"),
+        (tasks, "relabel", "relabel"),
+        (tasks, "chunk_counts", "receipt counts"),
+        (tasks, "chunk_sums", "objects"),
+        (tasks, "mean_2x2", "pyramid"),
+        (tasks, "nearest_2x2", "pyramid"),
+        (tasks, "write_block", "encode, write"),
+        (zarr.Array, "__getitem__", "read outputs back"),
+        (slide, "_write_objects", "objects table"),
+        (slide, "_write_qc_picture", "QC picture"),
+        (slide, "_track", "MLflow run"),
+        (output, "finalize_output", "metadata, rename"),
+        (slide, "tissue_mask_for", "tissue mask"),
+    ]:
+        stages.wrap(owner, name, stage)
+
+
+def job(slide: str, model: str, output: str, cores: int, tracking: str, profile: bool, gpu_mpx_s: float) -> dict:
+    """(In its own process) ``pipelines.infer`` with the stand-in (``gpu_mpx_s`` > 0: as slow as a GPU that
+    predicts so many input Mpx/s), on ``cores`` cores; its stats, stages and the stand-in's busy seconds."""
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
+    import pipelines.models
+    from pipelines.infer.job import infer
+    from unet.config import load_config
+    from unet.config.schema import DEFAULT_TASKS_PER_WORKER
+
+    load, standin = pipelines.models.load_model, standin_class()
+    standin.seconds_per_mpx = 1 / gpu_mpx_s if gpu_mpx_s else 0.0
+
+    def stand_in(uri: str, **kwargs):
+        model = load(uri, **kwargs)
+        model.__class__ = standin  # the same model, its forward replaced
+        return model
+
+    pipelines.models.load_model = stand_in
+    stages = Stages()
+    if profile:
+        instrument(stages)
+    threads = DEFAULT_TASKS_PER_WORKER["cuda"] if gpu_mpx_s else cores  # what a GPU worker runs
+    overrides = [f"infer.input={slide}", f"infer.output={output}", f"infer.model={model}",
+                 f"infer.tasks_per_worker={threads}", f"infer.pixel_size_um={PIXEL_SIZE_UM}",
+                 f"tracking.tracking_uri={tracking}"]  # fmt: skip
+    stats = infer(load_config(ROOT / "configs" / "infer.yaml", overrides))
+    return {
+        "cores": cores,
+        "gpu_mpx_s": gpu_mpx_s,
+        "stats": stats,
+        "stages": stages.seconds,
+        "busy": standin.busy,
+        "input_mpx": standin.pixels / 1e6,
+    }
+
+
+def make_slide(folder: Path, side: int) -> Path:
+    """The real CMU slide mirrored to ``side`` x ``side`` (``benchmarks.inference.mirrored``)."""
+    from benchmarks.inference import mirrored
+    from unet.samples import fetch_samples
+    from unet.slides import open_slide
+
+    path = folder / f"mirrored-{side}.zarr"
+    if path.exists():
+        return path
+    real = open_slide(fetch_samples(["cmu_slide"])["cmu_slide"] / "cmu_small_region.svs")
+    return mirrored(real.read(0, real.height, 0, real.width), side, side, path)
+
+
+def make_model(folder: Path) -> Path:
+    """A U-Net folder (its weights unused) that says it was trained at the slide's pixel size."""
+    import torch
+
+    from benchmarks.models import with_resolution
+    from unet.model import UNet
+    from unet.model_files import save_weights
+
+    torch.manual_seed(0)
+    plain = save_weights(UNet(3, 2, base_channels=8).eval(), folder / "unet8")
+    return with_resolution(plain, folder, PIXEL_SIZE_UM, {"p1": 2.9, "p50": 40.0, "p99": 120.0})
+
+
+def run(side: int = 10240, cores: tuple[int, ...] = (1, 2), folder: Path | None = None) -> dict:
+    """One job per entry of ``cores`` (the first also profiled), then one on the most cores with the stand-in as
+    slow as a GPU feeding 80% of what they managed: each in its own process."""
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        work = Path(tmp)
+        slide, model = make_slide(folder or work, side), make_model(work)
+        tracking = f"sqlite:///{work / 'mlflow.db'}"
+        from pipelines import registry
+
+        registry.connect(tracking)  # the database exists, as a user's does
+        rows = [_job(slide, model, work, count, tracking, profile=count == cores[0]) for count in cores]
+        fastest = rows[-1]
+        mpx_s = 0.8 * fastest["stats"]["mpx_per_s"] * fastest["input_mpx"] / fastest["stats"]["megapixels"]
+        rows.append(_job(slide, model, work, cores[-1], tracking, gpu_mpx_s=mpx_s))
+    return {"title": TITLE, "side": side, "rows": rows}
+
+
+def _job(slide: Path, model: Path, work: Path, cores: int, tracking: str, profile: bool = False,
+         gpu_mpx_s: float = 0.0) -> dict:  # fmt: skip
+    out = work / f"out-{cores}-{gpu_mpx_s:.0f}.ome.zarr"
+    command = [sys.executable, "-m", "benchmarks.pipeline", "job", str(slide), str(model), str(out), "--cores",
+               str(cores), "--tracking", tracking, "--gpu-mpx-s", str(gpu_mpx_s)]  # fmt: skip
+    if profile:
+        command.append("--profile")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the job on {cores} core(s) failed:\n{done.stderr[-3000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    stats = row["stats"]
+    print(
+        f"  {cores} core(s){', GPU-like' if gpu_mpx_s else ''}: {stats['mpx_per_s']:.2f} Mpx/s, "
+        f"{stats['objects']} objects, model busy {row['busy'] / stats['seconds']:.0%}",
+        flush=True,
+    )
+    return row
+
+
+def to_markdown(result: dict) -> str:
+    lines = ["| cores | stand-in network | objects per Mpx | Mpx/s (past start-up) | Mpx/s per core | per core, "
+             "the stand-in's own time left out | stand-in busy | goal (per core, stand-in left out) |",
+             "|---:|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for row in result["rows"]:
+        s, n, gpu = row["stats"], row["cores"], row["gpu_mpx_s"]
+        per_core = s["megapixels"] / (n * s["seconds"] - (0 if gpu else row["busy"]))
+        network = f"as slow as a GPU at {gpu:.1f} input Mpx/s (waits, the GIL released)" if gpu else "nearly free"
+        goal = "" if gpu else f"{'met' if per_core >= GOAL_PER_CORE else 'not met'} (>= {GOAL_PER_CORE:g})"
+        lines.append(f"| {n} | {network} | {s['objects'] / s['megapixels']:.0f} | {s['mpx_per_s']:.2f} | "
+                     f"{s['mpx_per_s'] / n:.2f} | {'' if gpu else f'{per_core:.2f}'} | {row['busy'] / s['seconds']:.0%}"
+                     f" | {goal} |")  # fmt: skip
+    profiled = result["rows"][0]
+    mpx, wall = profiled["stats"]["megapixels"], profiled["stats"]["seconds"]
+    lines += ["", f"Profile on {profiled['cores']} core, {mpx:.0f} Mpx in {wall:.1f} s (segmenting, the objects table "
+              "included; the slide's MLflow run, NGFF metadata and rename come after):", "",
+              "| stage | seconds | share of the wall time | Mpx/s alone |", "|---|---:|---:|---:|"]  # fmt: skip
+    for stage, seconds in sorted(profiled["stages"].items(), key=lambda item: -item[1]):
+        lines.append(f"| {stage} | {seconds:.2f} | {seconds / wall:.0%} | {mpx / seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="?", default="run", choices=["run", "job"])
+    parser.add_argument("paths", nargs="*", help="job: SLIDE MODEL OUTPUT")
+    parser.add_argument("--side", type=int, default=10240, help="the mirrored slide's side (px)")
+    parser.add_argument("--cores", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tracking", default="sqlite:///mlflow.db")
+    parser.add_argument("--gpu-mpx-s", type=float, default=0.0, help="job: make the stand-in as slow as such a GPU")
+    parser.add_argument("--slides", type=Path, default=None, help="keep the made-up slide here between runs")
+    parser.add_argument("--quick", action="store_true", help="a 2048-px slide, 1 core: a smoke test")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+    if args.what == "job":
+        print(json.dumps(job(*args.paths, args.cores[0], args.tracking, args.profile, args.gpu_mpx_s), default=float))
+        return 0
+    side, cores = (2048, (1,)) if args.quick else (args.side, tuple(args.cores))
+    result = run(side, cores, args.slides)
+    table = to_markdown(result)
+    print(table)
+    if not args.quick:
+        from benchmarks.run import write_section
+
+        command = "python -m benchmarks.pipeline " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_section(args.output, TITLE, (__doc__ or "").strip(), table, command.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -126,8 +126,15 @@ def _cell(key: tuple[int, int]) -> tuple[slice, slice]:
 
 
 def _arrays(spec: JobSpec, *names: str) -> list[zarr.Array]:
-    root = zarr.open_group(spec.output, mode="r+")
-    return [root[name] for name in names]
+    return [_array(spec, name) for name in names]
+
+
+@functools.lru_cache(maxsize=256)  # a few slides in flight, a dozen arrays each
+def _array(spec: JobSpec, name: str) -> zarr.Array:
+    """An output array, opened once per worker process: opening reads the group's and the array's metadata, which
+    no task changes (a later job writing the same output with the same spec makes the same arrays); data is never
+    cached."""
+    return zarr.open_group(spec.output, mode="r+")[name]
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ class ChunkPredictor:
             raise ValueError(f"tile {settings.tile} is not a multiple of {model.size_multiple}")
         self.device = torch.device(settings.device)
         self.model = inference_model(model, settings.channels_last).to(self.device)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not torch.backends.cudnn.deterministic:  # train.deterministic keeps its own
             torch.backends.cudnn.benchmark = True  # a handful of pass shapes per slide: tune each once
         if settings.compile:
             self.model = torch.compile(self.model)

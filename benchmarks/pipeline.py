@@ -18,7 +18,7 @@ outermost stage counts within a thread: the slide's own reads inside the read st
 rate that stage alone would allow on one core. On one core the threads take turns, so the stages add up to about
 the wall time; what is left is Dask, the stream and Python.
 
-    python -m benchmarks.pipeline [--side 10240] [--cores 1 2] [--quick]
+    python -m benchmarks.pipeline [--side 10240] [--cores 2] [--slides FOLDER] [--quick]
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TITLE = "The pipeline around the model: Mpx/s per CPU core, by stage"
 GOAL_PER_CORE = 8.0
 PIXEL_SIZE_UM = 0.499  # the CMU slide's
+STANDIN_ENV = "UNET_BENCHMARK_STANDIN"  # the stand-in's GPU-like rate, for worker processes
+LAUNCHES = 100  # kernel launches of one U-Net forward pass on a GPU (depth 4: ~25 layers, a few kernels each)
 DARK = 0.45  # the stand-in's threshold on the mean of the normalised channels (H&E nuclei are the darkest)
 
 
@@ -56,8 +58,10 @@ def standin_class():
             started = time.perf_counter()
             darkness = (DARK - x.float().mean(dim=1, keepdim=True)) * 40
             logits = torch.cat([torch.zeros_like(darkness), darkness], dim=1)
-            if self.seconds_per_mpx:
-                time.sleep(x.shape[0] * x.shape[-2] * x.shape[-1] / 1e6 * self.seconds_per_mpx)
+            if self.seconds_per_mpx:  # in as many steps as a U-Net launches kernels, each giving the GIL back
+                seconds = x.shape[0] * x.shape[-2] * x.shape[-1] / 1e6 * self.seconds_per_mpx
+                for _ in range(LAUNCHES):
+                    time.sleep(seconds / LAUNCHES)
             type(self).busy += time.perf_counter() - started
             type(self).pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
             return logits
@@ -128,34 +132,57 @@ def instrument(stages: Stages) -> None:
         stages.wrap(owner, name, stage)
 
 
-def job(slide: str, model: str, output: str, cores: int, tracking: str, profile: bool, gpu_mpx_s: float) -> dict:
-    """(In its own process) ``pipelines.infer`` with the stand-in (``gpu_mpx_s`` > 0: as slow as a GPU that
-    predicts so many input Mpx/s), on ``cores`` cores; its stats, stages and the stand-in's busy seconds."""
-    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
+def install_standin(gpu_mpx_s: float):
+    """Make ``pipelines.models.load_model`` in this process return the stand-in (the model it loads, its forward
+    replaced); returns the stand-in's class (its ``busy`` seconds)."""
     import pipelines.models
-    from pipelines.infer.job import infer
-    from unet.config import load_config
-    from unet.config.schema import DEFAULT_TASKS_PER_WORKER
 
     load, standin = pipelines.models.load_model, standin_class()
     standin.seconds_per_mpx = 1 / gpu_mpx_s if gpu_mpx_s else 0.0
 
     def stand_in(uri: str, **kwargs):
         model = load(uri, **kwargs)
-        model.__class__ = standin  # the same model, its forward replaced
+        model.__class__ = standin
         return model
 
     pipelines.models.load_model = stand_in
+    return standin
+
+
+def dask_setup(worker) -> None:
+    """Dask's preload hook: worker processes of a job with ``infer.workers`` > 1 predict with the stand-in too."""
+    install_standin(float(os.environ[STANDIN_ENV]))
+
+
+def job(slide: str, model: str, output: str, cores: int, tracking: str, profile: bool, gpu_mpx_s: float,
+        workers: int = 1, switch: bool = True) -> dict:  # fmt: skip
+    """(In its own process) ``pipelines.infer`` with the stand-in (``gpu_mpx_s`` > 0: as slow as a GPU that
+    predicts so many input Mpx/s), on ``cores`` cores, in one process or ``workers`` worker processes; its stats,
+    stages and the stand-in's busy seconds (in this process)."""
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
+    from pipelines.infer.job import infer
+    from unet.config import load_config
+    from unet.config.schema import DEFAULT_TASKS_PER_WORKER
+
+    standin = install_standin(gpu_mpx_s)
+    if gpu_mpx_s:  # as a GPU worker sets it (pipelines.infer.tasks); ``switch`` 0: Python's default
+        from pipelines.infer.tasks import GPU_SWITCH_INTERVAL_S
+
+        sys.setswitchinterval(GPU_SWITCH_INTERVAL_S if switch else sys.getswitchinterval())
+    os.environ[STANDIN_ENV] = str(gpu_mpx_s)  # worker processes (Dask's preload hook) and their affinity inherit it
+    os.environ["DASK_DISTRIBUTED__WORKER__PRELOAD"] = '["benchmarks.pipeline"]'
     stages = Stages()
     if profile:
         instrument(stages)
-    threads = DEFAULT_TASKS_PER_WORKER["cuda"] if gpu_mpx_s else cores  # what a GPU worker runs
-    overrides = [f"infer.input={slide}", f"infer.output={output}", f"infer.model={model}",
+    threads = DEFAULT_TASKS_PER_WORKER["cuda"] if gpu_mpx_s else max(1, cores // workers)  # a GPU worker runs 8
+    overrides = [f"infer.input={slide}", f"infer.output={output}", f"infer.model={model}", f"infer.workers={workers}",
                  f"infer.tasks_per_worker={threads}", f"infer.pixel_size_um={PIXEL_SIZE_UM}",
                  f"tracking.tracking_uri={tracking}"]  # fmt: skip
     stats = infer(load_config(ROOT / "configs" / "infer.yaml", overrides))
     return {
         "cores": cores,
+        "workers": workers,
+        "switch": switch,
         "gpu_mpx_s": gpu_mpx_s,
         "stats": stats,
         "stages": stages.seconds,
@@ -190,9 +217,10 @@ def make_model(folder: Path) -> Path:
     return with_resolution(plain, folder, PIXEL_SIZE_UM, {"p1": 2.9, "p50": 40.0, "p99": 120.0})
 
 
-def run(side: int = 10240, cores: tuple[int, ...] = (1, 2), folder: Path | None = None) -> dict:
-    """One job per entry of ``cores`` (the first also profiled), then one on the most cores with the stand-in as
-    slow as a GPU feeding 80% of what they managed: each in its own process."""
+def run(side: int = 10240, cores: int = 2, folder: Path | None = None) -> dict:
+    """The jobs of the table, each in its own process: on 1 core (profiled), on ``cores`` cores in one process and
+    in as many worker processes, then on ``cores`` with the stand-in as slow as a GPU feeding 80% of what one
+    process managed, with Python's GIL switch interval and with a GPU worker's."""
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
         slide, model = make_slide(folder or work, side), make_model(work)
@@ -200,49 +228,55 @@ def run(side: int = 10240, cores: tuple[int, ...] = (1, 2), folder: Path | None 
         from pipelines import registry
 
         registry.connect(tracking)  # the database exists, as a user's does
-        rows = [_job(slide, model, work, count, tracking, profile=count == cores[0]) for count in cores]
-        fastest = rows[-1]
+        rows = [_job(slide, model, work, tracking, 1, profile=True)]
+        if cores > 1:
+            rows += [_job(slide, model, work, tracking, cores), _job(slide, model, work, tracking, cores, cores)]
+        fastest = rows[-2] if cores > 1 else rows[0]
         mpx_s = 0.8 * fastest["stats"]["mpx_per_s"] * fastest["input_mpx"] / fastest["stats"]["megapixels"]
-        rows.append(_job(slide, model, work, cores[-1], tracking, gpu_mpx_s=mpx_s))
+        for switch in (False, True):
+            rows.append(_job(slide, model, work, tracking, cores, gpu_mpx_s=mpx_s, switch=switch))
     return {"title": TITLE, "side": side, "rows": rows}
 
 
-def _job(slide: Path, model: Path, work: Path, cores: int, tracking: str, profile: bool = False,
-         gpu_mpx_s: float = 0.0) -> dict:  # fmt: skip
-    out = work / f"out-{cores}-{gpu_mpx_s:.0f}.ome.zarr"
-    command = [sys.executable, "-m", "benchmarks.pipeline", "job", str(slide), str(model), str(out), "--cores",
-               str(cores), "--tracking", tracking, "--gpu-mpx-s", str(gpu_mpx_s)]  # fmt: skip
-    if profile:
-        command.append("--profile")
+def _job(slide: Path, model: Path, work: Path, tracking: str, cores: int, workers: int = 1, profile: bool = False,
+         gpu_mpx_s: float = 0.0, switch: bool = True) -> dict:  # fmt: skip
+    out = work / f"out-{cores}-{workers}-{gpu_mpx_s:.0f}-{switch}.ome.zarr"
+    command = [sys.executable, "-m", "benchmarks.pipeline", "job", str(slide), str(model), str(out), "--tracking",
+               tracking, "--cores", str(cores), "--workers", str(workers), "--gpu-mpx-s", str(gpu_mpx_s)]  # fmt: skip
+    command += ["--profile"] if profile else []
+    command += [] if switch else ["--python-switch"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the job on {cores} core(s) failed:\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    stats = row["stats"]
-    print(
-        f"  {cores} core(s){', GPU-like' if gpu_mpx_s else ''}: {stats['mpx_per_s']:.2f} Mpx/s, "
-        f"{stats['objects']} objects, model busy {row['busy'] / stats['seconds']:.0%}",
-        flush=True,
-    )
+    print(f"  {_described(row)}: {row['stats']['mpx_per_s']:.2f} Mpx/s, {row['stats']['objects']} objects", flush=True)
     return row
 
 
+def _described(row: dict) -> str:
+    where = "one process" if row["workers"] == 1 else f"{row['workers']} worker processes"
+    if not row["gpu_mpx_s"]:
+        return f"{where}, stand-in nearly free"
+    interval = "a GPU worker's" if row["switch"] else "Python's default"
+    return f"{where}, stand-in as slow as a GPU at {row['gpu_mpx_s']:.1f} input Mpx/s, {interval} GIL switch interval"
+
+
 def to_markdown(result: dict) -> str:
-    lines = ["| cores | stand-in network | objects per Mpx | Mpx/s (past start-up) | Mpx/s per core | per core, "
-             "the stand-in's own time left out | stand-in busy | goal (per core, stand-in left out) |",
+    lines = ["| cores | job | objects per Mpx | Mpx/s (past start-up) | Mpx/s per core | per core, the stand-in's own "
+             "time left out | stand-in busy | goal (per core, stand-in left out) |",
              "|---:|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for row in result["rows"]:
         s, n, gpu = row["stats"], row["cores"], row["gpu_mpx_s"]
-        per_core = s["megapixels"] / (n * s["seconds"] - (0 if gpu else row["busy"]))
-        network = f"as slow as a GPU at {gpu:.1f} input Mpx/s (waits, the GIL released)" if gpu else "nearly free"
+        in_process = row["workers"] == 1
+        per_core = s["megapixels"] / (n * s["seconds"] - (row["busy"] if in_process else 0))
+        busy = f"{row['busy'] / s['seconds']:.0%}" if in_process else ""
         goal = "" if gpu else f"{'met' if per_core >= GOAL_PER_CORE else 'not met'} (>= {GOAL_PER_CORE:g})"
-        lines.append(f"| {n} | {network} | {s['objects'] / s['megapixels']:.0f} | {s['mpx_per_s']:.2f} | "
-                     f"{s['mpx_per_s'] / n:.2f} | {'' if gpu else f'{per_core:.2f}'} | {row['busy'] / s['seconds']:.0%}"
-                     f" | {goal} |")  # fmt: skip
+        lines.append(f"| {n} | {_described(row)} | {s['objects'] / s['megapixels']:.0f} | {s['mpx_per_s']:.2f} | "
+                     f"{s['mpx_per_s'] / n:.2f} | {'' if gpu else f'{per_core:.2f}'} | {busy} | {goal} |")  # fmt: skip
     profiled = result["rows"][0]
     mpx, wall = profiled["stats"]["megapixels"], profiled["stats"]["seconds"]
-    lines += ["", f"Profile on {profiled['cores']} core, {mpx:.0f} Mpx in {wall:.1f} s (segmenting, the objects table "
-              "included; the slide's MLflow run, NGFF metadata and rename come after):", "",
+    lines += ["", f"Profile on 1 core, {mpx:.0f} Mpx in {wall:.1f} s (segmenting, the objects table included; the "
+              "slide's MLflow run, NGFF metadata and rename come after):", "",
               "| stage | seconds | share of the wall time | Mpx/s alone |", "|---|---:|---:|---:|"]  # fmt: skip
     for stage, seconds in sorted(profiled["stages"].items(), key=lambda item: -item[1]):
         lines.append(f"| {stage} | {seconds:.2f} | {seconds / wall:.0%} | {mpx / seconds:.1f} |")
@@ -254,18 +288,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", nargs="?", default="run", choices=["run", "job"])
     parser.add_argument("paths", nargs="*", help="job: SLIDE MODEL OUTPUT")
     parser.add_argument("--side", type=int, default=10240, help="the mirrored slide's side (px)")
-    parser.add_argument("--cores", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--cores", type=int, default=2, help="the most cores a job gets (job: its cores)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tracking", default="sqlite:///mlflow.db")
+    parser.add_argument("--python-switch", action="store_true", help="job, GPU-like: Python's GIL switch interval")
+    parser.add_argument("--workers", type=int, default=1, help="job: Dask worker processes (1: in this process)")
     parser.add_argument("--gpu-mpx-s", type=float, default=0.0, help="job: make the stand-in as slow as such a GPU")
     parser.add_argument("--slides", type=Path, default=None, help="keep the made-up slide here between runs")
     parser.add_argument("--quick", action="store_true", help="a 2048-px slide, 1 core: a smoke test")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     if args.what == "job":
-        print(json.dumps(job(*args.paths, args.cores[0], args.tracking, args.profile, args.gpu_mpx_s), default=float))
+        print(json.dumps(job(*args.paths, args.cores, args.tracking, args.profile, args.gpu_mpx_s, args.workers,
+                             not args.python_switch),
+                         default=float))  # fmt: skip
         return 0
-    side, cores = (2048, (1,)) if args.quick else (args.side, tuple(args.cores))
+    side, cores = (2048, 1) if args.quick else (args.side, args.cores)
     result = run(side, cores, args.slides)
     table = to_markdown(result)
     print(table)

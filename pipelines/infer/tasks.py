@@ -11,6 +11,7 @@ chunk.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -49,6 +50,11 @@ from unet.tissue import ChunkTissue
 # settings do not evict each other's model on every task. Each costs its model's weights on the worker's device
 # (a few MB at base_channels 8, about 125 MB at 64 in float32), plus its compiled graph with infer.compile.
 MODELS_PER_WORKER = 3
+# A GPU pass gives the GIL back at each of its ~100 kernel launches and waits to get it again, while the worker's
+# other threads (chunk tasks, Zarr's and Dask's event loops) keep it up to Python's switch interval (5 ms) each
+# time. At 0.5 ms the model thread gets it back sooner: +20-25% slide throughput with a GPU-like stand-in on 2 cores
+# (docs/benchmarks.md, "The pipeline around the model").
+GPU_SWITCH_INTERVAL_S = 0.0005
 _PREDICTORS: OrderedDict[tuple, ChunkPredictor] = OrderedDict()  # by _cache_key(spec)
 _PREDICTORS_LOCK = threading.Lock()  # guards _PREDICTORS: held for a lookup, never while a model loads
 _LOADING_LOCK = threading.Lock()  # one load at a time (MLflow's tracking URI is process-wide while it downloads)
@@ -62,8 +68,11 @@ def use_model(spec: ModelSpec, model: UNet) -> None:
 
 
 def _set_threads(spec: ModelSpec) -> None:
+    """Torch's threads in this worker process and, on a GPU worker, how often Python hands the GIL over."""
     if spec.threads > 0:  # 0: a remote cluster's workers keep their own setting (jobs sharing it never change it)
         torch.set_num_threads(spec.threads)
+    if spec.settings.device == "cuda":
+        sys.setswitchinterval(GPU_SWITCH_INTERVAL_S)
 
 
 def _cache_key(spec: ModelSpec) -> tuple:

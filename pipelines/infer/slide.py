@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -162,6 +162,7 @@ def plan(item: Item, context: JobContext) -> SlideJob:
         if job.state == SKIPPED:  # what the complete output recorded
             job.stats, job.run_id = SlideStats.from_dict(recorded.get("stats", {})), recorded.get("mlflow_run_id")
         job.resumed = job.state == RESUMED
+        job.spec = replace(job.spec, resumed=job.resumed)
         if job.to_do:
             job.tissue_mask = tissue_mask_for(context.config, job.slide, item.input)
             job.keys, job.tissue = chunk_keys(context.config, job.slide, job.tissue_mask)

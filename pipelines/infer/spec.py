@@ -34,6 +34,7 @@ class JobSpec:
     levels: tuple[tuple[int, int], ...]  # (height, width) of each pyramid level, level 0 first
     objects: bool  # measure every object for the objects table
     rule: ObjectRule  # how its probability becomes objects
+    resumed: bool = False  # its output holds chunks done before an interruption (else no completion record is read)
 
     def region(self, key: tuple[int, int], height: int, width: int) -> Region:
         row, col = key

@@ -182,7 +182,7 @@ def predict_and_store(
     height, width = local_array.shape
     region = spec.region(key, height, width)
     slide = _slide(spec.input, spec.level, spec.scale)
-    if done[key]:  # finished before an interruption: measure what was written
+    if spec.resumed and done[key]:  # finished before an interruption: measure what was written
         local, stored = np.asarray(local_array[region.slices]), np.asarray(probability_array[(0, *region.slices)])
         image = slide.read(region.y0, region.y1, region.x0, region.x1) if spec.objects else None
         return _measured(spec, region, local, int(local.max()), stored, image, tissue)
@@ -214,7 +214,7 @@ def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mappin
     local_array, labels_array, done = _arrays(spec, LOCAL, LABELS, DONE_LABELS)
     region = spec.region(key, *local_array.shape)
     final = relabel(np.asarray(local_array[region.slices]), start, mapping)
-    if not done[key]:
+    if not (spec.resumed and done[key]):
         write_block(labels_array, region.slices, final)
         write_block(done, _cell(key), np.ones((1, 1)))
     return bool(final.any())
@@ -224,7 +224,7 @@ def downsample_chunk(spec: JobSpec, level: int, key: tuple[int, int]) -> None:
     """Pass 3: one chunk of pyramid level ``level`` (1, 2, ...) from the level above (``unet.pyramid``)."""
     names = (probability_level(level - 1), labels_level(level - 1), probability_level(level), labels_level(level))
     source_probability, source_labels, probability, labels, done = _arrays(spec, *names, done_level(level))
-    if done[key]:
+    if spec.resumed and done[key]:
         return
     region = spec.region(key, *spec.levels[level])
     height, width = spec.levels[level - 1]

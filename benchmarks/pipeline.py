@@ -155,7 +155,7 @@ def dask_setup(worker) -> None:
 
 
 def job(slide: str, model: str, output: str, cores: int, tracking: str, profile: bool, gpu_mpx_s: float,
-        workers: int = 1, switch: bool = True) -> dict:  # fmt: skip
+        workers: int = 1, switch: bool = True, postprocess: int = 0) -> dict:  # fmt: skip
     """(In its own process) ``pipelines.infer`` with the stand-in (``gpu_mpx_s`` > 0: as slow as a GPU that
     predicts so many input Mpx/s), on ``cores`` cores, in one process or ``workers`` worker processes; its stats,
     stages and the stand-in's busy seconds (in this process)."""
@@ -176,6 +176,7 @@ def job(slide: str, model: str, output: str, cores: int, tracking: str, profile:
         instrument(stages)
     threads = DEFAULT_TASKS_PER_WORKER["cuda"] if gpu_mpx_s else max(1, cores // workers)  # a GPU worker runs 8
     overrides = [f"infer.input={slide}", f"infer.output={output}", f"infer.model={model}", f"infer.workers={workers}",
+                 f"infer.postprocess_processes={postprocess}",
                  f"infer.tasks_per_worker={threads}", f"infer.pixel_size_um={PIXEL_SIZE_UM}",
                  f"tracking.tracking_uri={tracking}"]  # fmt: skip
     stats = infer(load_config(ROOT / "configs" / "infer.yaml", overrides))
@@ -183,6 +184,7 @@ def job(slide: str, model: str, output: str, cores: int, tracking: str, profile:
         "cores": cores,
         "workers": workers,
         "switch": switch,
+        "postprocess": postprocess,
         "gpu_mpx_s": gpu_mpx_s,
         "stats": stats,
         "stages": stages.seconds,
@@ -217,10 +219,11 @@ def make_model(folder: Path) -> Path:
     return with_resolution(plain, folder, PIXEL_SIZE_UM, {"p1": 2.9, "p50": 40.0, "p99": 120.0})
 
 
-def run(side: int = 10240, cores: int = 2, folder: Path | None = None) -> dict:
+def run(side: int = 10240, cores: int = 2, folder: Path | None = None, quick: bool = False) -> dict:
     """The jobs of the table, each in its own process: on 1 core (profiled), on ``cores`` cores in one process and
     in as many worker processes, then on ``cores`` with the stand-in as slow as a GPU feeding 80% of what one
-    process managed, with Python's GIL switch interval and with a GPU worker's."""
+    process managed, with Python's GIL switch interval, with a GPU worker's, and with its post-processing processes
+    too (``quick``: only the last)."""
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
         slide, model = make_slide(folder or work, side), make_model(work)
@@ -233,18 +236,21 @@ def run(side: int = 10240, cores: int = 2, folder: Path | None = None) -> dict:
             rows += [_job(slide, model, work, tracking, cores), _job(slide, model, work, tracking, cores, cores)]
         fastest = rows[-2] if cores > 1 else rows[0]
         mpx_s = 0.8 * fastest["stats"]["mpx_per_s"] * fastest["input_mpx"] / fastest["stats"]["megapixels"]
-        for switch in (False, True):
-            rows.append(_job(slide, model, work, tracking, cores, gpu_mpx_s=mpx_s, switch=switch))
+        ways = ((False, 0), (True, 0), (True, max(1, cores // 2)))  # the last: a GPU worker's
+        for switch, postprocess in ways[-1:] if quick else ways:
+            rows.append(
+                _job(slide, model, work, tracking, cores, gpu_mpx_s=mpx_s, switch=switch, postprocess=postprocess)
+            )
     return {"title": TITLE, "side": side, "rows": rows}
 
 
 def _job(slide: Path, model: Path, work: Path, tracking: str, cores: int, workers: int = 1, profile: bool = False,
-         gpu_mpx_s: float = 0.0, switch: bool = True) -> dict:  # fmt: skip
-    out = work / f"out-{cores}-{workers}-{gpu_mpx_s:.0f}-{switch}.ome.zarr"
+         gpu_mpx_s: float = 0.0, switch: bool = True, postprocess: int = 0) -> dict:  # fmt: skip
+    out = work / f"out-{cores}-{workers}-{gpu_mpx_s:.0f}-{switch}-{postprocess}.ome.zarr"
     command = [sys.executable, "-m", "benchmarks.pipeline", "job", str(slide), str(model), str(out), "--tracking",
                tracking, "--cores", str(cores), "--workers", str(workers), "--gpu-mpx-s", str(gpu_mpx_s)]  # fmt: skip
     command += ["--profile"] if profile else []
-    command += [] if switch else ["--python-switch"]
+    command += ([] if switch else ["--python-switch"]) + ["--postprocess", str(postprocess)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the job on {cores} core(s) failed:\n{done.stderr[-3000:]}")
@@ -258,7 +264,9 @@ def _described(row: dict) -> str:
     if not row["gpu_mpx_s"]:
         return f"{where}, stand-in nearly free"
     interval = "a GPU worker's" if row["switch"] else "Python's default"
-    return f"{where}, stand-in as slow as a GPU at {row['gpu_mpx_s']:.1f} input Mpx/s, {interval} GIL switch interval"
+    pool = f", labelling in {row['postprocess']} post-processing process(es)" if row["postprocess"] else ""
+    gpu = f"stand-in as slow as a GPU at {row['gpu_mpx_s']:.1f} input Mpx/s"
+    return f"{where}, {gpu}, {interval} GIL switch interval{pool}"
 
 
 def to_markdown(result: dict) -> str:
@@ -292,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tracking", default="sqlite:///mlflow.db")
     parser.add_argument("--python-switch", action="store_true", help="job, GPU-like: Python's GIL switch interval")
+    parser.add_argument("--postprocess", type=int, default=0, help="job: infer.postprocess_processes")
     parser.add_argument("--workers", type=int, default=1, help="job: Dask worker processes (1: in this process)")
     parser.add_argument("--gpu-mpx-s", type=float, default=0.0, help="job: make the stand-in as slow as such a GPU")
     parser.add_argument("--slides", type=Path, default=None, help="keep the made-up slide here between runs")
@@ -300,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.what == "job":
         print(json.dumps(job(*args.paths, args.cores, args.tracking, args.profile, args.gpu_mpx_s, args.workers,
-                             not args.python_switch),
+                             not args.python_switch, args.postprocess),
                          default=float))  # fmt: skip
         return 0
     side, cores = (2048, 1) if args.quick else (args.side, args.cores)
-    result = run(side, cores, args.slides)
+    result = run(side, cores, args.slides, args.quick)
     table = to_markdown(result)
     print(table)
     if not args.quick:

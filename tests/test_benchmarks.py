@@ -33,9 +33,9 @@ def test_pipeline_benchmark_profiles_the_cpu_side_with_a_stand_in_network(capsys
 
     assert pipeline_main(["--quick"]) == 0
     table = capsys.readouterr().out.split("| cores |")[1]
-    free, python_switch, gpu_switch = (line.strip("|").split("|") for line in table.splitlines()[2:5])
-    assert free[1].strip() == "one process, stand-in nearly free" and "as slow as a GPU" in gpu_switch[1]
-    assert "Python's default GIL switch" in python_switch[1] and "a GPU worker's GIL switch" in gpu_switch[1]
+    free, gpu_worker = (line.strip("|").split("|") for line in table.splitlines()[2:4])
+    assert free[1].strip() == "one process, stand-in nearly free" and "as slow as a GPU" in gpu_worker[1]
+    assert "a GPU worker's GIL switch interval, labelling in 1 post-processing process(es)" in gpu_worker[1]
     assert 300 < float(free[2]) < 3000  # objects per Mpx: a realistic density
     assert float(free[4]) > 0 and float(free[5]) >= float(free[4])  # per core; the stand-in's own time left out
     stages = {line.split("|")[1].strip() for line in table.split("| stage |")[1].splitlines()[2:] if "|" in line}

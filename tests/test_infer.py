@@ -198,6 +198,20 @@ def test_interrupted_job_resumes_and_matches_an_uninterrupted_run(trained_model_
     assert not partial.exists()
 
 
+def test_post_processing_processes_write_the_same_output(trained_model_dir, cmu_slide, tmp_path) -> None:
+    """``infer.postprocess_processes`` (a GPU worker's default: its chunks labelled and measured in processes of their
+    own, off the model's GIL): the same output, byte for byte, as labelling in the chunk's own task."""
+    image = tmp_path / "crop.zarr"
+    zarr.create_array(image, data=open_slide(cmu_slide).read(300, 900, 200, 1100), chunks=(3, 256, 256))
+    outputs = {n: tmp_path / f"out{n}.ome.zarr" for n in (0, 2)}
+    for processes, output in outputs.items():
+        assert infer(tmp_path, trained_model_dir, image, output, "infer.chunk_size=256",
+                     f"infer.postprocess_processes={processes}") == 0  # fmt: skip
+    in_tasks, in_processes = chunk_files(outputs[0]), chunk_files(outputs[2])
+    assert in_processes == in_tasks and any("tables" in name for name in in_tasks)
+    assert stored(outputs[2])[1].max() > 10  # objects across the 256-px seams
+
+
 def test_existing_output_is_not_overwritten_silently(trained_model_dir, cmu_slide, tmp_path) -> None:
     image = tmp_path / "small.zarr"
     zarr.create_array(image, data=open_slide(cmu_slide).read(0, 96, 0, 128), chunks=(3, 64, 64))

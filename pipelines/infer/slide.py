@@ -208,6 +208,7 @@ def _open(job: SlideJob, context: JobContext) -> None:
         levels=tuple(level_shapes(*shape, infer.chunk) if infer.pyramid else [shape]),
         objects=infer.objects,
         rule=ObjectRule.from_config(infer, model, resolution.pixel_size_um, item.input),
+        postprocess_processes=infer.postprocess_processes,
     )
 
 

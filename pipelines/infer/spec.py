@@ -35,6 +35,8 @@ class JobSpec:
     objects: bool  # measure every object for the objects table
     rule: ObjectRule  # how its probability becomes objects
     resumed: bool = False  # its output holds chunks done before an interruption (else no completion record is read)
+    postprocess_processes: int | None = None  # processes per worker labelling and measuring chunks (0: the task;
+    # None: infer.postprocess_processes's default, taken on the worker, whose cores it counts)
 
     def region(self, key: tuple[int, int], height: int, width: int) -> Region:
         row, col = key

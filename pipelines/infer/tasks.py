@@ -11,10 +11,13 @@ chunk.
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
 import sys
 import threading
 import time
 from collections import Counter, OrderedDict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,10 +198,42 @@ def predict_and_store(
         probability = np.zeros((region.height, region.width), np.float32)
     stored = spec.rule.store(probability)
     write_block(probability_array, (slice(0, 1), *region.slices), stored[None])
+    if processes := _postprocess_processes(spec):  # off this process: they hold the GIL the model thread needs
+        return _pool(processes).submit(label_and_measure, spec, key, stored, image, tissue).result()
+    return label_and_measure(spec, key, stored, image, tissue)
+
+
+def label_and_measure(
+    spec: JobSpec, key: tuple[int, int], stored: np.ndarray, image: np.ndarray | None, tissue: ChunkTissue | None
+) -> Predicted:
+    """The rest of pass 1, in the task's thread or in a post-processing process: label the chunk's stored
+    probability, write its local objects and its completion record, measure them."""
+    local_array, done = _arrays(spec, LOCAL, DONE_PREDICT)
+    region = spec.region(key, *local_array.shape)
     local, count = spec.rule.label_chunk(stored)
     write_block(local_array, region.slices, local)
     write_block(done, _cell(key), np.ones((1, 1)))  # only now: the chunk is complete
     return _measured(spec, region, local, count, stored, image, tissue)
+
+
+def _postprocess_processes(spec: JobSpec) -> int:
+    """``infer.postprocess_processes``; by default none on CPU, half this machine's cores on a GPU worker."""
+    if spec.postprocess_processes is not None:
+        return spec.postprocess_processes
+    return max(1, (os.cpu_count() or 2) // 2) if spec.model.settings.device == "cuda" else 0
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(processes: int) -> ProcessPoolExecutor:
+    """This worker's post-processing processes (``infer.postprocess_processes``), started once; spawned, never
+    forked from a process that may hold a CUDA context."""
+    with _POOLS_LOCK:
+        if processes not in _POOLS:
+            _POOLS[processes] = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        return _POOLS[processes]
 
 
 def _measured(spec: JobSpec, region, local, count: int, stored, image, tissue: ChunkTissue | None) -> Predicted:

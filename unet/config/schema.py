@@ -256,6 +256,13 @@ class InferConfig(Section):
         description="Chunks in flight per worker: one in the model while the others are read or written. null: 2 "
         "on CPU, 8 on CUDA (a GPU predicts faster than one thread reads and writes).",
     )
+    postprocess_processes: int | None = Field(
+        None,
+        ge=0,
+        description="Processes per worker that label and measure predicted chunks, so the model's thread never waits "
+        "for the GIL they hold (scipy's labelling, numpy's bincount). null: 0 on CPU (in the chunk's task), on CUDA "
+        "half the cores of each worker's machine. Each costs ~300 MB (it imports PyTorch to read the job's settings).",
+    )
     threshold: float = Field(
         0.5, gt=0, lt=1, description="Foreground probability threshold (also of evaluation and training validation)."
     )

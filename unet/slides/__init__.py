@@ -41,8 +41,17 @@ from unet.slides.base import (
 from unet.slides.ngff import ZARR_ERRORS, guess_axes, open_ngff
 from unet.slides.tiff import TIFF_ERRORS, open_tiff
 
-__all__ = ["MAX_CHANNELS", "MAX_CHUNK_BYTES", "MAX_PIXELS", "MAX_SIDE", "READABLE", "Slide", "SlideError",
-           "check_chunk_size", "open_slide"]
+__all__ = [
+    "MAX_CHANNELS",
+    "MAX_CHUNK_BYTES",
+    "MAX_PIXELS",
+    "MAX_SIDE",
+    "READABLE",
+    "Slide",
+    "SlideError",
+    "check_chunk_size",
+    "open_slide",
+]
 # OpenSlide vendors left to tifffile: it reads these as well and also handles OME-TIFF, many channels and 16 bits
 TIFFFILE_VENDORS = frozenset({"aperio", "generic-tiff"})
 

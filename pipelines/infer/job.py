@@ -168,7 +168,13 @@ class Finisher:
             self.pool.submit(self.after_each)
 
     def close(self) -> None:
-        """Wait for the slides being finished; no more can be submitted."""
+        """Wait for the slides being finished; no more can be submitted. The wait wakes every 0.25 s, so Ctrl-C and
+        SIGTERM are handled at once even when the kernel hands the signal to another thread (as with MLflow's polars
+        threads): a plain join would not return before every queued slide was finished."""
+        from concurrent.futures import wait
+
+        while not all(future.done() for future in self.finished):  # done() counts futures cancelled by stop(),
+            wait(self.finished, timeout=0.25)  # which wait() never reports (nobody notifies their cancellation)
         self.pool.shutdown(wait=True)
 
     def stop(self, exc: BaseException) -> None:

@@ -8,15 +8,24 @@ The network is replaced by a nearly free stand-in (``StandIn``: an elementwise f
 darkness of hematoxylin above a threshold, about a thousand nucleus-sized objects per Mpx on this H&E, a
 realistic density at 20x), so the job measures the rest. The slide: the real CMU slide mirrored about its borders
 to ``--side`` x ``--side`` (real tissue, made-up layout), Zarr in 512-px chunks, at the model's pixel size (no
-resampling). The job: ``pipelines.infer`` in one process with ``configs/infer.yaml`` (probability, labels,
-pyramid, objects table, receipt, QC picture, MLflow), the process pinned to N cores (``sched_setaffinity``) with
-N Dask threads and N torch threads. "Mpx/s per core" is the job's own segmentation throughput (past start-up)
-divided by N.
+resampling). Each job: ``pipelines.infer`` with ``configs/infer.yaml`` (probability, labels, pyramid, objects
+table, receipt, QC picture, MLflow) in a process pinned to its cores (``sched_setaffinity``): 1 core; N cores in one
+process (N Dask threads, N torch threads); N cores in N worker processes (``infer.workers``). "Mpx/s per core" is the
+job's own segmentation throughput (past start-up; the objects table included) divided by N; "the stand-in's own
+time left out" subtracts the time inside its forward.
+
+GPU-like rows: the stand-in also waits as long as a GPU at the given input Mpx/s would take (80% of what N cores
+managed in one process), in 100 steps per pass that each give the GIL back as a kernel launch does, with a GPU
+worker's 8 tasks; "stand-in busy" is the share of the wall time it spent in its forward. They compare Python's GIL
+switch interval (5 ms), a GPU worker's (0.5 ms), and that with labelling in post-processing processes
+(``infer.postprocess_processes``). On a single slide the label pass, the pyramid and the finishing come after the
+last prediction, so the stand-in idles then.
 
 The profile (1 core): the wall time spent in each stage, measured by wrapping the functions that do it (only the
 outermost stage counts within a thread: the slide's own reads inside the read stage, say); "Mpx/s alone" is the
 rate that stage alone would allow on one core. On one core the threads take turns, so the stages add up to about
-the wall time; what is left is Dask, the stream and Python.
+the wall time; what is left is Dask, the stream and Python. Then which steps give the GIL back (two threads against
+one), and the candidates for two stages (hole filling and labelling; Zarr codecs), on one chunk of dense H&E.
 
     python -m benchmarks.pipeline [--side 10240] [--cores 2] [--slides FOLDER] [--quick]
 """

@@ -49,7 +49,8 @@ HEADER = (
     "# Benchmarks\n\n"
     "Every section says when, where and by which command it was measured; `python -m benchmarks.run` "
     "measures them all again,\n`python -m benchmarks.run --only NAME ...` replaces just those sections "
-    f"(names: {', '.join(BENCHMARKS)}); `python -m benchmarks.gpu` writes the GPU section.\n"
+    f"(names: {', '.join(BENCHMARKS)}); `python -m benchmarks.gpu` writes the GPU section, `python -m "
+    "benchmarks.pipeline` the one on the pipeline around the model.\n"
 )
 
 

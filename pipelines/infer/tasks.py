@@ -55,8 +55,8 @@ from unet.tissue import ChunkTissue
 MODELS_PER_WORKER = 3
 # A GPU pass gives the GIL back at each of its ~100 kernel launches and waits to get it again, while the worker's
 # other threads (chunk tasks, Zarr's and Dask's event loops) keep it up to Python's switch interval (5 ms) each
-# time. At 0.5 ms the model thread gets it back sooner: +20-25% slide throughput with a GPU-like stand-in on 2 cores
-# (docs/benchmarks.md, "The pipeline around the model").
+# time. At 0.5 ms the model thread gets it back sooner: +6% to +25% slide throughput with a GPU-like stand-in on 2
+# shared cores (docs/benchmarks.md, "The pipeline around the model"; not yet measured on a GPU).
 GPU_SWITCH_INTERVAL_S = 0.0005
 _PREDICTORS: OrderedDict[tuple, ChunkPredictor] = OrderedDict()  # by _cache_key(spec)
 _PREDICTORS_LOCK = threading.Lock()  # guards _PREDICTORS: held for a lookup, never while a model loads

@@ -84,3 +84,27 @@ def test_a_delete_that_fails_is_an_error_not_silence(tmp_path: Path) -> None:
     # entries of /proc cannot be deleted, even by root: the failure is reported, not swallowed
     with pytest.raises(storage.StorageError, match="cannot delete /proc/self/fdinfo: Operation not permitted"):
         storage.remove("/proc/self/fdinfo")
+
+
+def test_writes_killed_before_their_rename_leave_nothing_in_a_finished_output(tmp_path: Path) -> None:
+    """A SIGKILL between a temporary file and its rename (Zarr's local store, ``write_bytes``) left an empty
+    ``tables/nuclei/zarr.<hex>.partial`` in a resumed batch's output; finishing an output removes such files only."""
+    import uuid
+
+    import zarr
+
+    from unet.storage import remove_unfinished_writes, write_bytes
+
+    group = zarr.open_group(tmp_path / "out.zarr", mode="w")
+    group.create_array("a", shape=(4,), chunks=(2,), dtype="uint8")[:] = 1
+    write_bytes(tmp_path / "out.zarr" / "tables" / "page.html", b"<p>")
+    kept = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    left = [tmp_path / "out.zarr" / "tables" / f"zarr.{uuid.uuid4().hex}.partial",
+            tmp_path / "out.zarr" / "a" / "c" / f"1.{uuid.uuid4().hex}.partial",
+            tmp_path / "out.zarr" / "tables" / f".page.html.{uuid.uuid4().hex[:8]}.tmp"]  # fmt: skip
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    assert remove_unfinished_writes(tmp_path / "out.zarr") == 3
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == kept
+    assert remove_unfinished_writes("s3://bucket/out.zarr") == 0  # an object store's puts are whole

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -127,6 +128,22 @@ def write_bytes(location: str | Path, data: bytes) -> str:
     aside.write_bytes(data)
     os.replace(aside, path)
     return location
+
+
+# What a write killed before its rename leaves beside the file it was replacing: Zarr's local store writes
+# NAME.<32 hex>.partial, ``write_bytes`` .NAME.<8 hex>.tmp.
+UNFINISHED_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$|^\..+\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_unfinished_writes(location: str | Path) -> int:
+    """Delete the temporary files of writes killed before their rename under a local folder (an output resumed
+    after a SIGKILL; object stores leave none); returns how many."""
+    if is_url(str(location)):
+        return 0
+    leftovers = [p for p in Path(location).rglob("*") if p.is_file() and UNFINISHED_WRITE.search(p.name)]
+    for path in leftovers:
+        path.unlink()
+    return len(leftovers)
 
 
 def read_bytes(location: str | Path) -> bytes:

@@ -295,5 +295,6 @@ def finalize_output(
     write_label_metadata(labels_root, NAME, fmt=fmt, source={"image": "../../"})
     labels_root.attrs["ome"] = {"version": fmt.version, "labels": [NAME]}  # ome-zarr 0.18 leaves out the version
     del root[WORK]
+    storage.remove_unfinished_writes(staged.partial)  # a resumed output may hold some from the killed run
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": True}
     return storage.publish(staged)

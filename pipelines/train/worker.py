@@ -87,7 +87,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    parts: TrainingParts  # the model (wrapped for DDP), and on rank 0 the moving average of its weights
+    parts: TrainingParts  # the model (in DDP from 2 workers on), and on rank 0 the moving average of its weights
     dataset: PatchDataset
     loader: DataLoader
     progress: dict[str, Any]  # epoch, step, best, best_epoch, best_scores: restored from the last checkpoint
@@ -119,6 +119,7 @@ class Worker:
         progress = {"epoch": -1, "step": 0, "best": None, "best_epoch": None, "best_scores": {}}
         if (state := _checked_checkpoint(loop_config)) is not None:
             progress = parts.restore(state)
+        # DDP from 2 workers on; one worker's model stays unwrapped (no gradient buckets, no allreduce)
         parts.model = ray.train.torch.prepare_model(model, move_to_device=False)
         if train.compile:
             parts.model = torch.compile(parts.model)

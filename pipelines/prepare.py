@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --h
     import dask.array as da
     import zarr
 
+    from pipelines.prepare_regions import RegionExample
     from unet.data.sources import Pair
     from unet.weights import WeightMapParams
 
@@ -65,6 +66,11 @@ class Prepared:
             )
         self.stated_pixel_size = stated_pixel_size_um(pair.image)  # from its metadata, None if it states none
         self.renumbered = self.resampled = False
+        self.mask = None  # labelled everywhere (an annotated region's example has one)
+
+    @property
+    def name(self) -> str:
+        return self.pair.name
 
     def checks(self) -> dict[str, Any]:
         """What ``check`` needs, as Dask scalars: the image's bounds (``unet.intensity.intensity_bounds``) and
@@ -121,11 +127,6 @@ class Prepared:
         self.resampled = True
         log.info("image %s: resampled from %.4g um/px to %.4g um/px, now %d x %d pixels", self.pair.image, own,
                  pixel_size, *self.labels.shape)  # fmt: skip
-
-    def arrays(self, params: WeightMapParams) -> dict[str, da.Array]:
-        """What the store holds of the example: image, labels (int32), target and weight map."""
-        target, weights = weights_and_target(self.labels, params)
-        return {"image": self.image, "labels": self.labels.astype(np.int32), "target": target, "weights": weights}
 
     def attrs(self, split: str, pixel_size: float) -> dict[str, Any]:
         """The example's attributes in the store (``pixel_size`` that of its stored pixels)."""
@@ -184,12 +185,17 @@ def training_pixel_size(examples: list[Prepared], configured: float | None) -> f
     return float(np.median([ex.stated_pixel_size for ex in examples]))
 
 
-def split_names(names: list[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """Assign each example to train or val: a seeded shuffle, at least one of each when possible."""
-    order = sorted(names)
+def split_names(
+    names: list[str], val_fraction: float, seed: int, groups: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Assign each example to train or val: a seeded shuffle, at least one of each when possible. With ``groups``
+    (name -> group, e.g. its slide) whole groups are held out, never part of one."""
+    groups = groups or {name: name for name in names}
+    order = sorted(set(groups.values()))
     random.Random(seed).shuffle(order)
     n_val = min(max(round(val_fraction * len(order)), 1 if val_fraction > 0 else 0), len(order) - 1)
-    return {name: ("val" if i < n_val else "train") for i, name in enumerate(order)}
+    held_out = set(order[:n_val])
+    return {name: ("val" if groups[name] in held_out else "train") for name in names}
 
 
 def overlap_depth(params: WeightMapParams) -> int:
@@ -209,8 +215,11 @@ def compact_ids(block: np.ndarray) -> np.ndarray:
     return (inverse.reshape(block.shape) + (ids[0] != 0)).astype(np.int32)
 
 
-def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Array, da.Array]:
-    """Target and weight map, chunk by chunk with enough overlap to equal the whole-image result."""
+def weights_and_target(
+    labels: da.Array, params: WeightMapParams, mask: da.Array | None = None
+) -> tuple[da.Array, da.Array]:
+    """Target and weight map, chunk by chunk with enough overlap to equal the whole-image result; the class
+    frequencies are counted inside ``mask`` (an annotated region) where given."""
     from unet.weights import separate_touching, target_and_weights
 
     target = labels.map_overlap(
@@ -219,7 +228,8 @@ def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Ar
         boundary="none",
         dtype=np.uint8,
     )
-    foreground = float(target.mean().compute())
+    inside = target if mask is None else target[mask.astype(bool)]
+    foreground = float(inside.mean().compute()) if inside.size else 0.0
     frequencies = {0: 1.0 - foreground, 1: foreground}
     weights = labels.map_overlap(
         lambda block: target_and_weights(compact_ids(block), params, frequencies)[1],
@@ -230,12 +240,30 @@ def weights_and_target(labels: da.Array, params: WeightMapParams) -> tuple[da.Ar
     return target, weights
 
 
+def example_arrays(ex: Prepared | RegionExample, params: WeightMapParams) -> dict[str, da.Array]:
+    """What the store holds of an example: image, labels (int32), target and weight map; for an annotated region
+    also its mask, outside which the weights are 0 (the loss leaves those pixels out)."""
+    target, weights = weights_and_target(ex.labels, params, ex.mask)
+    arrays = {"image": ex.image, "labels": ex.labels.astype(np.int32), "target": target, "weights": weights}
+    if ex.mask is not None:
+        arrays |= {"weights": weights * ex.mask, "mask": ex.mask}
+    return arrays
+
+
 def prepare(config: Config, overwrite: bool = False, chunk: int = CHUNK, previews: int = PREVIEWS) -> str:
     """Build the training store named by ``config.data.store`` (a path or URL); return its location."""
     from unet.weights import WeightMapParams
 
-    examples = open_examples(config, chunk)
-    pixel_size = training_pixel_size(examples, config.data.pixel_size_um)
+    if config.data.annotations:  # regions of slides annotated in QuPath
+        from pipelines.prepare_regions import open_annotated, region_examples
+
+        slides = open_annotated(config)
+        check_store_location(config.data.store, [], [slide.pair for slide in slides])
+        pixel_size = training_pixel_size(slides, config.data.pixel_size_um)
+        examples = region_examples(slides, pixel_size, config, chunk)
+    else:
+        examples = open_examples(config, chunk)
+        pixel_size = training_pixel_size(examples, config.data.pixel_size_um)
     check_examples(examples)
     for ex in examples:  # before the target and weight map: they are computed at the training resolution
         ex.resample_to(pixel_size, chunk, config.data.max_image_pixels)
@@ -280,15 +308,17 @@ def write_store(
     from unet.data.store import StoreWriter
 
     data = config.data
-    splits = split_names([ex.pair.name for ex in examples], data.val_fraction, config.train.seed)
+    by_slide = data.annotations and data.split_by == "slide"
+    groups = {ex.name: str(ex.pair.image) for ex in examples} if by_slide else None
+    splits = split_names([ex.name for ex in examples], data.val_fraction, config.train.seed, groups)
     with StoreWriter(data.store, overwrite=overwrite) as writer:
         sources, targets = [], []
         for ex in examples:
-            for kind, array in ex.arrays(params).items():
+            for kind, array in example_arrays(ex, params).items():
                 chunks = (ex.channels, chunk, chunk) if kind == "image" else (chunk, chunk)
                 sources.append(array)
-                targets.append(writer.create(ex.pair.name, kind, array.shape, array.dtype, chunks))
-            writer.set_example_attrs(ex.pair.name, ex.attrs(splits[ex.pair.name], pixel_size))
+                targets.append(writer.create(ex.name, kind, array.shape, array.dtype, chunks))
+            writer.set_example_attrs(ex.name, ex.attrs(splits[ex.name], pixel_size))
         log.info(
             "computing targets and weight maps (w0=%g, sigma=%g) and writing %s", params.w0, params.sigma, data.store
         )
@@ -303,9 +333,9 @@ def store_attrs(
     in memory at a time."""
     from unet.data.store import object_area_distribution, object_areas
 
-    areas = [object_areas(root[ex.pair.name]["labels"][:]) for ex in examples]
+    areas = [object_areas(root[ex.name]["labels"][:]) for ex in examples]
     return {
-        "examples": [ex.pair.name for ex in examples],
+        "examples": [ex.name for ex in examples],
         "channels": examples[0].channels,
         "pixel_size_um": pixel_size,
         "object_area_um2": object_area_distribution(np.concatenate(areas) * pixel_size**2),

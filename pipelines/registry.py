@@ -306,32 +306,36 @@ def git_commit() -> str:
         return f"unknown (unet-wsi {__version__}, no git checkout)"
 
 
-def promote(
-    client: MlflowClient, name: str, version: str, metric: str, value: float, higher_is_better: bool = True
-) -> bool:
-    """Alias ``candidate`` -> ``version``; ``champion`` too when ``value`` beats the champion's ``metric`` and the
-    account may move it (on a server with accounts only MANAGE on the model may: else a warning and False)."""
+def promote(client: MlflowClient, name: str, version: str, wins: bool, scored_champion: str | None = None) -> bool:
+    """Alias ``candidate`` -> ``version``; ``champion`` too when it ``wins`` against the champion it was scored
+    against (``scored_champion``, None: there was none), provided that is still the champion (a champion moved
+    meanwhile was not compared: nothing is crowned) and the account may move the alias (on a server with accounts
+    only MANAGE on the model may: else a warning and False). Returns whether ``version`` is now the champion."""
     client.set_registered_model_alias(name, CANDIDATE, version)
+    if not wins:
+        return False
     champion = current_champion(client, name)
-    best = None if champion is None else champion.tags.get(metric)
-    better = best is None or (float(value) > float(best) if higher_is_better else float(value) < float(best))
-    if better:
-        from mlflow.exceptions import MlflowException
+    now = None if champion is None else str(champion.version)
+    if now != scored_champion:
+        log.warning("the %s of %s is version %s now, not the version %s this job compared with: %s stays",
+                    CHAMPION, name, now, scored_champion, CHAMPION)  # fmt: skip
+        return False
+    from mlflow.exceptions import MlflowException
 
-        try:
-            client.set_registered_model_alias(name, CHAMPION, version)
-        except MlflowException as exc:
-            if exc.error_code != "PERMISSION_DENIED":
-                raise
-            log.warning(  # a service account (EDIT) registers; a person with MANAGE on the model crowns
-                "version %s of %s would be the new %s, but this account may not move that alias (it needs MANAGE on "
-                "the registered model): someone who has it sets the alias",
-                version,
-                name,
-                CHAMPION,
-            )
-            return False
-    return better
+    try:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    except MlflowException as exc:
+        if exc.error_code != "PERMISSION_DENIED":
+            raise
+        log.warning(  # a service account (EDIT) registers; a person with MANAGE on the model crowns
+            "version %s of %s would be the new %s, but this account may not move that alias (it needs MANAGE on "
+            "the registered model): someone who has it sets the alias",
+            version,
+            name,
+            CHAMPION,
+        )
+        return False
+    return True
 
 
 def current_champion(client: MlflowClient, name: str):

@@ -243,7 +243,7 @@ def registered(tmp_path: Path, trained_model_dir: Path) -> str:
     client = connect(uri)
     run = client.create_run(client.create_experiment("reg")).info.run_id
     version = log_and_register(run, load_weights(trained_model_dir), "unet-infer", {"val/f1": 0.5}, uri)
-    promote(client, "unet-infer", version, "val/f1", 0.5)
+    promote(client, "unet-infer", version, wins=True)
     return version
 
 

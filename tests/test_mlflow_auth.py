@@ -119,7 +119,7 @@ def test_a_reader_reads_but_cannot_move_an_alias(server: dict, trained) -> None:
     alias = {"name": MODEL, "alias": "staging", "version": version}
     assert call(url, "/api/2.0/mlflow/registered-models/alias", server[READER], alias)[0] == 403
     with account(url, *server[READER]) as reader, pytest.raises(MlflowException) as raised:
-        promote(reader, MODEL, version, "val/f1", 1.0)
+        promote(reader, MODEL, version, wins=True)
     assert raised.value.error_code == "PERMISSION_DENIED"
 
 
@@ -135,9 +135,9 @@ def test_only_manage_moves_champion(server: dict, trained) -> None:
     rename = {"name": MODEL, "new_name": "unet-elsewhere"}  # then a new model of the old name would be its own
     assert call(url, "/api/2.0/mlflow/registered-models/rename", server[WRITER], rename)[0] == 403
     with account(url, *server[WRITER]) as writer:
-        assert not promote(writer, MODEL, version, "val/f1", 1.0)  # candidate moved, champion refused
+        assert not promote(writer, MODEL, version, wins=True)  # candidate moved, champion refused
     with account(url, *server[MANAGER]) as manager:
-        assert promote(manager, MODEL, version, "val/f1", 1.0)
+        assert promote(manager, MODEL, version, wins=True)
         assert manager.get_model_version_by_alias(MODEL, CHAMPION).version == version
 
 

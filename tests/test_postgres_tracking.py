@@ -31,7 +31,7 @@ def test_mlflow_server_on_postgres_registers_and_loads_a_model(postgres: str, tm
         torch.manual_seed(0)
         model = UNet(3, 2, base_channels=4, depth=2)
         version = log_and_register(run_id, model, "unet-pg", {"val/f1": 0.7}, uri)
-        assert promote(client, "unet-pg", version, "val/f1", 0.7)
+        assert promote(client, "unet-pg", version, wins=True)
         loaded = load_model("models:/unet-pg@champion", tracking_uri=uri)
         for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True):
             assert torch.equal(a, b)

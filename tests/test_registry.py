@@ -51,23 +51,30 @@ def test_relative_sqlite_uri_is_made_absolute(tracking_uri: str, tmp_path: Path)
     assert tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def test_champion_moves_only_when_the_metric_improves(tracking_uri: str) -> None:
+def test_champion_moves_only_on_a_win_against_the_champion_still_in_place(tracking_uri: str) -> None:
+    """``promote`` crowns a winner only if the champion it was compared with is still the champion."""
     client = connect(tracking_uri)
-    champions = []
-    for score in (0.5, 0.4, 0.6, 0.6):
-        model = UNet(3, 2, base_channels=4, depth=2)
-        version = log_and_register(new_run(tracking_uri), model, "unet-reg", {"val/f1": score}, tracking_uri)
-        promote(client, "unet-reg", version, "val/f1", score)
-        assert client.get_model_version_by_alias("unet-reg", "candidate").version == int(version)
-        champions.append(int(client.get_model_version_by_alias("unet-reg", "champion").version))
-    assert champions == [1, 1, 3, 3]  # ties do not move the champion
+
+    def register() -> str:
+        return log_and_register(new_run(tracking_uri), UNet(3, 2, base_channels=4, depth=2), "unet-reg", {},
+                                tracking_uri)  # fmt: skip
+
+    first, second, third = register(), register(), register()
+    assert promote(client, "unet-reg", first, wins=True)  # no champion yet, none compared with
+    assert not promote(client, "unet-reg", second, wins=False, scored_champion=first)
+    assert client.get_model_version_by_alias("unet-reg", "candidate").version == int(second)
+    assert client.get_model_version_by_alias("unet-reg", "champion").version == int(first)
+    assert not promote(client, "unet-reg", third, wins=True, scored_champion=None)  # it was compared with no one
+    assert client.get_model_version_by_alias("unet-reg", "champion").version == int(first)
+    assert promote(client, "unet-reg", third, wins=True, scored_champion=first)
+    assert client.get_model_version_by_alias("unet-reg", "champion").version == int(third)
 
 
 def test_versions_load_back_identically_without_unpickling(tracking_uri: str, tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = UNet(1, 3, bilinear=True, base_channels=4, depth=3)
     version = log_and_register(new_run(tracking_uri), model, "unet-load", {}, tracking_uri)
-    promote(connect(tracking_uri), "unet-load", version, "val/f1", 0.1)
+    promote(connect(tracking_uri), "unet-load", version, wins=True)
     for uri in (f"models:/unet-load/{version}", "models:/unet-load@champion", "models:/unet-load@candidate"):
         loaded = load_model(uri, tracking_uri=tracking_uri)
         assert loaded.architecture() == model.architecture()
@@ -212,11 +219,11 @@ def test_a_server_error_is_not_read_as_no_champion(tmp_path: Path, monkeypatch: 
     with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path) as url:
         client = connect(url)
         first = log_and_register(new_run(url), UNet(3, 2, base_channels=4, depth=2), "unet-503", {"val/f1": 0.9}, url)
-        assert promote(client, "unet-503", first, "val/f1", 0.9)
+        assert promote(client, "unet-503", first, wins=True)
         worse = log_and_register(new_run(url), UNet(3, 2, base_channels=4, depth=2), "unet-503", {"val/f1": 0.1}, url)
         failure = pytest.raises(UserError, match=r"cannot read the champion of unet-503 .*nothing promoted")
         with failing_proxy(url, "/registered-models/alias") as proxy, failure:
-            promote(connect(proxy), "unet-503", worse, "val/f1", 0.1)
+            promote(connect(proxy), "unet-503", worse, wins=True, scored_champion=first)
         assert str(client.get_model_version_by_alias("unet-503", "champion").version) == str(first)
 
 

@@ -24,6 +24,7 @@ class ValidationExample:
     intensity_range: tuple[tuple[float, float], ...]  # the training rule's normalisation range
     labels: np.ndarray  # YX instance ids
     target: np.ndarray  # YX 0/1
+    mask: np.ndarray | None = None  # YX bool: where annotation is complete (an annotated region); None: everywhere
 
     @property
     def image(self) -> np.ndarray:
@@ -69,9 +70,9 @@ def load_validation(store: TrainingStore, split: str = "val") -> list[Validation
     for name in store.names_in(split):
         ex = store.example(name)
         ranges = tuple(tuple(map(float, pair)) for pair in ex.attrs["intensity_range"])
-        examples.append(
-            ValidationExample(name, np.asarray(ex.image[:]), ranges, np.asarray(ex.labels[:]), np.asarray(ex.target[:]))
-        )
+        mask = None if ex.mask is None else np.asarray(ex.mask[:], dtype=bool)
+        pixels, labels, target = (np.asarray(array[:]) for array in (ex.image, ex.labels, ex.target))
+        examples.append(ValidationExample(name, pixels, ranges, labels, target, mask))
     return examples
 
 
@@ -93,5 +94,5 @@ def evaluate(
         for ex in examples:
             probability = predict_image(predictor, ex.pixels, ex.intensity_range, chunk)
             objects = label_image(rule.store(probability), rule, chunk)
-            predictions.append(Prediction(ex, probability, objects, tally.add(ex.labels, objects)))
+            predictions.append(Prediction(ex, probability, objects, tally.add(ex.labels, objects, ex.mask)))
     return Evaluation(tally.scores(), predictions)

@@ -20,10 +20,15 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: 
     return (per_pixel * weights.float()).mean()
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice of the foreground classes (all but class 0), averaged over classes."""
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1 - soft Dice of the foreground classes (all but class 0), averaged over classes; only the pixels where
+    ``mask`` (N, H, W) is true count, if given."""
     probabilities = logits.float().softmax(dim=1)[:, 1:]
     one_hot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    if mask is not None:
+        probabilities, one_hot = probabilities * mask[:, None], one_hot * mask[:, None]
     dims = (0, 2, 3)
     intersection = (probabilities * one_hot).sum(dims)
     total = probabilities.sum(dims) + one_hot.sum(dims)
@@ -40,5 +45,6 @@ class WeightedLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         loss = weighted_cross_entropy(logits, target, weights)
         if self.dice_weight:
-            loss = loss + self.dice_weight * soft_dice_loss(logits, target)
+            # a weight of 0 marks pixels outside an annotated region: Dice leaves them out too
+            loss = loss + self.dice_weight * soft_dice_loss(logits, target, mask=(weights > 0).float())
         return loss

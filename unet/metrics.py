@@ -81,6 +81,16 @@ def instance_scores(truth: np.ndarray, predicted: np.ndarray, threshold: float) 
     return InstanceScores(n_t, n_p, tp, precision, recall, f1, merged, split)
 
 
+def within(instances: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``instances`` without the objects that lie mostly (more than half their pixels) outside ``mask``: what the
+    scores of an annotated region count. An object cut by the region's border counts, whole, where most of it is."""
+    instances = np.asarray(instances)
+    ids, inverse, total = np.unique(instances, return_inverse=True, return_counts=True)
+    inside = np.bincount(inverse.ravel(), weights=np.asarray(mask, bool).ravel(), minlength=len(ids))
+    keep = (ids != 0) & (inside * 2 > total)
+    return np.where(keep[inverse.reshape(instances.shape)], instances, 0)
+
+
 class SegmentationTally:
     """Accumulates counts over several images; ``scores()`` gives pooled (micro-averaged) metrics."""
 
@@ -91,10 +101,17 @@ class SegmentationTally:
         )
         self.images = 0
 
-    def add(self, truth_instances: np.ndarray, predicted_instances: np.ndarray) -> dict[str, float]:
-        """Count one image (true and predicted objects as instance ids); returns its own scores: pixel IoU and
-        Dice, then the instance scores."""
-        counts = _pixel_counts(predicted_instances, truth_instances)
+    def add(
+        self, truth_instances: np.ndarray, predicted_instances: np.ndarray, mask: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """Count one image (true and predicted objects as instance ids) or, with a ``mask``, its pixels inside the
+        mask and the objects mostly inside it (``within``); returns its own scores: pixel IoU and Dice, then the
+        instance scores."""
+        if mask is not None:
+            truth_instances, predicted_instances = within(truth_instances, mask), within(predicted_instances, mask)
+            counts = _pixel_counts(np.where(mask, predicted_instances, 0), np.where(mask, truth_instances, 0))
+        else:
+            counts = _pixel_counts(predicted_instances, truth_instances)
         for key, count in zip(("intersection", "union", "pixels_sum"), counts, strict=True):
             self.counts[key] += count
         scores = instance_scores(truth_instances, predicted_instances, self.threshold)

@@ -21,20 +21,17 @@ path or URL elsewhere, or a symlink leading out).
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from unet import storage
-from unet.errors import UserError, first_line
+from unet.errors import UserError
 from unet.io import TIFF_SUFFIXES, ZARR_SUFFIXES, longest_first, stem
+from unet.manifest import is_manifest, read_manifest, relative_to
 
 SLIDE_SUFFIXES = longest_first(ZARR_SUFFIXES | TIFF_SUFFIXES)  # slides by name (others are slides by content)
-MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
 OUTPUT_SUFFIX = ".ome.zarr"
 SUMMARY_NAME = "batch_summary.csv"
@@ -78,24 +75,39 @@ def expand(input: str, output: str, level: int | None, pixel_size_um: float | No
     """The slides named by ``infer.input`` (see the module docstring), each with its output and level."""
     if is_manifest(input):
         return _checked(_from_manifest(input, output, level, pixel_size_um), output)
-    if any(char in input for char in "*?["):
-        slides = [match for match in _glob(input) if is_slide(match)]
-        if not slides:
-            raise UserError(f"no slides match {input} (Zarr stores or {', '.join(longest_first(TIFF_SUFFIXES))} files)")
-    elif not storage.exists(input):
-        raise UserError(f"infer.input not found: {input}")
-    elif storage.is_file(input) or is_zarr(input):
+    if is_one_slide(input, "infer.input"):
         item = Item(storage.resolve(input), storage.resolve(output), level, pixel_size_um)
         if clash := storage.overlap(item.output, item.input):  # --overwrite would replace the slide with its result
             raise UserError(f"infer.output {output} {clash} infer.input {input}; choose another output")
         return Cohort([item], batch=False)
-    else:
-        if storage.resolve(output) == storage.resolve(input):  # a re-run would segment the outputs too
-            raise UserError(f"infer.output must not be the input folder {input}; choose another folder")
-        slides = [child for child in _children(input) if is_slide(child)]
-        if not slides:
-            raise UserError(f"{input} is a folder without slides (Zarr stores or TIFF/SVS files)")
+    if storage.resolve(output) == storage.resolve(input):  # a re-run would segment the outputs too
+        raise UserError(f"infer.output must not be the input folder {input}; choose another folder")
+    slides = find_slides(input)
     return _checked([Item(slide, output_for(slide, output), level, pixel_size_um) for slide in slides], output)
+
+
+def is_one_slide(location: str, setting: str) -> bool:
+    """Whether ``location`` (not a glob) is one slide rather than a folder of them; ``setting`` names it when it is
+    missing."""
+    if any(char in location for char in "*?["):
+        return False
+    if not storage.exists(location):
+        raise UserError(f"{setting} not found: {location}")
+    return storage.is_file(location) or is_zarr(location)
+
+
+def find_slides(location: str) -> list[str]:
+    """The slides a glob matches or a folder (prefix) holds, sorted by name; one line if there are none."""
+    if any(char in location for char in "*?["):
+        slides = [match for match in _glob(location) if is_slide(match)]
+        if not slides:
+            raise UserError(f"no slides match {location} (Zarr stores or {', '.join(longest_first(TIFF_SUFFIXES))} "
+                            "files)")  # fmt: skip
+        return slides
+    slides = [child for child in _children(location) if is_slide(child)]
+    if not slides:
+        raise UserError(f"{location} is a folder without slides (Zarr stores or TIFF/SVS files)")
+    return slides
 
 
 def output_for(slide: str, folder: str) -> str:
@@ -106,10 +118,6 @@ def output_for(slide: str, folder: str) -> str:
 def join(folder: str, name: str) -> str:
     folder = storage.resolve(folder)
     return f"{folder}/{name}" if storage.is_url(folder) else str(PurePosixPath(folder) / name)
-
-
-def is_manifest(location: str) -> bool:
-    return location.lower().endswith(MANIFEST_SUFFIXES) and storage.exists(location) and storage.is_file(location)
 
 
 def is_zarr(location: str) -> bool:
@@ -134,41 +142,12 @@ def _children(folder: str) -> list[str]:
 
 
 def _from_manifest(manifest: str, output: str, level: int | None, pixel_size_um: float | None) -> list[Item]:
-    import fsspec
-
-    with fsspec.open(storage.resolve(manifest), "r") as handle:
-        text = handle.read()
-    try:
-        if manifest.lower().endswith(".csv"):
-            rows = [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(io.StringIO(text))]
-        else:
-            rows = yaml.safe_load(text)
-            rows = rows.get("slides") if isinstance(rows, dict) else rows
-    except (csv.Error, yaml.YAMLError) as exc:
-        raise UserError(f"manifest {manifest} cannot be read: {first_line(exc)}") from None
-    if not isinstance(rows, list) or not rows:
-        raise UserError(f"manifest {manifest} lists no slides (expected rows with an 'input' column)")
-    parsed = []
-    for number, row in enumerate(rows, start=1):
-        try:
-            parsed.append(ManifestRow.model_validate(row))
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(map(str, error["loc"])) or "row"
-            raise UserError(f"manifest {manifest}, slide {number}: {field}: {error['msg']}") from None
-    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
     items = []
-    for row in parsed:
-        slide = _relative_to(base, row.input)
-        items.append(Item(slide, _relative_to(base, row.output) if row.output else output_for(slide, output),
+    for row in read_manifest(manifest, ManifestRow, "slide", "input"):
+        slide = relative_to(manifest, row.input)
+        items.append(Item(slide, relative_to(manifest, row.output) if row.output else output_for(slide, output),
                           level if row.level is None else row.level, row.pixel_size_um or pixel_size_um))  # fmt: skip
     return items
-
-
-def _relative_to(base: str, location: str) -> str:
-    if storage.is_url(location) or location.startswith("/"):
-        return storage.resolve(location)
-    return storage.resolve(join(base, location))
 
 
 def _checked(items: list[Item], folder: str) -> Cohort:

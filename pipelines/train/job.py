@@ -173,6 +173,9 @@ def train(config: Config) -> dict:
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     config.tracking.tracking_uri = tracking_uri
     client = registry.connect(tracking_uri)
+    from pipelines.train.parent import check_parent
+
+    check_parent(config, store, tracking_uri)  # before Ray starts: a wrong parent is one line at once
     with one_job_per_run(config):
         return _train(config, store, client)
 
@@ -182,6 +185,8 @@ def _train(config: Config, store: TrainingStore, client) -> dict:
     from pipelines import registry
     from pipelines.liveness import heartbeat
     from pipelines.models import resolution_tags
+    from pipelines.train.parent import lineage_tags
+    from pipelines.train.release import release
     from unet import storage
 
     tracking_uri = config.tracking.tracking_uri
@@ -194,6 +199,7 @@ def _train(config: Config, store: TrainingStore, client) -> dict:
         registry.STORE_SHA_TAG: store_sha,
         registry.GIT_COMMIT_TAG: registry.git_commit(),
         **resolution_tags(store.pixel_size_um, store.object_area_um2),
+        **lineage_tags(config, store),
     }
     not_running_elsewhere(config, client)
     from pipelines.checkpoints import recorded_by_ray
@@ -219,7 +225,10 @@ def _train(config: Config, store: TrainingStore, client) -> dict:
             )
             loop_config = {"config": config.model_dump(mode="json"), "mlflow_run_id": run_id,
                            "tracking_uri": tracking_uri}  # fmt: skip
-            return fit_and_register(config, client, run_id, loop_config, tags, resumed)
+            result = fit(build_trainer(config, loop_config))
+            if result.checkpoint is None:
+                raise UserError("training finished without a checkpoint")
+            return release(config, client, run_id, result, tags, store, resumed)
         finally:
             stop_heartbeat.set()
 
@@ -350,61 +359,3 @@ def _reason(exc: BaseException) -> str:
     if (user := f"{UserError.__module__}.{UserError.__name__}: ") in reason:  # a worker's one-line error: as it is
         return reason.rsplit(user, 1)[1][:400]
     return reason[:400]
-
-
-def fit_and_register(config: Config, client, run_id: str, loop_config: dict, tags: dict, resumed: bool) -> dict:
-    """Run the trainer, register the best model (promoting it if it beats the champion) and report."""
-    from pipelines import registry
-    from pipelines.models import log_and_register
-    from unet.model_files import BEST_MODEL_DIR, load_weights
-
-    result = fit(build_trainer(config, loop_config))
-    if result.checkpoint is None:
-        raise UserError("training finished without a checkpoint")
-
-    metric = config.tracking.champion_metric
-    epoch = int(result.metrics["epoch"])
-    previous = client.get_run(run_id).data.tags
-    if previous.get(registry.REGISTERED_EPOCH_TAG) == str(epoch):  # a re-run of a finished run: nothing new
-        client.set_terminated(run_id, status="FINISHED")
-        model_uri = registry.registered_model_uri(previous)
-        print(f"run {config.train.run_name!r} already finished; its model is {model_uri}")
-        return {"run_id": run_id, "model_uri": model_uri, "epochs": epoch + 1, "resumed": True}
-    with result.checkpoint.as_directory() as directory:
-        model = load_weights(Path(directory) / BEST_MODEL_DIR)
-    best = result.metrics[f"best/{metric}"]
-    version_tags = {
-        metric: best,
-        "best_epoch": result.metrics["best/epoch"],
-        registry.STORE_SHA_TAG: tags[registry.STORE_SHA_TAG],
-        registry.GIT_COMMIT_TAG: tags[registry.GIT_COMMIT_TAG],
-        registry.RUN_NAME_TAG: config.train.run_name,
-        "mlflow.run_id": run_id,
-        # the scores of the epoch whose weights are registered (the best), not of the last epoch
-        **{k.removeprefix("best/"): v for k, v in result.metrics.items() if k.startswith("best/val/")},
-    }
-    name = config.tracking.registered_model
-    version = log_and_register(run_id, model, name, version_tags, config.tracking.tracking_uri, config.infer)
-    champion = config.tracking.promote and registry.promote(client, name, version, metric, best)
-    registry.record_registration(client, run_id, name, version, epoch)
-    client.set_terminated(run_id, status="FINISHED")
-
-    summary = {"run_id": run_id, "model_uri": f"models:/{name}/{version}", "epochs": epoch + 1, "resumed": resumed}
-    report(config, result.metrics, {**summary, metric: best, "champion": champion})
-    return {**summary, metric: best, "champion": champion}
-
-
-def report(config: Config, metrics: dict, summary: dict) -> None:
-    metric = config.tracking.champion_metric
-    aliases = "candidate, champion" if summary["champion"] else "candidate"
-    print()
-    print(f"  epochs          {summary['epochs']} (best: epoch {int(metrics['best/epoch']) + 1})")
-    print(f"  {metric:<15} {summary[metric]:.4f} (best epoch)")
-    uri = config.tracking.tracking_uri
-    print(f"  MLflow run      {summary['run_id']} in {uri}")
-    print(f"  model           {summary['model_uri']} (alias {aliases})")
-    print(f"  checkpoints     {config.train.storage_path}/{config.train.run_name}")
-    if uri.startswith(("http://", "https://")):  # the server is the UI
-        print(f"  MLflow UI       {uri}/#/experiments")
-    else:
-        print(f"  MLflow UI       mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")

@@ -109,6 +109,10 @@ class Worker:
         torch.manual_seed(train.seed)  # identical initial weights on every rank
         store = TrainingStore(config.data.store)
         model = build_model(config.model, pixel_size_um=store.pixel_size_um, object_area_um2=store.object_area_um2)
+        if train.init_from and ray.train.get_checkpoint() is None:  # fine-tuning (a resumed run has its own state)
+            from pipelines.train.parent import load_parent
+
+            load_parent(model, train.init_from, loop_config["tracking_uri"])  # before the weights' average copies them
         model = model.to(device)
         if train.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -34,7 +34,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Where training data comes from and how patches are drawn from it."""
 
-    images: str | None = Field(None, description="Folder (or glob) of training images.")
+    images: str | None = Field(None, description="Folder (or glob) of training images (with data.annotations: slides).")
     labels: str | None = Field(None, description="Folder (or glob) of instance label images, same stems.")
     store: str = Field("data/train.zarr", description="Training Zarr store (path or s3:// URL) of pipelines.prepare.")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of images held out for validation.")
@@ -54,6 +54,35 @@ class DataConfig(Section):
         ge=1,
         description="pipelines.prepare refuses an image or label image of more pixels (height x width), read from "
         "its header before any pixel: training reads each image whole (default 2**28, 268 Mpx).",
+    )
+    annotations: str | None = Field(
+        None,
+        description="QuPath annotations instead of data.labels: a GeoJSON file (File > Export objects as GeoJSON) of "
+        "the slide data.images names, a folder or glob of them (slide NAME.EXT with NAME.geojson), or a CSV/YAML "
+        "manifest with the columns slide and annotations. Regions say where annotation is complete; objects inside "
+        "them become instance labels at the training pixel size (README, 'Improving the model with your "
+        "annotations').",
+    )
+    region_classes: list[str] = Field(
+        ["Region*", "Training area"],
+        description="QuPath classes (fnmatch patterns) of the annotations that mark regions where every object is "
+        "annotated; each region becomes one training example.",
+    )
+    object_classes: list[str] = Field(
+        ["Nucleus"],
+        description="QuPath classes (fnmatch patterns) of the objects (annotations, detections or cells) that become "
+        "instance labels. []: every detection or cell, whatever its class.",
+    )
+    ignore_classes: list[str] = Field(
+        ["Ignore*"], description="QuPath classes of annotations whose area is left out of the loss and the scores."
+    )
+    rectangles_are_regions: bool = Field(
+        True, description="An unclassified rectangle annotation marks a region too (QuPath's rectangle tool)."
+    )
+    split_by: Literal["region", "slide"] = Field(
+        "region",
+        description="With data.annotations: hold out whole regions (region) or whole slides (slide) for validation; "
+        "never patches of one region.",
     )
     augment: bool = Field(True, description="Augment training patches (flips, rotations, elastic, intensity).")
     elastic_prob: float = Field(0.5, ge=0, le=1, description="Probability of the paper's elastic deformation.")
@@ -122,6 +151,12 @@ class TrainConfig(Section):
         description="Decay per step of an exponential moving average of the weights (and BatchNorm statistics), "
         "warmed up as min(decay, (1 + n) / (10 + n)) after n steps; validation, the best model and the registered "
         "version use the average. 0: the raw weights.",
+    )
+    init_from: str | None = Field(
+        None,
+        description="Fine-tune: start from this model's weights (models:/NAME@ALIAS, models:/NAME/VERSION or a model "
+        "folder; on a cluster, one every node reaches) instead of random ones. Its architecture must be model.*, its "
+        "channels and pixel size the store's. The new version's lineage names it. null: random weights.",
     )
     seed: int = Field(0, description="Seed for weights, sampling and augmentation.")
     deterministic: bool = Field(
@@ -318,6 +353,11 @@ class EvaluateConfig(Section):
 
     model: str = Field("models:/unet@champion", description="models:/NAME@ALIAS, models:/NAME/VERSION or a folder.")
     store: str | None = Field(None, description="Training store to evaluate on (null: data.store).")
+    baseline: str | None = Field(
+        None,
+        description="A second model (e.g. models:/NAME@champion) scored on the same images in the same job: both rows "
+        "and their difference are printed and logged. null: evaluate.model alone.",
+    )
     split: Literal["val", "train"] = Field("val", description="Which examples of the store.")
     iou_threshold: float = Field(
         0.5, ge=0.5, lt=1, description="IoU above which a prediction matches an object (also in training validation)."
@@ -338,7 +378,17 @@ class TrackingConfig(Section):
     champion_metric: Literal["val/f1", "val/dice", "val/iou", "val/precision", "val/recall"] = Field(
         "val/f1", description="Validation metric (higher is better) that picks the best epoch and the champion."
     )
-    promote: bool = Field(True, description="Move the 'champion' alias when a new version beats the champion.")
+    promote: bool = Field(
+        True,
+        description="Move the 'champion' alias to a new version that beats the champion: both are scored on the run's "
+        "validation split in the training job, with tracking.champion_metric.",
+    )
+    promote_margin: float = Field(
+        0.0,
+        ge=0,
+        description="The champion moves only if the new version's tracking.champion_metric exceeds the champion's "
+        "(scored on the same images in the same job) by more than this.",
+    )
 
 
 class Config(Section):

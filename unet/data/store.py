@@ -6,7 +6,8 @@ Layout (Zarr v3)::
       <name>/image              (C, Y, X), the source dtype
       <name>/labels             (Y, X) int32 instance ids, as given
       <name>/target             (Y, X) uint8, touching objects split (see unet.weights)
-      <name>/weights            (Y, X) float32, eq. 2 of the paper
+      <name>/weights            (Y, X) float32, eq. 2 of the paper (0 outside the mask)
+      <name>/mask               (Y, X) uint8, only in examples of annotated regions: 1 where annotation is complete
       <name> attrs              source files and sha256, split (train/val), intensity range, pixel sizes
 
 The store's attrs record its pixel size (``pixel_size_um``: every example is stored at it, resampled where its
@@ -36,6 +37,7 @@ from unet.errors import UserError
 STORE_KEY = "unet_training_store"
 STORE_VERSION = 1
 ARRAYS = ("image", "labels", "target", "weights")
+OPTIONAL_ARRAYS = ("mask",)  # examples from annotated regions: where annotation is complete
 AREA_PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 
@@ -53,6 +55,7 @@ class Example:
     target: zarr.Array
     weights: zarr.Array
     attrs: dict[str, Any]
+    mask: zarr.Array | None = None  # examples of annotated regions: 1 where annotation is complete
 
     @property
     def split(self) -> str:
@@ -97,7 +100,7 @@ class StoreWriter:
 
     def create(self, name: str, kind: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> zarr.Array:
         """An empty array ``kind`` (one of ARRAYS) of example ``name``."""
-        if kind not in ARRAYS:
+        if kind not in ARRAYS + OPTIONAL_ARRAYS:
             raise ValueError(f"unknown array kind {kind!r}")
         group = self.root.require_group(name)
         return group.create_array(kind, shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
@@ -174,7 +177,8 @@ class TrainingStore:
     def example(self, name: str) -> Example:
         group = self.root[name]
         arrays = {kind: group[kind] for kind in ARRAYS}
-        return Example(name=name, attrs=dict(group.attrs), **arrays)
+        optional = {kind: group[kind] for kind in OPTIONAL_ARRAYS if kind in group}
+        return Example(name=name, attrs=dict(group.attrs), **arrays, **optional)
 
     def __len__(self) -> int:
         return len(self.names)

@@ -149,7 +149,9 @@ class RegionExample:
     """One annotated region as a training example, with the interface ``pipelines.prepare`` writes from (image,
     labels, checks, arrays, attrs)."""
 
-    def __init__(self, slide: AnnotatedSlide, index: int, pixel_size: float, chunk: int, channels: int) -> None:
+    def __init__(
+        self, slide: AnnotatedSlide, index: int, pixel_size: float, chunk: int, channels: int, max_pixels: int
+    ) -> None:
         import dask.array as da
 
         from unet.annotations import objects_in, rasterise
@@ -163,12 +165,18 @@ class RegionExample:
         plan = plan_resolution(slide.pair.image, pixel_size, pixel_size_um=slide.stated_pixel_size)
         self.level, self.to_level0, self.scale = plan.level, plan.to_level0, plan.scale
         self.box = self._box(objects_in(slide.annotations, self.region))
+        y0, x0, y1, x1 = self.box
+        if (y1 - y0) * (x1 - x0) > max_pixels:  # training reads each example whole
+            raise DataError(f"{slide.pair.labels}: region {index} is {y1 - y0:,} x {x1 - x0:,} pixels at "
+                            f"{pixel_size:g} um/px, more than data.max_image_pixels={max_pixels:,}; draw smaller "
+                            "regions")  # fmt: skip
         raster = rasterise(slide.annotations, self.region, self.box, 1 / self.to_level0)
+        if not raster.labels.any():
+            log.warning("%s: region %d holds no objects: it trains as background", slide.pair.labels, index)
         self.raster = raster
         if raster.overlapping:
             log.info("%s: %d objects overlap (%d contested pixels given to the smaller object; %d hidden)", self.name,
                      raster.overlapping, raster.contested_pixels, raster.hidden)  # fmt: skip
-        y0, x0, y1, x1 = self.box
         with open_at(slide.pair.image, plan.level, plan.scale) as source:
             image = np.asarray(source.read(y0, y1, x0, x1))
         if image.shape[0] != channels:
@@ -244,7 +252,7 @@ def region_examples(slides: list[AnnotatedSlide], pixel_size: float, config: Con
     if data.split_by == "slide" and data.val_fraction > 0 and len(slides) < 2:
         raise DataError("data.split_by=slide holds out whole slides: it needs annotations of 2 slides or more; "
                         "use data.split_by=region")  # fmt: skip
-    examples = [RegionExample(slide, index, pixel_size, chunk, config.model.n_channels)
+    examples = [RegionExample(slide, index, pixel_size, chunk, config.model.n_channels, data.max_image_pixels)
                 for slide in slides for index in range(len(slide.annotations.regions))]  # fmt: skip
     log.info("%d regions of %d slides, %d objects in all", len(examples), len(slides),
              sum(int(ex.raster.labels.max()) for ex in examples))  # fmt: skip

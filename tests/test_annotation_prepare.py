@@ -134,6 +134,7 @@ def test_the_export_of_an_inference_output_comes_back_exactly(tmp_path: Path) ->
         ("one slide by slide", r"data.split_by=slide .* needs annotations of 2 slides"),
         ("labels too", r"set data.labels or data.annotations, not both"),
         ("not geojson", r"not QuPath GeoJSON"),
+        ("too large", r"region 0 is 240 x 120 pixels at 0.25 um/px, more than data.max_image_pixels=1,000"),
     ],
 )
 def test_bad_annotations_are_refused_in_one_line(crops, tmp_path: Path, change: str, message: str) -> None:
@@ -149,6 +150,8 @@ def test_bad_annotations_are_refused_in_one_line(crops, tmp_path: Path, change: 
         slide = tmp_path / "gone.svs"
     elif change == "one slide by slide":
         extra = ["data.split_by=slide"]
+    elif change == "too large":
+        extra = ["data.max_image_pixels=1000"]
     elif change == "labels too":
         extra = [f"data.labels={tmp_path}"]
     annotations = write_geojson(tmp_path / f"{crop}.geojson", features)

@@ -327,3 +327,17 @@ def test_objects_in_a_region_are_drawn_whole(tmp_path) -> None:
     raster = rasterise(annotations, annotations.regions[0], (0, 0, 16, 26), 1.0)
     assert (raster.labels[3:7, 8:14] > 0).all() and (raster.labels > 0).sum() == 16 + 24  # also outside the region
     assert raster.mask.sum() == 100 and not raster.mask[3:7, 10:14].any()
+
+
+def test_a_cell_gives_its_nucleus_where_qupath_wrote_one(tmp_path: Path) -> None:
+    """QuPath's cell detection writes the cell outline as ``geometry`` and the nucleus as ``nucleusGeometry``: the
+    nucleus is what trains a nucleus model; a cell without one gives its outline."""
+    cell = feature(polygon(0, 0, 40, 40), {"objectType": "cell", "classification": {"name": "Nucleus"}})
+    cell["nucleusGeometry"] = polygon(10, 10, 20, 20)
+    inner = feature(polygon(50, 50, 90, 90), {"objectType": "cell", "classification": {"name": "Nucleus"},
+                                             "nucleusGeometry": polygon(60, 60, 70, 70)})  # fmt: skip
+    bare = feature(polygon(100, 100, 120, 120), {"objectType": "cell", "classification": {"name": "Nucleus"}})
+    path = tmp_path / "cells.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [cell, inner, bare]}))
+    areas = sorted(geometry.area for geometry in read_annotations(path).objects)
+    assert areas == [100.0, 100.0, 400.0]

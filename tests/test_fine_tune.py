@@ -13,6 +13,7 @@ import pytest
 import tifffile
 import torch
 
+from pipelines.evaluate import evaluate
 from pipelines.models import load_model, log_and_register
 from pipelines.prepare import prepare
 from pipelines.registry import connect, promote
@@ -63,6 +64,22 @@ def test_a_worse_candidate_does_not_move_the_champion(registry: dict) -> None:
     assert not promote(registry["client"], NAME, version, verdict.wins, verdict.champion_version)
     assert registry["client"].get_model_version_by_alias(NAME, "champion").version == 1
     assert str(registry["client"].get_model_version_by_alias(NAME, "candidate").version) == version
+
+
+def test_evaluate_compares_two_versions_on_the_same_images(registry: dict, tmp_path: Path, capsys) -> None:
+    """evaluate.baseline: both models scored on one store's held-out images, both rows and the difference printed
+    and logged to one MLflow run."""
+    torch.manual_seed(4)
+    worse = register(registry, UNet(3, 2, base_channels=8, pixel_size_um=0.25))
+    models = [f"evaluate.model=models:/{NAME}@champion", f"evaluate.baseline=models:/{NAME}/{worse}"]
+    config = config_for(registry, *models, f"evaluate.output={tmp_path}")
+    result = evaluate(config)
+    assert result["f1"] > result["baseline"]["f1"]
+    printed = capsys.readouterr().out
+    assert f"models:/{NAME}/1 " in printed and f"models:/{NAME}/{worse} " in printed and "difference" in printed
+    run = registry["client"].get_run(result["mlflow_run_id"]).data
+    assert run.params["baseline_version"] == worse and run.params["model_version"] == "1"
+    assert run.metrics["difference/f1"] == pytest.approx(run.metrics["eval/f1"] - run.metrics["baseline/f1"])
 
 
 def test_the_champion_against_itself_is_a_tie_and_a_tie_does_not_win(registry: dict, trained_model_dir: Path) -> None:

@@ -111,7 +111,7 @@ def read_annotations(path: str | Path, rules: AnnotationRules = AnnotationRules(
         if kind == "root":  # the hierarchy's root in a hierarchy export: no shape of its own
             continue
         counts["features"] += 1
-        geometry = _geometry(feature.get("geometry"), f"{source}: {where}")
+        geometry = _geometry(_outline_of(kind, feature, properties), f"{source}: {where}")
         if geometry is None:
             counts["skipped_geometry"] += 1
             continue
@@ -257,6 +257,16 @@ def _object_type(feature: dict, properties: dict) -> str:
         if isinstance(properties.get(key), str):
             return properties[key]
     return LEGACY_TYPES.get(str(feature.get("id")), "annotation")
+
+
+def _outline_of(kind: str, feature: dict, properties: dict) -> Any:
+    """The GeoJSON geometry that outlines the object: a cell's nucleus where QuPath wrote one (its
+    ``nucleusGeometry``, beside ``geometry`` or in the properties), since the model segments nuclei."""
+    if kind == "cell":
+        for holder in (feature, properties):
+            if isinstance(holder.get("nucleusGeometry"), dict):
+                return holder["nucleusGeometry"]
+    return feature.get("geometry")
 
 
 def _class_name(classification: Any) -> str | None:

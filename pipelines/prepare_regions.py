@@ -15,6 +15,7 @@ CSV/YAML manifest with the columns ``slide`` and ``annotations`` (paths relative
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ class RegionExample:
         if raster.overlapping:
             log.info("%s: %d objects overlap (%d contested pixels given to the smaller object; %d hidden)", self.name,
                      raster.overlapping, raster.contested_pixels, raster.hidden)  # fmt: skip
-        with open_at(slide.pair.image, plan.level, plan.scale) as source:
+        with contextlib.closing(open_at(slide.pair.image, plan.level, plan.scale)) as source:
             image = np.asarray(source.read(y0, y1, x0, x1))
         if image.shape[0] != channels:
             raise DataError(f"slide {slide.pair.image} has {image.shape[0]} channels but model.n_channels is "

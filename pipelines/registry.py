@@ -348,6 +348,8 @@ def current_champion(client: MlflowClient, name: str):
     except MlflowException as exc:
         if exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {CHAMPION} not found" in str(exc):
             return None
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" and f"name={name} not found" in str(exc):
+            return None  # no version registered yet
         raise UserError(f"cannot read the champion of {name} ({first_line(exc)[:200]}); nothing promoted") from None
 
 

@@ -66,6 +66,13 @@ def test_a_worse_candidate_does_not_move_the_champion(registry: dict) -> None:
     assert str(registry["client"].get_model_version_by_alias(NAME, "candidate").version) == version
 
 
+def test_the_first_version_of_a_new_model_wins_against_no_one(registry: dict) -> None:
+    """Before anything is registered under the name, there is no champion (not an error)."""
+    config = config_for(registry, "tracking.registered_model=unet-new")
+    verdict = judge(config, registry["client"], UNet(3, 2, base_channels=8), TrainingStore(registry["store"]))
+    assert verdict.wins and verdict.champion is None and verdict.reason == "no champion yet"
+
+
 def test_evaluate_compares_two_versions_on_the_same_images(registry: dict, tmp_path: Path, capsys) -> None:
     """evaluate.baseline: both models scored on one store's held-out images, both rows and the difference printed
     and logged to one MLflow run."""

@@ -5,13 +5,13 @@ their QuPath annotations.
     python -m pipelines.prepare --set data.images=SLIDES --set data.annotations=GEOJSON --set data.labels=null
 
 The examples come from ``pipelines.prepare_pairs`` (image/label pairs) or ``pipelines.prepare_regions`` (one per
-annotated region, with a mask of the region outside which the weights are 0). For every example the store gets the image, the labels, the
-training target (touching objects split) and the paper's weight map, all computed here once
-rather than every epoch. Inputs are read and processed chunk by chunk with Dask, but training
-reads every example whole, so an image of more than ``data.max_image_pixels`` is refused from its
-header. Everything is checked before anything is written; the store only appears under its name
-once it is complete, and it may not be, hold or lie inside an input. Label ids may be any
-non-negative integers: ids that do not fit int32 are stored renumbered 1..n in order.
+annotated region, with a mask of the region outside which the weights are 0). For every example the store gets the
+image, the labels, the training target (touching objects split) and the paper's weight map, all computed here once
+rather than every epoch. Inputs are read and processed chunk by chunk with Dask, but training reads every example
+whole, so an image of more than ``data.max_image_pixels`` is refused from its header. Everything is checked before
+anything is written; the store only appears under its name once it is complete, and it may not be, hold or lie
+inside an input. Label ids may be any non-negative integers: ids that do not fit int32 are stored renumbered 1..n in
+order.
 
 Every example is stored at one pixel size, the store's (and so the model's): ``data.pixel_size_um``, else the one
 the images' metadata agree on. An image whose metadata states another size is resampled to it (image and labels,

@@ -5,12 +5,14 @@ labels they came from; the checks of bad annotations; the split by slide."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
 import tifffile
 import zarr
 
@@ -175,3 +177,28 @@ def test_the_command_line_takes_a_folder_of_annotations(crops, tmp_path: Path) -
     assert "no slide for the annotations" not in result.stderr
     store = TrainingStore(tmp_path / "c.zarr")
     assert sorted(store.names) == sorted(f"{crop}-region{i:03d}" for crop in crops["labels"] for i in (0, 1))
+
+
+def test_a_slide_is_read_and_rasterised_at_the_training_pixel_size(cmu_slide: Path, tmp_path: Path) -> None:
+    """The real Aperio slide (0.499 um/px) for a 0.25 um/px store: the region's box, image and outlines at twice
+    the slide's pixels per side, in QuPath's level-0 frame."""
+    square = shapely.box(1040, 830, 1060, 850)  # x0, y0, x1, y1 in level-0 pixels, inside the region
+    crossing = shapely.box(990, 880, 1010, 896)  # crosses the region's left edge: kept whole
+    features = [region((1000, 800, 1100, 900)), *(qupath_feature(box, {"id": i}, "cmu") for i, box in
+                                                  enumerate((square, crossing), start=1))]  # fmt: skip
+    annotations = write_geojson(tmp_path / "cmu.geojson", features)
+    overrides = settings(tmp_path / "cmu.zarr", f"data.images={cmu_slide}", f"data.annotations={annotations}",
+                         "data.val_fraction=0")  # fmt: skip
+    store = TrainingStore(prepare(config_for(*overrides), previews=0))
+    ex = store.example(store.names[0])
+    s = ex.attrs["source_pixel_size_um"] / 0.25  # stored pixels per level-0 pixel: 1.996 for this slide
+    box = [math.floor(800 * s), math.floor(990 * s), math.ceil(900 * s), math.ceil(1100 * s)]  # y0, x0, y1, x1
+    assert ex.attrs["box"] == box and ex.attrs["resampled"] and 1.99 < s < 2.0
+    assert ex.image.shape == (3, box[2] - box[0], box[3] - box[1]) == (3, *ex.labels.shape)
+
+    def centres(a: float, b: float) -> int:  # stored pixels whose centre lies in [a, b) level-0 pixels
+        return len(np.flatnonzero((np.arange(4000) + 0.5 >= a * s) & (np.arange(4000) + 0.5 < b * s)))
+
+    areas = sorted(np.bincount(ex.labels[:].ravel())[1:].tolist())
+    assert areas == sorted([centres(1040, 1060) * centres(830, 850), centres(990, 1010) * centres(880, 896)])
+    assert int(ex.mask[:].sum()) == centres(1000, 1100) * centres(800, 900) and store.pixel_size_um == 0.25

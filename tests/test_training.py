@@ -17,6 +17,7 @@ from unet.training import (
     build_model,
     build_optimizer,
     build_scheduler,
+    freeze_batchnorm,
     make_grad_scaler,
     make_weight_average,
 )
@@ -54,6 +55,23 @@ def test_the_average_keeps_batchnorm_statistics_of_its_own() -> None:
     norm = next(m for m in average.module.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert float(norm.running_var.mean()) != 1.0  # averaged from the model's, not left at their initial values
     assert int(norm.num_batches_tracked) == 3
+
+
+def test_frozen_batchnorm_keeps_its_statistics_while_its_weights_learn() -> None:
+    """Fine-tuning's BatchNorm: the running statistics stay the parent's; scale and shift still get gradients."""
+    model = small_model()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(n.running_mean.clone(), n.running_var.clone()) for n in norms]
+    model.train()
+    freeze_batchnorm(model)
+    model(torch.rand(2, 1, 32, 32) * 5).sum().backward()
+    for norm, (mean, var) in zip(norms, before, strict=True):
+        assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)
+    assert all(n.weight.grad is not None and n.weight.grad.abs().sum() > 0 for n in norms)
+    assert any(m.training for m in model.modules())  # the rest stays in train mode
+    model.train()
+    model(torch.rand(2, 1, 32, 32) * 5)
+    assert not torch.equal(norms[0].running_mean, before[0][0])  # unfrozen by train(): updated again
 
 
 def test_a_checkpoint_restores_the_average_with_everything_else() -> None:

@@ -93,6 +93,14 @@ def make_weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils
     return averaged
 
 
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Every BatchNorm layer of ``model`` (in train mode) to eval mode: it normalises with its running statistics and
+    leaves them as they are, while its scale and shift still learn. Call after each ``model.train()``."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """A gradient scaler, enabled only for fp16 on GPU (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")

@@ -36,6 +36,7 @@ from unet.training import (
     build_model,
     build_optimizer,
     build_scheduler,
+    freeze_batchnorm,
     load_state,
     make_deterministic,
     make_grad_scaler,
@@ -152,6 +153,8 @@ class Worker:
         self.dataset.set_epoch(epoch)
         parts = self.parts
         parts.model.train()
+        if train.freeze_batchnorm if train.freeze_batchnorm is not None else bool(train.init_from):
+            freeze_batchnorm(parts.model)  # fine-tuning: the parent's statistics, not those of a few regions
         started, loss_sum, logging = time.perf_counter(), torch.zeros((), device=self.device), []
         for batch in self.loader:
             result = train_step(parts.model, batch, parts.optimizer, loss_fn, parts.scaler, device=self.device,

@@ -128,6 +128,12 @@ class TrainConfig(Section):
     precision: Precision = Field("bf16", description="Autocast precision; fp16 uses a gradient scaler.")
     channels_last: bool = Field(True, description="Use the channels_last memory format.")
     max_failures: int = Field(2, ge=-1, description="Worker failures to recover from (-1: unlimited).")
+    dashboard: bool = Field(
+        False,
+        description="Start the Ray dashboard (127.0.0.1:8265, token auth) with a local Ray. Off by default: its "
+        "processes cost a training step on a small CPU machine several percent (docs/benchmarks.md, 'Training "
+        "step'); training reports to the terminal and MLflow. A cluster's (RAY_ADDRESS) dashboard is the cluster's.",
+    )
     resource_wait_s: float = Field(
         600.0,
         ge=0,
@@ -157,6 +163,13 @@ class TrainConfig(Section):
         description="Fine-tune: start from this model's weights (models:/NAME@ALIAS, models:/NAME/VERSION or a model "
         "folder; on a cluster, one every node reaches) instead of random ones. Its architecture must be model.*, its "
         "channels and pixel size the store's. The new version's lineage names it. null: random weights.",
+    )
+    freeze_batchnorm: bool | None = Field(
+        None,
+        description="Keep BatchNorm's running statistics as they are while training (its scale and shift still "
+        "learn): when fine-tuning, a few annotated regions would otherwise replace the parent's statistics, which "
+        "cost a fine-tuned model more than it gained (docs/benchmarks.md, 'The annotation loop'). null: frozen with "
+        "train.init_from, updated otherwise.",
     )
     seed: int = Field(0, description="Seed for weights, sampling and augmentation.")
     deterministic: bool = Field(

@@ -26,7 +26,7 @@ corrected store has no fragments), and the same fine-tuning at lr 1e-9 (the weig
 re-estimated on the training patches as training does; not promoted). "Split nuclei matched": of the split pieces
 in held-out regions, how many a model's objects match at IoU 0.5.
 
-    python -m benchmarks.annotation_loop [--folder DIR] [--epochs 4] [--output docs/benchmarks.md]
+    python -m benchmarks.annotation_loop [--folder DIR] [--epochs 4] [--lr 3e-4] [--output docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def matched(store, evaluation, fixed: dict) -> tuple[int, int]:
     return hits, total
 
 
-def run(folder: Path, epochs: int) -> dict:
+def run(folder: Path, epochs: int, lr: float = 3e-4) -> dict:
     """The whole loop in ``folder``; every number of the section."""
     from pipelines.evaluate import evaluate
     from unet.samples import fetch_samples
@@ -262,15 +262,17 @@ def run(folder: Path, epochs: int) -> dict:
     store = timed("pipelines.prepare", prepare, folder, slide, corrected)
     config = config_for(folder, tracking, store)
     before = timed("pipelines.evaluate (in this process)", evaluate, config)
-    after = timed(f"pipelines.train: {epochs} x 20 steps", fine_tune, folder, tracking, store, epochs,
-                  "train.run_name=loop-fine-tune")  # fmt: skip
+    after = timed(f"pipelines.train: {epochs} x 20 steps at lr {lr:g}", fine_tune, folder, tracking, store, epochs,
+                  f"train.lr={lr}", "train.run_name=loop-fine-tune")  # fmt: skip
+    # the control starts from version 1 by number: the candidate may be the champion by now
     frozen = timed(f"pipelines.train at lr 1e-9 (control): {epochs} x 20 steps", fine_tune, folder, tracking, store,
-                   epochs, "train.lr=1e-9", "train.run_name=loop-lr-1e-9", "tracking.promote=false")  # fmt: skip
+                   epochs, "train.lr=1e-9", "train.run_name=loop-lr-1e-9", "tracking.promote=false",
+                   f"train.init_from=models:/{NAME}/1")  # fmt: skip
     versions = {"champion": "1", "candidate": after["version"], "frozen": frozen["version"]}
     rows = timed("the 4 models scored again (split nuclei)", score_models, config, tracking, fixed, versions)
     seconds["the whole loop"] = time.perf_counter() - started
     return {**fixed, "before": before, "after": after, "frozen": frozen, "rows": rows, "seconds": seconds,
-            "epochs": epochs}  # fmt: skip
+            "epochs": epochs, "lr": lr}  # fmt: skip
 
 
 def to_markdown(result: dict) -> str:
@@ -286,7 +288,7 @@ def to_markdown(result: dict) -> str:
     table = [("before: champion (version 1), `pipelines.evaluate`", before, rows["champion"]),
              ("before: champion (version 1), scored in the training job", after["champion"], None),
              (f"**after: fine-tuned candidate** (version {after['version']}, best epoch {after['best_epoch']} of "
-              f"{epochs}), scored in the training job", after["candidate"], rows["candidate"]),
+              f"{epochs}, lr {result['lr']:g}), scored in the training job", after["candidate"], rows["candidate"]),
              (f"control: champion with the candidate's minimum object area ({minimum['candidate']:.2f} um2, not "
               f"{minimum['champion']:.2f})", rows["control"], rows["control"]),
              (f"control: the same fine-tuning at lr 1e-9 (version {frozen['version']}, best epoch "
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.annotation_loop", description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, help="work here and keep it (default: a temporary folder)")
     parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs of 20 steps (default 4)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (default 3e-4)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     command = "python -m benchmarks.annotation_loop " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         if (folder / "mlflow.db").exists():
             parser.error(f"{folder} holds an earlier run; name a new --folder")
         folder.mkdir(parents=True, exist_ok=True)
-        result = run(folder, args.epochs)
+        result = run(folder, args.epochs, args.lr)
     table = to_markdown(result)
     print(table)
     from benchmarks.run import write_section

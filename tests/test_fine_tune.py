@@ -73,6 +73,43 @@ def test_the_first_version_of_a_new_model_wins_against_no_one(registry: dict) ->
     assert verdict.wins and verdict.champion is None and verdict.reason == "no champion yet"
 
 
+def test_the_margin_decides_how_much_better_the_candidate_must_be(registry: dict, trained_model_dir: Path) -> None:
+    """tracking.promote_margin: a clearly better candidate wins at 0 and loses at a margin it cannot reach."""
+    client, name = registry["client"], "unet-margin"
+    run = client.create_run(client.get_experiment_by_name("fine-tune").experiment_id)
+    torch.manual_seed(5)
+    worse = log_and_register(run.info.run_id, UNet(3, 2, base_channels=8), name, {}, registry["uri"])
+    assert promote(client, name, worse, wins=True)
+    better, store = load_model(str(trained_model_dir)), TrainingStore(registry["store"])
+    at_zero = judge(config_for(registry, f"tracking.registered_model={name}"), client, better, store)
+    assert at_zero.wins and at_zero.candidate["f1"] > at_zero.champion["f1"]
+    beyond = at_zero.candidate["f1"] - at_zero.champion["f1"] + 0.01
+    config = config_for(registry, f"tracking.registered_model={name}", f"tracking.promote_margin={beyond}")
+    at_margin = judge(config, client, better, store)
+    assert not at_margin.wins and f"by more than {beyond:g}" in at_margin.reason
+    assert at_margin.tags()["promotion.margin"] == f"{beyond:g}"
+
+
+def test_a_parent_is_checked_and_pinned(registry: dict, trained_model_dir: Path, tmp_path: Path) -> None:
+    """train.init_from: a folder is pinned to its absolute path, an alias to its version; a parent trained at
+    another pixel size than the store's is one line naming the setting that fixes it."""
+    from benchmarks.models import with_resolution
+    from pipelines.train.parent import check_parent
+    from unet.errors import UserError
+
+    store = TrainingStore(registry["store"])
+    config = config_for(registry, f"train.init_from={trained_model_dir}")
+    assert check_parent(config, store, registry["uri"]) is not None
+    assert config.train.init_from == str(trained_model_dir.resolve())
+    config = config_for(registry, f"train.init_from=models:/{NAME}@champion")
+    check_parent(config, store, registry["uri"])
+    assert config.train.init_from == f"models:/{NAME}/1"
+    coarse = with_resolution(trained_model_dir, tmp_path, 0.5)
+    with pytest.raises(UserError, match=r"was trained at 0.5 um/px but .* holds 0.25 um/px; prepare the store with "
+                                        r"data.pixel_size_um=0.5$"):  # fmt: skip
+        check_parent(config_for(registry, f"train.init_from={coarse}"), store, registry["uri"])
+
+
 def test_evaluate_compares_two_versions_on_the_same_images(registry: dict, tmp_path: Path, capsys) -> None:
     """evaluate.baseline: both models scored on one store's held-out images, both rows and the difference printed
     and logged to one MLflow run."""

@@ -94,7 +94,12 @@ def _ray_driver(address: str, batch_file: str, threads: int, warmup: int) -> Non
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, logging_level="WARNING")
+    from unet.config import TrainConfig
+
+    # as pipelines.train starts a local Ray: train.dashboard (UNET_BENCHMARK_DASHBOARD=1: with the dashboard)
+    dashboard = os.environ.get("UNET_BENCHMARK_DASHBOARD", str(int(TrainConfig().dashboard))) == "1"
+    ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, logging_level="WARNING",
+             include_dashboard=dashboard)  # fmt: skip
     try:
         TorchTrainer(
             _ray_worker,

@@ -68,15 +68,17 @@ def check_ray_address(address: str | None) -> None:
         raise UserError(f"Ray cluster unreachable at {address}: {exc.strerror or exc}") from None
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) or start a local Ray."""
+def init_ray(dashboard: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) or start a local Ray (with its dashboard
+    if ``dashboard``: ``train.dashboard``)."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
     ours = signal.getsignal(signal.SIGTERM)
     try:
         # No num_cpus here: under `ray job submit` the cluster decides resources.
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        local = {} if address else {"include_dashboard": dashboard}
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
     except (ConnectionError, RuntimeError) as exc:
         raise UserError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
     except SystemExit as exc:  # Ray's own SIGTERM handler (sys.exit(15)) while it starts
@@ -190,7 +192,7 @@ def _train(config: Config, store: TrainingStore, client) -> dict:
     from unet import storage
 
     tracking_uri = config.tracking.tracking_uri
-    init_ray()
+    init_ray(config.train.dashboard)
     check_resources(config, local=not os.environ.get("RAY_ADDRESS"))
 
     store_sha = storage.sha256(store.location)

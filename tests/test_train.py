@@ -141,13 +141,21 @@ def test_registered_version_loads_back_by_alias_and_version(workspace: Path, res
 
 @pytest.fixture(scope="module")
 def best_not_last(workspace: Path) -> list[str]:
-    """A 5-epoch run whose best epoch is not its last (this recipe and seed, deterministic on CPU); its command. The
-    raw weights are validated (``train.weight_average=0``): over 5 short epochs the average's scores only rise."""
-    cmd = train_command(workspace, "best-not-last", 5, "tracking.registered_model=unet-best", "tracking.promote=false",
-                        "train.weight_average=0")  # fmt: skip
-    result = subprocess.run(cmd, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return cmd
+    """A 5-epoch run whose best epoch is not its last; its command. The raw weights are validated
+    (``train.weight_average=0``): over 5 short epochs the average's scores only rise. Training is deterministic on
+    a CPU, but not the same on every CPU (seed 0 gives such a run on an AMD EPYC, not on an Intel Xeon): the first
+    seed that does is taken, the others' model and folder removed."""
+    for seed in range(4):
+        cmd = train_command(workspace, "best-not-last", 5, "tracking.registered_model=unet-best",
+                            "tracking.promote=false", "train.weight_average=0", f"train.seed={seed}")  # fmt: skip
+        result = subprocess.run(cmd, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        client = tracking(workspace)
+        if int(float(client.get_model_version("unet-best", "1").tags["best_epoch"])) != 4:
+            return cmd
+        client.delete_registered_model("unet-best")
+        shutil.rmtree(workspace / "runs" / "best-not-last")
+    pytest.fail("seeds 0 to 3 all give runs whose best epoch is their last on this machine")
 
 
 def test_a_version_is_tagged_with_the_scores_of_the_epoch_whose_weights_it_holds(workspace, best_not_last) -> None:
@@ -155,7 +163,7 @@ def test_a_version_is_tagged_with_the_scores_of_the_epoch_whose_weights_it_holds
     client = tracking(workspace)
     version = client.get_model_version("unet-best", "1")
     best = int(float(version.tags["best_epoch"]))
-    assert best != 4, "precondition: this seed's best epoch is not its last; pick another seed if it changed"
+    assert best != 4  # the fixture's run
     for key in ("val/f1", "val/dice", "val/iou", "val/precision", "val/recall", "val/merged"):
         history = epoch_history(client, version.run_id, key)
         assert float(version.tags[key]) == pytest.approx(history[best]), key

@@ -233,7 +233,7 @@ def matched(store, evaluation, fixed: dict) -> tuple[int, int]:
     return hits, total
 
 
-def run(folder: Path, epochs: int, lr: float = 3e-4) -> dict:
+def run(folder: Path, epochs: int, lr: float = 3e-4, sets: tuple[str, ...] = ()) -> dict:
     """The whole loop in ``folder``; every number of the section."""
     from pipelines.evaluate import evaluate
     from unet.samples import fetch_samples
@@ -263,7 +263,7 @@ def run(folder: Path, epochs: int, lr: float = 3e-4) -> dict:
     config = config_for(folder, tracking, store)
     before = timed("pipelines.evaluate (in this process)", evaluate, config)
     after = timed(f"pipelines.train: {epochs} x 20 steps at lr {lr:g}", fine_tune, folder, tracking, store, epochs,
-                  f"train.lr={lr}", "train.run_name=loop-fine-tune")  # fmt: skip
+                  f"train.lr={lr}", "train.run_name=loop-fine-tune", *sets)  # fmt: skip
     # the control starts from version 1 by number: the candidate may be the champion by now
     frozen = timed(f"pipelines.train at lr 1e-9 (control): {epochs} x 20 steps", fine_tune, folder, tracking, store,
                    epochs, "train.lr=1e-9", "train.run_name=loop-lr-1e-9", "tracking.promote=false",
@@ -313,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", type=Path, help="work here and keep it (default: a temporary folder)")
     parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs of 20 steps (default 4)")
     parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (default 3e-4)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another setting of the fine-tuning job (repeatable), e.g. data.augment=false",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     command = "python -m benchmarks.annotation_loop " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -321,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if (folder / "mlflow.db").exists():
             parser.error(f"{folder} holds an earlier run; name a new --folder")
         folder.mkdir(parents=True, exist_ok=True)
-        result = run(folder, args.epochs, args.lr)
+        result = run(folder, args.epochs, args.lr, tuple(args.sets))
     table = to_markdown(result)
     print(table)
     from benchmarks.run import write_section

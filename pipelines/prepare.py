@@ -104,6 +104,8 @@ def weights_and_target(
 ) -> tuple[da.Array, da.Array]:
     """Target and weight map, chunk by chunk with enough overlap to equal the whole-image result; the class
     frequencies are counted inside ``mask`` (an annotated region) where given."""
+    import dask
+
     from unet.weights import separate_touching, target_and_weights
 
     target = labels.map_overlap(
@@ -112,8 +114,11 @@ def weights_and_target(
         boundary="none",
         dtype=np.uint8,
     )
-    inside = target if mask is None else target[mask.astype(bool)]
-    foreground = float(inside.mean().compute()) if inside.size else 0.0
+    if mask is None:
+        foreground = float(target.mean().compute())
+    else:  # a region small enough to hold no pixel centre has an empty mask: no foreground rather than NaN
+        inside, total = dask.compute((target * mask).sum(), mask.sum())
+        foreground = float(inside) / float(total) if total else 0.0
     frequencies = {0: 1.0 - foreground, 1: foreground}
     weights = labels.map_overlap(
         lambda block: target_and_weights(compact_ids(block), params, frequencies)[1],

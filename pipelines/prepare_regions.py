@@ -186,8 +186,8 @@ class RegionExample:
         self.image = da.from_array(image, chunks=(image.shape[0], chunk, chunk))
         self.labels = da.from_array(raster.labels, chunks=(chunk, chunk))
         self.mask = da.from_array(raster.mask.astype(np.uint8), chunks=(chunk, chunk))
-        self.channels, self.stated_pixel_size = int(image.shape[0]), pixel_size
-        self.renumbered = self.resampled = False
+        self.channels = int(image.shape[0])
+        self.objects = len(np.unique(raster.labels)) - 1  # those left with pixels (labels.max() counts hidden ones)
 
     def _box(self, objects: list) -> tuple[int, int, int, int]:
         """(y0, x0, y1, x1) in training pixels: the region and the whole of every object it meets, on the slide."""
@@ -212,7 +212,7 @@ class RegionExample:
             "region_bounds_level0": list(self.region.bounds),  # x0, y0, x1, y1 in the slide's level-0 pixels
             "box": list(self.box),  # y0, x0, y1, x1 in the stored pixels
             "level": self.level,
-            "objects": int(len(np.unique(self.raster.labels)) - 1),
+            "objects": self.objects,
             "overlapping_objects": self.raster.overlapping,
             "contested_pixels": self.raster.contested_pixels,
             "hidden_objects": self.raster.hidden,
@@ -256,5 +256,5 @@ def region_examples(slides: list[AnnotatedSlide], pixel_size: float, config: Con
     examples = [RegionExample(slide, index, pixel_size, chunk, config.model.n_channels, data.max_image_pixels)
                 for slide in slides for index in range(len(slide.annotations.regions))]  # fmt: skip
     log.info("%d regions of %d slides, %d objects in all", len(examples), len(slides),
-             sum(int(ex.raster.labels.max()) for ex in examples))  # fmt: skip
+             sum(ex.objects for ex in examples))  # fmt: skip
     return examples

@@ -153,7 +153,7 @@ class Worker:
         self.dataset.set_epoch(epoch)
         parts = self.parts
         parts.model.train()
-        if train.freeze_batchnorm if train.freeze_batchnorm is not None else bool(train.init_from):
+        if train.batchnorm_frozen:
             freeze_batchnorm(parts.model)  # fine-tuning: the parent's statistics, not those of a few regions
         started, loss_sum, logging = time.perf_counter(), torch.zeros((), device=self.device), []
         for batch in self.loader:

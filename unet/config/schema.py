@@ -179,6 +179,11 @@ class TrainConfig(Section):
         "more slowly; needs model.bilinear false. CPU training is deterministic without it.",
     )
 
+    @property
+    def batchnorm_frozen(self) -> bool:
+        """``freeze_batchnorm``, or (null) whether the run fine-tunes (``init_from``)."""
+        return self.freeze_batchnorm if self.freeze_batchnorm is not None else bool(self.init_from)
+
 
 # Measured on CPU (docs/benchmarks.md: a 1024-px chunk in one pass is the fastest); CUDA: larger passes keep a GPU
 # busy and the halo costs 1.2x instead of 1.4x (not yet measured on a GPU here).

@@ -172,7 +172,7 @@ def job(slide: str, model: str, output: str, cores: int, tracking: str, profile:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     from pipelines.infer.job import infer
     from unet.config import load_config
-    from unet.config.schema import DEFAULT_TASKS_PER_WORKER
+    from unet.config.infer import DEFAULT_TASKS_PER_WORKER
 
     standin = install_standin(gpu_mpx_s)
     if gpu_mpx_s:  # as a GPU worker sets it (pipelines.infer.tasks); ``switch`` 0: Python's default

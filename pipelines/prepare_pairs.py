@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unet.config import Config
-from unet.intensity import check_intensity, intensity_bounds
+from unet.intensity import intensity_checks, refuse_by
 
 if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
     import dask.array as da
@@ -52,9 +52,7 @@ class Prepared:
     def checks(self) -> dict[str, Any]:
         """What ``check`` needs, as Dask scalars: the image's bounds (``unet.intensity.intensity_bounds``) and
         whether the labels hold negative ids."""
-        checks: dict[str, Any] = {}
-        if (bounds := intensity_bounds(self.image)) is not None:
-            checks["bounds"] = bounds
+        checks = intensity_checks(self.image)
         if np.dtype(self.labels.dtype).kind == "i":
             checks["negative"] = (self.labels < 0).any()
         return checks
@@ -63,8 +61,7 @@ class Prepared:
         """Refuse the example (``DataError``) by its computed ``checks()``."""
         from unet.data.sources import DataError
 
-        if "bounds" in computed:
-            check_intensity(f"image {self.pair.image}", self.image.dtype, *computed["bounds"], DataError)
+        refuse_by(computed, f"image {self.pair.image}", self.image.dtype, DataError)
         if computed.get("negative"):
             raise DataError(f"labels {self.pair.labels} contain negative ids")
 

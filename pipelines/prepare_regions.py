@@ -227,16 +227,15 @@ class RegionExample:
 
     # what pipelines.prepare checks of every example
     def checks(self) -> dict[str, Any]:
-        from unet.intensity import intensity_bounds
+        from unet.intensity import intensity_checks
 
-        return {"bounds": bounds} if (bounds := intensity_bounds(self.image)) is not None else {}
+        return intensity_checks(self.image)
 
     def check(self, computed: dict[str, Any]) -> None:
         from unet.data.sources import DataError
-        from unet.intensity import check_intensity
+        from unet.intensity import refuse_by
 
-        if "bounds" in computed:
-            check_intensity(f"slide {self.slide.pair.image}", self.image.dtype, *computed["bounds"], DataError)
+        refuse_by(computed, f"slide {self.slide.pair.image}", self.image.dtype, DataError)
 
     def renumber_if_needed(self, largest: int) -> None:
         """Ids are 1..n already."""

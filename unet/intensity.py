@@ -38,6 +38,18 @@ def check_intensity(name: str, dtype: Any, low: Any, high: Any, error: type[Exce
         )
 
 
+def intensity_checks(image: Any) -> dict[str, Any]:
+    """The deferred part of ``check_intensity`` for a (Dask) image, to compute with other checks:
+    ``{"bounds": (min, max)}``, or ``{}`` for an image that needs no check. ``refuse_by`` reads the result."""
+    return {"bounds": bounds} if (bounds := intensity_bounds(image)) is not None else {}
+
+
+def refuse_by(computed: dict[str, Any], name: str, dtype: Any, error: type[Exception] = UserError) -> None:
+    """``check_intensity`` on the computed ``intensity_checks`` (other keys are ignored)."""
+    if "bounds" in computed:
+        check_intensity(name, dtype, *computed["bounds"], error)
+
+
 def intensity_range_from_histogram(counts: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
     """Exact (``low``, ``high``) percentiles of an integer channel from its value histogram."""
     cumulative = np.cumsum(counts)

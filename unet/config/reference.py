@@ -10,7 +10,7 @@ from unet.config.schema import Config
 
 HEADER = """# Configuration reference
 
-Generated from `unet/config/schema.py` (and `unet/config/infer.py`) by `python -m unet.config.reference > docs/config.md`
+Generated from `unet/config/schema.py` and `infer.py` by `python -m unet.config.reference > docs/config.md`
 (a test fails when this file is out of date). Every entry point that reads a config (all but `convert`, `export`
 and `fetch_samples`) takes `--config FILE.yaml` and `--set SECTION.KEY=VALUE`; unknown keys and invalid values are
 errors.

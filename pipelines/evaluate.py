@@ -74,14 +74,15 @@ def score(
     return evaluation.evaluate(model, examples, settings, rule, infer.chunk, config.evaluate.iou_threshold)
 
 
-def check_resolution(store: TrainingStore, model: UNet) -> None:
-    """Scores mean something only at the model's pixel size: a store of another is refused in one line."""
+def check_resolution(store: TrainingStore, model: UNet, name: str = "the model") -> None:
+    """Scores (and fine-tuning) mean something only at the model's pixel size: a store of another is refused in one
+    line naming the model as ``name``."""
     from unet.resample import TOLERANCE, same_size
 
     stored, trained = store.pixel_size_um, model.pixel_size_um
     if stored is not None and trained is not None and not same_size(stored, trained):
         raise UserError(
-            f"{store.location} holds images at {stored:g} um/px but the model was trained at {trained:g} (more than "
+            f"{store.location} holds images at {stored:g} um/px but {name} was trained at {trained:g} (more than "
             f"{TOLERANCE:.0%} apart); prepare the store with data.pixel_size_um={trained:g}"
         )
 

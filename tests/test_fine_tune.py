@@ -105,8 +105,8 @@ def test_a_parent_is_checked_and_pinned(registry: dict, trained_model_dir: Path,
     check_parent(config, store, registry["uri"])
     assert config.train.init_from == f"models:/{NAME}/1"
     coarse = with_resolution(trained_model_dir, tmp_path, 0.5)
-    with pytest.raises(UserError, match=r"was trained at 0.5 um/px but .* holds 0.25 um/px; prepare the store with "
-                                        r"data.pixel_size_um=0.5$"):  # fmt: skip
+    with pytest.raises(UserError, match=r"holds images at 0.25 um/px but train.init_from .* was trained at 0.5 "
+                                        r".*; prepare the store with data.pixel_size_um=0.5$"):  # fmt: skip
         check_parent(config_for(registry, f"train.init_from={coarse}"), store, registry["uri"])
 
 

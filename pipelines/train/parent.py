@@ -27,9 +27,9 @@ def check_parent(config: Config, store: TrainingStore, tracking_uri: str) -> UNe
     """The model ``train.init_from`` names (None if none), once its architecture is ``model.*`` and its pixel size
     the store's; ``train.init_from`` is pinned to its version, so every worker (and a resumed attempt's record)
     loads the same weights even if an alias moves meanwhile. One line for anything that does not fit."""
+    from pipelines.evaluate import check_resolution
     from pipelines.models import load_model
     from pipelines.registry import resolve_model
-    from unet.resample import same_size
 
     if not config.train.init_from:
         return None
@@ -38,12 +38,7 @@ def check_parent(config: Config, store: TrainingStore, tracking_uri: str) -> UNe
     architecture, configured = parent.architecture(), config.model.model_dump()
     if differs := [f"model.{key}={architecture[key]}" for key in ARCHITECTURE if architecture[key] != configured[key]]:
         raise UserError(f"train.init_from {uri} has another architecture than model.*: set {' '.join(differs)}")
-    stored, trained = store.pixel_size_um, parent.pixel_size_um
-    if stored is not None and trained is not None and not same_size(stored, trained):
-        raise UserError(
-            f"train.init_from {uri} was trained at {trained:g} um/px but {store.location} holds {stored:g} um/px; "
-            f"prepare the store with data.pixel_size_um={trained:g}"
-        )
+    check_resolution(store, parent, f"train.init_from {uri}")
     config.train.init_from = uri
     return parent
 

@@ -96,7 +96,7 @@ def run(quick: bool = False) -> dict:
     from pipelines import registry
     from unet.config import load_config
 
-    plan = [(1024, 16, 1)] if quick else PLAN
+    plan = [(1024, 16, 0)] if quick else PLAN  # quick: the batch with its report only
     count = 3 if quick else SLIDES
     chunk = load_config(Path(__file__).parents[1] / "configs" / "infer.yaml").infer.chunk
     rows = []

@@ -144,9 +144,10 @@ def test_registered_version_loads_back_by_alias_and_version(workspace: Path, res
 def best_not_last(workspace: Path) -> list[str]:
     """A 5-epoch run whose best epoch is not its last; its command. The raw weights are validated
     (``train.weight_average=0``): over 5 short epochs the average's scores only rise. Training is deterministic on
-    a CPU, but not the same on every CPU (seed 0 gives such a run on an AMD EPYC, not on an Intel Xeon): the first
-    seed that does is taken, the others' model and folder removed."""
-    for seed in range(4):
+    a CPU, but not the same on every CPU (seed 1 gives such a run on an Intel Xeon, where seed 0 does not; seed 0
+    does on an AMD EPYC): the first seed that does is taken, the others' model and folder removed. Each try costs a
+    5-epoch run, so the seeds known to work come first."""
+    for seed in (1, 0, 2, 3):
         cmd = train_command(workspace, "best-not-last", 5, "tracking.registered_model=unet-best",
                             "tracking.promote=false", "train.weight_average=0", f"train.seed={seed}")  # fmt: skip
         result = subprocess.run(cmd, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=900)
@@ -191,6 +192,7 @@ def test_the_model_records_the_pixel_size_and_objects_of_its_store(workspace, be
         assert (model.pixel_size_um, model.object_area_um2) == (0.25, store.object_area_um2)
 
 
+@pytest.mark.cluster  # trains again (a minute): make test-cluster
 def test_a_run_started_over_trains_the_same_weights_in_a_new_mlflow_run(workspace, best_not_last) -> None:
     """Deleting a run's folder starts it over: in a new MLflow run (the earlier one is kept as it ended), through
     epochs that are not its best (whose checkpoints are read back and checked). On CPU training is deterministic:

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from pipelines.cli import Terminated
 from unet.config import Config, dump_config, flatten_config
-from unet.errors import UserError
+from unet.errors import UserError, first_line
 
 if TYPE_CHECKING:  # heavy modules are imported where they are used, so that --help answers at once
     from unet.data.store import TrainingStore
@@ -69,18 +69,20 @@ def check_ray_address(address: str | None) -> None:
 
 
 def init_ray(dashboard: bool = False) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) or start a local Ray (with its dashboard
-    if ``dashboard``: ``train.dashboard``)."""
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`; ``auto``: the one `ray start` started on
+    this machine) or start a local Ray of the job's own (with its dashboard if ``dashboard``: ``train.dashboard``).
+    Without RAY_ADDRESS the job never joins a cluster it was not told about: ``ray.init()`` alone would join one
+    that `ray start` left running, with its resources and token."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
     ours = signal.getsignal(signal.SIGTERM)
     try:
         # No num_cpus here: under `ray job submit` the cluster decides resources.
-        local = {} if address else {"include_dashboard": dashboard}
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
+        where = {"address": address} if address else {"address": "local", "include_dashboard": dashboard}
+        ray.init(**where, logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, RuntimeError) as exc:
-        raise UserError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
+        raise UserError(f"cannot connect to Ray at {address or 'a new local instance'}: {first_line(exc)}") from None
     except SystemExit as exc:  # Ray's own SIGTERM handler (sys.exit(15)) while it starts
         if exc.code != signal.SIGTERM:
             raise

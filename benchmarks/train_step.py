@@ -85,6 +85,9 @@ def serve(address: str, batch_file: str, threads: int, warmup: int, ray_worker: 
 
 
 def _ray_worker(loop_config: dict) -> None:
+    from pipelines.train.quiet_ray import quiet_reports
+
+    quiet_reports()  # as pipelines.train's workers
     serve(**loop_config, ray_worker=True)
 
 
@@ -92,8 +95,9 @@ def _ray_driver(address: str, batch_file: str, threads: int, warmup: int) -> Non
     """A local Ray and a TorchTrainer with one worker running ``serve``, until the loop is told to stop."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from pipelines.train.quiet_ray import trainer_class
     from unet.config import TrainConfig
 
     # as pipelines.train starts a local Ray: train.dashboard (UNET_BENCHMARK_DASHBOARD=1: with the dashboard)
@@ -101,7 +105,7 @@ def _ray_driver(address: str, batch_file: str, threads: int, warmup: int) -> Non
     ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, logging_level="WARNING",
              include_dashboard=dashboard)  # fmt: skip
     try:
-        TorchTrainer(
+        trainer_class(local=True)(  # as pipelines.train on a local Ray
             _ray_worker,
             train_loop_config={"address": address, "batch_file": batch_file, "threads": threads, "warmup": warmup},
             torch_config=TorchConfig(backend="gloo"),

@@ -135,15 +135,17 @@ def check_resources(config: Config, local: bool) -> None:
 
 
 def build_trainer(config: Config, loop_config: dict):
-    """The TorchTrainer described by ``config.train`` (gloo on CPU, NCCL on GPU)."""
+    """The TorchTrainer described by ``config.train`` (gloo on CPU, NCCL on GPU); on a local Ray without Ray Train's
+    placement-group cleaner (``pipelines.train.quiet_ray``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from pipelines.train.quiet_ray import trainer_class
     from pipelines.train.worker import train_loop_per_worker
 
     train = config.train
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
-    return TorchTrainer(
+    return trainer_class(local=not os.environ.get("RAY_ADDRESS"))(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),

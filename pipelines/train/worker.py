@@ -73,6 +73,9 @@ def _mean_across_workers(value: float, device: torch.device) -> float:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker: set up, then per epoch train, validate and checkpoint."""
+    from pipelines.train.quiet_ray import quiet_reports
+
+    quiet_reports()
     worker = Worker.set_up(loop_config)
     for epoch in range(worker.progress["epoch"] + 1, worker.config.train.epochs):
         loss, seconds = worker.train_epoch(epoch)

@@ -146,10 +146,10 @@ def test_registered_version_loads_back_by_alias_and_version(workspace: Path, res
 def best_not_last(workspace: Path) -> list[str]:
     """A 5-epoch run whose best epoch is not its last; its command. The raw weights are validated
     (``train.weight_average=0``): over 5 short epochs the average's scores only rise. Training is deterministic on
-    a CPU, but not the same on every CPU (seed 1 gives such a run on an Intel Xeon, where seed 0 does not; seed 0
-    does on an AMD EPYC): the first seed that does is taken, the others' model and folder removed. Each try costs a
-    5-epoch run, so the seeds known to work come first."""
-    for seed in (1, 0, 2, 3):
+    a CPU, but not the same on every CPU (seed 2 gives such a run on an Intel Xeon, where seeds 0 and 1 do not; seed
+    0 does on an AMD EPYC): the first seed that does is taken, the others' model and folder removed. Each try costs
+    a 5-epoch run, so the seeds known to work come first."""
+    for seed in (2, 0, 1, 3):
         cmd = train_command(workspace, "best-not-last", 5, "tracking.registered_model=unet-best",
                             "tracking.promote=false", "train.weight_average=0", f"train.seed={seed}")  # fmt: skip
         result = subprocess.run(cmd, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=900)

@@ -149,10 +149,15 @@ def _same_file(fd: int, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _holder(fd: int) -> str:
-    """Who holds the lock, as its file says (it may not have written it yet)."""
-    try:
-        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {owner['pid']} on {owner['host']} since {owner['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "holder unknown"
+def _holder(fd: int, patience: float = 2.0) -> str:
+    """Who holds the lock, as its file says. A holder writes that just after it locks, so a job refused in between
+    reads again for up to ``patience`` seconds; a holder that cannot write (a read-only file) stays unknown."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            return f"pid {owner['pid']} on {owner['host']} since {owner['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "holder unknown"
+            time.sleep(0.05)

@@ -84,6 +84,25 @@ def test_a_waiting_lock_gets_it_when_the_holder_releases(tmp_path: Path) -> None
     assert not (tmp_path / ".mlflow.db.lock").exists()
 
 
+def test_a_job_refused_before_the_holder_wrote_its_name_still_names_it(tmp_path: Path) -> None:
+    """The holder locks, then writes who it is: a job refused in between reads again (CI once got "holder
+    unknown" when four jobs started at once)."""
+    import fcntl
+    import json
+
+    target = str(tmp_path / "out.ome.zarr")
+    path = locks.lock_file(target)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # locked, its name not yet written
+    owner = json.dumps({"host": "node-7", "pid": 4242, "since": "2026-12-07 10:00:00"}).encode()
+    threading.Timer(0.3, os.pwrite, (fd, owner, 0)).start()
+    try:
+        with pytest.raises(locks.Busy, match=r"^busy: pid 4242 on node-7 since 2026-12-07 10:00:00$"):
+            locks.acquire(target, lambda who: f"busy: {who}")
+    finally:
+        os.close(fd)
+
+
 def test_an_object_store_location_locks_a_file_on_this_machine() -> None:
     path = locks.lock_file("s3://bucket/out.ome.zarr/")
     assert path == locks.lock_file("s3://bucket/out.ome.zarr") and path.parent.name.startswith("unet-wsi-locks-")

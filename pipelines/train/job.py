@@ -55,6 +55,11 @@ def check_store(config: Config) -> TrainingStore:
     return store
 
 
+def ray_address() -> str | None:
+    """The Ray cluster this job joins: RAY_ADDRESS (as `ray job submit` sets it); None: a local Ray of its own."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
 def check_ray_address(address: str | None) -> None:
     """Fail fast on an address nothing listens on (ray.init would retry for a long time)."""
     if not address or address in {"auto", "local"}:
@@ -75,7 +80,7 @@ def init_ray(dashboard: bool = False) -> None:
     that `ray start` left running, with its resources and token."""
     import ray
 
-    address = os.environ.get("RAY_ADDRESS")
+    address = ray_address()
     ours = signal.getsignal(signal.SIGTERM)
     try:
         # No num_cpus here: under `ray job submit` the cluster decides resources.
@@ -145,7 +150,7 @@ def build_trainer(config: Config, loop_config: dict):
 
     train = config.train
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
-    return trainer_class(local=not os.environ.get("RAY_ADDRESS"))(
+    return trainer_class(local=ray_address() is None)(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
@@ -175,7 +180,7 @@ def train(config: Config) -> dict:
     config.train.storage_path = storage.resolve(config.train.storage_path)
     store = check_store(config)
     check_gpu_build(config)
-    check_ray_address(os.environ.get("RAY_ADDRESS"))
+    check_ray_address(ray_address())
     tracking_uri = registry.resolve_tracking_uri(config.tracking.tracking_uri)
     config.tracking.tracking_uri = tracking_uri
     client = registry.connect(tracking_uri)
@@ -197,7 +202,7 @@ def _train(config: Config, store: TrainingStore, client) -> dict:
 
     tracking_uri = config.tracking.tracking_uri
     init_ray(config.train.dashboard)
-    check_resources(config, local=not os.environ.get("RAY_ADDRESS"))
+    check_resources(config, local=ray_address() is None)
 
     store_sha = storage.sha256(store.location)
     tags = {

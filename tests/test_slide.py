@@ -121,6 +121,33 @@ def test_plain_zarr_arrays(tmp_path: Path, zarr_format: int, layout: str) -> Non
         open_slide(tmp_path / "a.zarr", level=1)
 
 
+@pytest.mark.parametrize("layout", ["cyx", "yxc", "tczyx"])
+def test_reads_through_a_tile_cache_equal_direct_reads(tmp_path: Path, layout: str) -> None:
+    """Windows read from whole stored chunks kept in a ``TileCache`` are the pixels of a direct read, wherever they
+    fall (inside a chunk, across many, at the level's edges, chunks of several channels or one); each stored chunk is
+    decoded once while kept, and a budget smaller than a row of them only costs decodes."""
+    from unet.slides.tiles import TileCache
+
+    rng = np.random.default_rng(0)
+    cyx = rng.integers(0, 255, (3, 150, 170), np.uint8)
+    array = {"cyx": cyx, "yxc": cyx.transpose(1, 2, 0), "tczyx": cyx[None, :, None]}[layout]
+    chunks = {"cyx": (1, 32, 48), "yxc": (32, 48, 3), "tczyx": (1, 3, 1, 32, 48)}[layout]
+    path = tmp_path / "slide.zarr"
+    zarr.create_array(path, data=array, chunks=chunks, dimension_names=tuple(layout))
+    direct = open_slide(path)
+    windows = [(0, 150, 0, 170), (5, 9, 7, 11), (30, 70, 40, 100), (140, 150, 160, 170), (0, 1, 0, 170)]
+    windows += [tuple(sorted(rng.integers(0, 150, 2))) + tuple(sorted(rng.integers(0, 170, 2))) for _ in range(30)]
+    for budget in (2**20, 3 * 32 * 48 * 2):  # all of it; two stored chunks (of every channel)
+        tiles = TileCache(budget)
+        cached = direct.with_tiles(tiles)
+        for y0, y1, x0, x1 in windows:
+            np.testing.assert_array_equal(cached.read(y0, y1, x0, x1), direct.read(y0, y1, x0, x1))
+            np.testing.assert_array_equal(cached.read(y0, y1, x0, x1), cyx[:, y0:y1, x0:x1])
+        assert tiles.held_bytes <= budget
+        if budget == 2**20:
+            assert tiles.misses == 5 * 4 and tiles.hits > tiles.misses  # 5 x 4 stored chunks, each decoded once
+
+
 def test_zarr_v3_dimension_names_beat_the_shape_guess(tmp_path: Path) -> None:
     cyx = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # YXC by shape alone: last dim <= 4
     array = zarr.create_array(tmp_path / "n.zarr", shape=cyx.shape, dtype=cyx.dtype, dimension_names=["c", "y", "x"])

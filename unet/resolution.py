@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 from unet.errors import UserError
 from unet.resample import TOLERANCE, Resampled, choose_level, same_size
 from unet.slides import MAX_PIXELS, Slide, SlideError, open_slide
+
+if TYPE_CHECKING:
+    from unet.slides.tiles import TileCache
 
 log = logging.getLogger(__name__)
 FAR_UPSAMPLING = 1.5  # up-sampling a slide more than this is warned of: it holds less detail than the model saw
@@ -126,8 +130,9 @@ def check_scale(path: str, scale: float, size: float, model_size: float, pixels:
                     "missed", path, size, 1 / scale, model_size)  # fmt: skip
 
 
-def open_at(path: str, level: int, scale: float) -> Slide | Resampled:
+def open_at(path: str, level: int, scale: float, tiles: TileCache | None = None) -> Slide | Resampled:
     """Level ``level`` of a slide at ``scale`` of its pixels per pixel (``Resolution``): the level itself where
-    ``scale`` is 1, else a resampled view of it."""
+    ``scale`` is 1, else a resampled view of it; ``tiles`` keeps its decoded stored chunks (``Slide.with_tiles``)."""
     slide = open_slide(path, level)
+    slide = slide.with_tiles(tiles) if tiles is not None else slide
     return Resampled(slide, scale) if scale != 1.0 else slide

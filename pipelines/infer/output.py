@@ -74,7 +74,7 @@ RESUME_KEYS = ("model_uri", "input", "level", "resolution")
 IGNORED_CONFIG = ("infer.overwrite", "infer.resume", "infer.scheduler", "infer.workers", "infer.tasks_per_worker",
                   "infer.input", "infer.output", "infer.level", "infer.pixel_size_um",
                   "infer.tls_ca_file", "infer.tls_cert", "infer.tls_key", "infer.require_encryption",
-                  "infer.outlier_z", "infer.report", "infer.postprocess_processes")  # fmt: skip
+                  "infer.outlier_z", "infer.report", "infer.postprocess_processes", "infer.read_cache_mb")  # fmt: skip
 
 
 def _omero(dtype: np.dtype) -> dict:

@@ -209,6 +209,7 @@ def _open(job: SlideJob, context: JobContext) -> None:
         objects=infer.objects,
         rule=ObjectRule.from_config(infer, model, resolution.pixel_size_um, item.input),
         postprocess_processes=infer.postprocess_processes,
+        read_cache_mb=infer.read_cache_mb,
     )
 
 

@@ -37,6 +37,7 @@ class JobSpec:
     resumed: bool = False  # its output holds chunks done before an interruption (else no completion record is read)
     postprocess_processes: int | None = None  # processes per worker labelling and measuring chunks (0: the task;
     # None: infer.postprocess_processes's default, taken on the worker, whose cores it counts)
+    read_cache_mb: int = 0  # decoded input chunks kept per worker process (unet.slides.tiles)
 
     def region(self, key: tuple[int, int], height: int, width: int) -> Region:
         row, col = key

@@ -46,6 +46,7 @@ from unet.resample import Resampled
 from unet.resolution import open_at
 from unet.segmentation import from_stored
 from unet.slides import Slide
+from unet.slides.tiles import TileCache
 from unet.tissue import ChunkTissue
 
 # Each worker process keeps the predictors of the last MODELS_PER_WORKER model specs used (model URI and
@@ -126,10 +127,20 @@ def _predictor(spec: ModelSpec) -> ChunkPredictor:
         return predictor
 
 
+_TILES = TileCache(0)  # this worker's decoded input chunks, of every slide it reads (``infer.read_cache_mb``)
+
+
+def _slide(spec: JobSpec) -> Slide | Resampled:
+    """The level a job reads, at the resolution it segments (``unet.resolution``), its decoded stored chunks kept
+    in this worker's ``_TILES``."""
+    if _TILES.budget_bytes != spec.read_cache_mb << 20:  # the last job's setting holds (jobs sharing a cluster)
+        _TILES.resize(spec.read_cache_mb << 20)
+    return _open_slide(spec.input, spec.level, spec.scale)
+
+
 @functools.lru_cache(maxsize=8)  # a batch has a few slides in flight at once
-def _slide(input: str, level: int, scale: float) -> Slide | Resampled:
-    """The level a job reads, at the resolution it segments (``unet.resolution``)."""
-    return open_at(input, level, scale)
+def _open_slide(input: str, level: int, scale: float) -> Slide | Resampled:
+    return open_at(input, level, scale, _TILES)
 
 
 def _cell(key: tuple[int, int]) -> tuple[slice, slice]:
@@ -184,7 +195,7 @@ def predict_and_store(
     probability_array, local_array, done = _arrays(spec, PROBABILITY, LOCAL, DONE_PREDICT)
     height, width = local_array.shape
     region = spec.region(key, height, width)
-    slide = _slide(spec.input, spec.level, spec.scale)
+    slide = _slide(spec)
     if spec.resumed and done[key]:  # finished before an interruption: measure what was written
         local, stored = np.asarray(local_array[region.slices]), np.asarray(probability_array[(0, *region.slices)])
         image = slide.read(region.y0, region.y1, region.x0, region.x1) if spec.objects else None

@@ -139,6 +139,13 @@ class InferConfig(Section):
         "for the GIL they hold (scipy's labelling, numpy's bincount). null: 0 on CPU (in the chunk's task), on CUDA "
         "half the cores of each worker's machine. Each costs ~300 MB (it imports PyTorch to read the job's settings).",
     )
+    read_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="Decoded input chunks each worker process keeps (MB), so that the halos of neighbouring chunks "
+        "are decoded once: two rows of a slide's stored chunks (3 x 512 x 512 bytes each for 8-bit RGB) decode it "
+        "once. 0: every window decodes the stored chunks it touches. OpenSlide formats keep their own cache.",
+    )
     threshold: float = Field(
         0.5, gt=0, lt=1, description="Foreground probability threshold (also of evaluation and training validation)."
     )

@@ -5,6 +5,8 @@ any pixel is read.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from unet.io import GuardedReads
 
 if TYPE_CHECKING:
     import dask.array as da
+
+    from unet.slides.tiles import TileCache
 
 SPATIAL = "yx"
 KNOWN_AXES = "tczyx"
@@ -45,7 +49,8 @@ class SlideError(UserError):
 class Slide:
     """One resolution level of a slide; pixels are read only when indexed.
 
-    ``array`` is the stored array in its own axis order (``axes``); ``read`` and ``to_dask`` return CYX.
+    ``array`` is the stored array in its own axis order (``axes``); ``read`` and ``to_dask`` return CYX. With
+    ``tiles`` (``with_tiles``), ``read`` decodes whole stored chunks and keeps them there for the next window.
     """
 
     path: str  # a local path or URL
@@ -58,6 +63,8 @@ class Slide:
     dtype: np.dtype
     pixel_size_um: float | None
     array: Any = field(repr=False, compare=False)
+    tiles: TileCache | None = field(default=None, repr=False, compare=False)
+    token: int = field(default_factory=itertools.count().__next__, init=False, repr=False, compare=False)  # in tiles
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -72,7 +79,50 @@ class Slide:
                 f"{self.path}: window y {y0}:{y1}, x {x0}:{x1} is outside level {self.level} "
                 f"({self.height} x {self.width} pixels)"
             )
+        if self.tiles is not None and y0 < y1 and x0 < x1:
+            return self._to_cyx(self._read_tiles(y0, y1, x0, x1))
         return self._to_cyx(np.asarray(self._reads[self._selection(slice(y0, y1), slice(x0, x1))]))
+
+    def with_tiles(self, tiles: TileCache) -> Slide:
+        """This level, its reads decoding whole stored chunks kept in ``tiles`` (``unet.slides.tiles``); a level
+        without a regular chunk grid (OpenSlide keeps its own tile cache) is returned as it is."""
+        if not isinstance(self.array, zarr.Array) or self._tile_shape() is None:
+            return self
+        return dataclasses.replace(self, tiles=tiles)
+
+    def _tile_shape(self) -> tuple[int, int] | None:
+        """(height, width) of the stored chunks, or None where they have no single shape."""
+        try:
+            chunks = tuple(int(n) for n in self.array.chunks)
+        except (NotImplementedError, ValueError, TypeError, AttributeError):
+            return None
+        sizes = dict(zip(self.axes, chunks, strict=True))
+        return sizes["y"], sizes["x"]
+
+    def _read_tiles(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The window in the stored axis order (less the singleton ones), put together from whole stored chunks
+        (every channel of each), each decoded once while ``tiles`` keeps it."""
+        height, width = self._tile_shape()
+        kept = [axis for axis in self.axes if axis in "cyx"]
+        ky, kx = kept.index("y"), kept.index("x")
+        out: np.ndarray | None = None
+        for row in range(y0 // height, (y1 - 1) // height + 1):
+            for col in range(x0 // width, (x1 - 1) // width + 1):
+                ty0, tx0 = row * height, col * width
+                ys, xs = slice(ty0, min(ty0 + height, self.height)), slice(tx0, min(tx0 + width, self.width))
+                tile = self.tiles.get((self.token, row, col), lambda ys=ys, xs=xs: self._reads[self._selection(ys, xs)])
+                if out is None:
+                    shape = list(tile.shape)
+                    shape[ky], shape[kx] = y1 - y0, x1 - x0
+                    out = np.empty(shape, tile.dtype)
+                inside = [slice(None)] * len(kept)
+                target = [slice(None)] * len(kept)
+                inside[ky] = slice(max(y0, ty0) - ty0, min(y1, ty0 + height) - ty0)
+                inside[kx] = slice(max(x0, tx0) - tx0, min(x1, tx0 + width) - tx0)
+                target[ky] = slice(max(y0, ty0) - y0, min(y1, ty0 + height) - y0)
+                target[kx] = slice(max(x0, tx0) - x0, min(x1, tx0 + width) - x0)
+                out[tuple(target)] = tile[tuple(inside)]
+        return out
 
     def to_dask(self, chunk: int = 512) -> da.Array:
         """The whole level as a lazy CYX Dask array with chunks (C, chunk, chunk)."""

@@ -232,6 +232,34 @@ def test_hole_filling_equals_scipys_binary_fill_holes(seed: int) -> None:
     assert (ndi.binary_fill_holes(blobs) != blobs).sum() > 0  # there were holes to fill
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_connected_gives_scipys_ids_in_the_same_order(seed: int) -> None:
+    """``unet.instances.connected`` (cc3d) finds ``ndi.label``'s components, 4- and 8-connected, and numbers
+    4-connected ones (objects) as it does, pixel for pixel; on blobs, noise, a transposed (Fortran-ordered) view and
+    empty or full masks."""
+    from unet.instances import connected
+
+    rng = np.random.default_rng(seed)
+    blobs = ndi.gaussian_filter(rng.random((97, 131)), 1.0 + seed % 3) > 0.5
+    noise = rng.random((64, 45)) > 0.5
+    for mask in (blobs, ~blobs, noise, noise.T, np.zeros((5, 7), bool), np.ones((5, 7), bool)):
+        for connectivity, structure in ((4, None), (8, np.ones((3, 3), bool))):
+            expected, count = ndi.label(mask, structure=structure)
+            labels, found = connected(mask, connectivity)
+            assert labels.dtype == np.int32 and found == count and same_partition(labels, expected)
+            if connectivity == 4:  # objects' local ids: the order their first pixels come in
+                np.testing.assert_array_equal(labels, expected)
+
+
+def test_foreground_probability_is_the_softmax_of_the_logits() -> None:
+    from unet.inference import foreground_probability
+
+    logits = torch.randn(2, 2, 33, 47, generator=torch.Generator().manual_seed(0)) * 8
+    torch.testing.assert_close(foreground_probability(logits), logits.softmax(1)[:, 1], atol=1e-6, rtol=0)
+    three = torch.randn(1, 3, 9, 9)
+    torch.testing.assert_close(foreground_probability(three), 1 - three.softmax(1)[:, 0], atol=1e-6, rtol=0)
+
+
 def test_objects_on_seams_get_one_id() -> None:
     yy, xx = np.mgrid[:128, :128]
     foreground = ((yy - 64) ** 2 + (xx - 64) ** 2 < 20**2) | ((yy - 10) ** 2 + (xx - 64) ** 2 < 6**2)

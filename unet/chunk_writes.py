@@ -8,8 +8,8 @@ two tasks wrote the same 1024-px Zarr chunk; one write was lost and the store wa
 
 The rule here makes that impossible by construction: a write must start on a chunk boundary and
 end on one (or at the array's end), so every chunk has exactly one writer. ``write_block`` refuses
-anything else and returns a digest of what it wrote; ``block_digest`` of the chunk read back later proves that what
-was stored is what was computed.
+anything else; ``block_digest`` of a block as written, and of the chunk read back later, proves that what was stored
+is what was computed (``pipelines.zarr_store``).
 """
 
 from __future__ import annotations
@@ -57,11 +57,8 @@ def block_digest(block: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(block).data)
 
 
-def write_block(array: zarr.Array, region: Sequence[slice], block: np.ndarray) -> int:
-    """Write ``block`` at ``region`` of ``array`` if it covers whole chunks; return its digest.
-
-    The block is cast to the array's dtype first, so the digest is that of the bytes stored.
-    """
+def write_block(array: zarr.Array, region: Sequence[slice], block: np.ndarray) -> None:
+    """Write ``block`` (cast to the array's dtype) at ``region`` of ``array`` if it covers whole chunks."""
     region = tuple(region)
     if not aligned(region, array.chunks, array.shape):
         bounds = ", ".join(f"{s.start}:{s.stop}" for s in region)
@@ -69,6 +66,4 @@ def write_block(array: zarr.Array, region: Sequence[slice], block: np.ndarray) -
             f"refusing a write to [{bounds}] of {array.name or 'array'} {array.shape}: it does not cover whole "
             f"chunks {array.chunks}, so a concurrent write to the same chunk could be lost"
         )
-    block = np.ascontiguousarray(block, dtype=array.dtype)
-    array[region] = block
-    return block_digest(block)
+    array[region] = np.ascontiguousarray(block, dtype=array.dtype)

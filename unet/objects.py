@@ -30,13 +30,16 @@ SUMS = ("area", "sum_y", "sum_x", "sum_probability")
 MINIMA, MAXIMA = ("bbox_y0", "bbox_x0"), ("bbox_y1", "bbox_x1")
 
 
-def chunk_sums(labels: np.ndarray, probability: np.ndarray, image: np.ndarray, y0: int, x0: int) -> dict:
+def chunk_sums(
+    labels: np.ndarray, probability: np.ndarray, image: np.ndarray, y0: int, x0: int, areas: np.ndarray | None = None
+) -> dict:
     """Partial sums of every object in one chunk: ``labels`` (YX ids), ``probability`` (YX in [0, 1]),
-    ``image`` (CYX input pixels), the chunk's origin in the slide ``(y0, x0)``. One array per column."""
+    ``image`` (CYX input pixels), the chunk's origin in the slide ``(y0, x0)``; ``areas``: the pixels of each id
+    (``np.bincount`` of ``labels``), if known. One array per column."""
     flat = labels.ravel()
     where = np.flatnonzero(flat)  # the objects' pixels, in raster order: one pass, then cheap gathers
     values = flat[where]
-    pixels = np.bincount(values, minlength=1)  # by id; a chunk's local ids are 1..n, every one present
+    pixels = np.bincount(values, minlength=1) if areas is None else areas  # by id; local ids 1..n, all present
     ids = np.flatnonzero(pixels[1:]) + 1
     if len(ids) == len(pixels) - 1:  # ids 1..n: each object's index is its id - 1, no sorting needed
         index, compact = values - 1, labels

@@ -86,7 +86,7 @@ def start_dask(infer: InferConfig, gpus: list[str] | None = None) -> tuple[Clien
     if in_process(infer, gpus):  # no port: Dask's encryption requirement, if configured, has nothing to apply to
         options = {"processes": False, "security": Security(require_encryption=False)}
     else:
-        options = {"processes": True, "host": LOOPBACK, "security": Security.temporary()}
+        options = {"processes": True, "host": LOOPBACK, "security": Security.temporary(), "preload": preloads()}
     if infer.device == "cuda":
         options["resources"] = {"GPU": 1}
     cluster = LocalCluster(
@@ -115,11 +115,22 @@ def gpu_cluster(gpus: list[str], tasks_per_worker: int) -> SpecCluster:
                 "resources": {"GPU": 1},
                 "env": {"CUDA_VISIBLE_DEVICES": gpu},
                 "dashboard_address": f"{LOOPBACK}:0",
+                "preload": preloads(),
             },
         }
         for gpu in gpus
     }
     return SpecCluster(scheduler=scheduler, workers=workers, security=security)
+
+
+def preloads() -> list[str]:
+    """What a local worker process imports as it starts, before its first task: Dask's own preloads
+    (``distributed.worker.preload``) and the chunk tasks' module, with PyTorch, Zarr and SciPy. Imported by the
+    first task instead, they took ~3 s of a worker's first chunk, counted in the slide's time (docs/benchmarks.md,
+    "The pipeline around the model")."""
+    import dask
+
+    return [*dask.config.get("distributed.worker.preload", []), "pipelines.infer.tasks"]
 
 
 def protocol(address: str) -> str:

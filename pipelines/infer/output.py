@@ -49,6 +49,10 @@ LOCAL, DONE_PREDICT, DONE_LABELS = f"{WORK}/local", f"{WORK}/done_predict", f"{W
 # the probability is a one-channel image (what an image viewer shows as such); the label image is YX, as NGFF and
 # napari expect of labels, and every array names its axes (Zarr v3 dimension_names, which NGFF 0.5 requires)
 IMAGE_AXES, LABEL_AXES = ("c", "y", "x"), ("y", "x")
+# Zstandard at level 1, not Zarr's default 3: as small on probability and labels (uint8 2.5x, int32 ~50x on dense
+# H&E) and about twice as fast to write (docs/benchmarks.md, "The pipeline around the model"); every reader of
+# Zarr v3 decodes it whatever the level
+CODEC = {"name": "zstd", "configuration": {"level": 1, "checksum": False}}
 OUTPUT_LAYOUT = 2  # 2: YX labels, named axes (1, until Dec. 2026: CYX labels); a partial output resumes only its own
 
 
@@ -185,15 +189,17 @@ def create_output(location: str, slide: Slide | Resampled, spec: JobSpec, lineag
     root = zarr.open_group(location, mode="w-", zarr_format=3)
     chunks = (spec.chunk, spec.chunk)
     for level, (height, width) in enumerate(spec.levels):
-        root.create_array(probability_level(level), shape=(1, height, width), chunks=(1, *chunks),
+        root.create_array(probability_level(level), shape=(1, height, width), chunks=(1, *chunks), compressors=CODEC,
                           dtype=spec.rule.probability_dtype, fill_value=0, dimension_names=IMAGE_AXES)  # fmt: skip
         root.create_array(labels_level(level), shape=(height, width), chunks=chunks, dtype="int32", fill_value=0,
-                          dimension_names=LABEL_AXES)  # fmt: skip
+                          compressors=CODEC, dimension_names=LABEL_AXES)  # fmt: skip
         records = (DONE_PREDICT, DONE_LABELS) if level == 0 else (done_level(level),)
         for name in records:
             cells = grid_shape(height, width, spec.chunk)
             root.create_array(name, shape=cells, chunks=(1, 1), dtype="uint8", fill_value=0)
-    root.create_array(LOCAL, shape=(slide.height, slide.width), chunks=chunks, dtype="int32", fill_value=0)
+    root.create_array(
+        LOCAL, shape=(slide.height, slide.width), chunks=chunks, dtype="int32", fill_value=0, compressors=CODEC
+    )
     root.attrs[LINEAGE_KEY] = {**lineage, "complete": False}
 
 

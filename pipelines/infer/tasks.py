@@ -156,8 +156,9 @@ def _arrays(spec: JobSpec, *names: str) -> list[zarr.Array]:
 def _array(spec: JobSpec, name: str) -> zarr.Array:
     """An output array, opened once per worker process: opening reads the group's and the array's metadata, which
     no task changes (a later job writing the same output with the same spec makes the same arrays); data is never
-    cached."""
-    return zarr.open_group(spec.output, mode="r+")[name]
+    cached. Its chunks are written even where they hold only zeros: each is written once, whole, and Zarr's check
+    for an empty chunk costs as much as compressing it."""
+    return zarr.open_group(spec.output, mode="r+")[name].with_config({"write_empty_chunks": True})
 
 
 @dataclass(frozen=True)
@@ -249,10 +250,11 @@ def _pool(processes: int) -> ProcessPoolExecutor:
 
 def _measured(spec: JobSpec, region, local, count: int, stored, image, tissue: ChunkTissue | None) -> Predicted:
     counts = chunk_counts(local, stored, None if tissue is None else tissue.pixels())
+    areas = np.bincount(local.ravel(), minlength=count + 1)  # one pass, for the seams and the objects' sums
     sums = None
     if spec.objects and count:  # a chunk without objects (or without tissue: never read) adds no rows
-        sums = chunk_sums(local, from_stored(stored), image, region.y0, region.x0)
-    return Predicted(ChunkEdges.of(local, count), counts, sums)
+        sums = chunk_sums(local, from_stored(stored), image, region.y0, region.x0, areas)
+    return Predicted(ChunkEdges.of(local, count, areas), counts, sums)
 
 
 def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray) -> bool:

@@ -91,6 +91,15 @@ def test_a_single_gpu_is_driven_from_the_jobs_own_process() -> None:
         cluster.close()
 
 
+def test_threads_follow_the_cores_the_job_may_use_not_the_machines() -> None:
+    """A job pinned to one core (Slurm, taskset, a container's cpuset) sizes its threads by that core: more torch
+    threads than cores only wait for one another."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from unet.devices import "
+            "usable_cores, device_name; print(usable_cores(), device_name('cpu'))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment(), check=True)
+    assert done.stdout.split(" ", 1)[0] == "1" and done.stdout.strip().endswith("(1 cores)")
+
+
 def test_normalising_on_the_device_equals_the_cpu_rule() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 40, 30), dtype=np.uint8)
     ranges = ((3.0, 250.0), (0.0, 255.0), (17.5, 200.25))

@@ -70,13 +70,22 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a Slurm job's, ``taskset``'s, a container's cpuset), not
+    every core of the machine as ``os.cpu_count()`` says; more threads than these only wait for one another."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 @functools.cache
 def device_name(device: str) -> str:
     """What computes on ``device`` in this process, as a person names it: the GPU's model for ``cuda`` (the current
     one), else the CPU's model and its core count."""
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.cuda.current_device())
-    return f"{cpu_model()} ({os.cpu_count()} cores)"
+    return f"{cpu_model()} ({usable_cores()} cores)"
 
 
 def pass_budget_mb(device: torch.device | str) -> int:

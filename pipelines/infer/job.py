@@ -5,7 +5,6 @@ command line is ``pipelines.infer``'s ``__main__``, what happens to one slide ``
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -59,7 +58,7 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
     from pipelines.infer.spec import ModelSpec
     from pipelines.models import load_model
     from unet import __version__
-    from unet.devices import check_device, visible_gpus
+    from unet.devices import check_device, usable_cores, visible_gpus
     from unet.inference import InferenceSettings
 
     started = time.perf_counter()
@@ -79,7 +78,7 @@ def set_up(config: Config) -> tuple[JobContext, Cohort]:
     if infer.tile_size and infer.tile_size % model.size_multiple:  # the config checks it against model.depth
         raise UserError(f"infer.tile_size={infer.tile_size} must be a multiple of {model.size_multiple} for this model")
     gpus = visible_gpus() if infer.device == "cuda" else []
-    threads = max(1, (os.cpu_count() or 1) // worker_count(infer, gpus)) if not infer.scheduler else 0
+    threads = max(1, usable_cores() // worker_count(infer, gpus)) if not infer.scheduler else 0
     lineage = {
         "model": infer.model,
         "model_uri": model_uri,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-import os
 import sys
 import threading
 import time
@@ -36,6 +35,7 @@ from pipelines.infer.output import (
 )
 from pipelines.infer.spec import JobSpec, ModelSpec
 from unet.chunk_writes import write_block
+from unet.devices import usable_cores
 from unet.inference import ChunkPredictor
 from unet.instances import ChunkEdges, relabel
 from unet.model import UNet
@@ -232,7 +232,7 @@ def _postprocess_processes(spec: JobSpec) -> int:
     """``infer.postprocess_processes``; by default none on CPU, half this machine's cores on a GPU worker."""
     if spec.postprocess_processes is not None:
         return spec.postprocess_processes
-    return max(1, (os.cpu_count() or 2) // 2) if spec.model.settings.device == "cuda" else 0
+    return max(1, usable_cores() // 2) if spec.model.settings.device == "cuda" else 0
 
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}

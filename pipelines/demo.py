@@ -138,7 +138,7 @@ def main(config: Config, args: argparse.Namespace) -> None:
     evaluate_step(steps, config)
     folder, table = show_step(steps, config, slide_zarr, output)
     export_step(steps, output, folder)
-    page = cohort_step(steps, config, slide_zarr, folder)
+    page = cohort_step(steps, config, slide_zarr, output, folder)
     report(steps, config, output, table, tracking_uri, champion, page)
 
 
@@ -250,9 +250,13 @@ def export_step(steps: Steps, output: Path, folder: Path) -> None:
     steps.done(f"{exported}: {count} nuclei (QuPath: File > Import objects from file)")
 
 
-def cohort_step(steps: Steps, config: Config, slide_zarr: Path, folder: Path) -> str:
+def cohort_step(steps: Steps, config: Config, slide_zarr: Path, output: Path, folder: Path) -> str:
     """Segment a small cohort, the slide and crops of it (tissue, and glass only), listed in a manifest; outputs
-    complete from an earlier run are skipped. Returns its report's location."""
+    complete from an earlier run are skipped, the slide's own among them: its output from the segment step (the same
+    model and settings) is copied in. Returns its report's location."""
+    import shutil
+
+    from pipelines.infer.cohort import output_for
     from pipelines.infer.job import infer
     from unet.io import write_tiff
     from unet.slides import open_slide
@@ -267,10 +271,14 @@ def cohort_step(steps: Steps, config: Config, slide_zarr: Path, folder: Path) ->
                 write_tiff(slides / f"{name}.tif", slide.read(y, y + CROP, x, x + CROP), slide.pixel_size_um)
         rows = [f"../{slide_zarr.name}", *(f"{name}.tif" for name in COHORT_CROPS)]
         manifest.write_text("input\n" + "".join(f"{row}\n" for row in rows))
+    own = Path(output_for(str(slide_zarr), str(folder / "cohort")))  # where the batch writes the slide's
+    if not own.exists():  # not segmented twice: the batch finds it complete, by this model and config, and skips it
+        shutil.copytree(output, own)
     update = {"input": str(manifest), "output": str(folder / "cohort")}
     result = infer(config.model_copy(update={"infer": config.infer.model_copy(update=update)}))
-    steps.done(f"{result['report']}: {len(COHORT_CROPS) + 1} slides, {result['flagged']} flagged (open it in a "
-               "browser; every slide is up-sampled 2x to the demo model's 0.25 um/px)")  # fmt: skip
+    steps.done(f"{result['report']}: {len(COHORT_CROPS) + 1} slides (the whole slide's output is the segment "
+               f"step's), {result['flagged']} flagged (open it in a browser; every slide is up-sampled 2x to the demo "
+               "model's 0.25 um/px)")  # fmt: skip
     return result["report"]
 
 

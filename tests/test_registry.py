@@ -213,6 +213,7 @@ def failing_proxy(upstream: str, failing: str) -> Iterator[str]:
         server.shutdown()
 
 
+@pytest.mark.cluster  # a real MLflow server process behind a failing proxy: make test-cluster
 def test_a_server_error_is_not_read_as_no_champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only "alias not found" means there is no champion; a 503 while reading it must not crown a worse model."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the 503 is for good here: no need to wait

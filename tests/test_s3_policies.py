@@ -109,8 +109,6 @@ def test_the_jobs_account_cannot_reach_the_model_registrys_artifacts() -> None:
         assert [attempt(server, "unet", op) for op in OPERATIONS] == ["AccessDenied"] * 5
 
 
-@pytest.mark.slow
-@pytest.mark.cluster  # an MLflow server on the object store: make test-cluster
 def s3_as(account: dict[str, str]):
     return boto3.client("s3", endpoint_url=account["AWS_ENDPOINT_URL"], region_name="us-east-1",
                         aws_access_key_id=account["AWS_ACCESS_KEY_ID"],
@@ -126,6 +124,8 @@ print(version, client.get_model_version_download_uri('unet-s3', version))
 LOAD = "import sys; from pipelines import models; models.load_model(sys.argv[2], sys.argv[1])"
 
 
+@pytest.mark.slow
+@pytest.mark.cluster  # an MLflow server on the object store: make test-cluster
 def test_a_job_registers_through_the_server_and_cannot_touch_the_files_in_the_bucket(tmp_path: Path) -> None:
     """The deployment's shape: the server alone holds the artifact bucket's account; a job (with the jobs' S3 account
     for its data) logs, registers and loads a model through the server, and its own account is refused at the

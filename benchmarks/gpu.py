@@ -78,7 +78,7 @@ LIMITS = {  # seconds per section: one H100 (335 s in all, see above), and the C
     True: dict.fromkeys(LABELS, 300),
 }
 QUICK_SKIP = (
-    "skipped: --quick on a CPU (train.deterministic changes only GPU kernels; the Ray Train section ran the same code)"
+    "skipped: --quick on a CPU (train.deterministic changes only GPU kernels; the Ray Train section runs the same code)"
 )
 PACKAGES = ("numpy", "scipy", "zarr", "dask", "distributed", "ray", "mlflow", "monai", "pydantic")
 

@@ -86,23 +86,15 @@ class Slide:
     def with_tiles(self, tiles: TileCache) -> Slide:
         """This level, its reads decoding whole stored chunks kept in ``tiles`` (``unet.slides.tiles``); a level
         without a regular chunk grid (OpenSlide keeps its own tile cache) is returned as it is."""
-        if not isinstance(self.array, zarr.Array) or self._tile_shape() is None:
+        if not isinstance(self.array, zarr.Array) or stored_chunks(self.array) is None:
             return self
         return dataclasses.replace(self, tiles=tiles)
-
-    def _tile_shape(self) -> tuple[int, int] | None:
-        """(height, width) of the stored chunks, or None where they have no single shape."""
-        try:
-            chunks = tuple(int(n) for n in self.array.chunks)
-        except (NotImplementedError, ValueError, TypeError, AttributeError):
-            return None
-        sizes = dict(zip(self.axes, chunks, strict=True))
-        return sizes["y"], sizes["x"]
 
     def _read_tiles(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """The window in the stored axis order (less the singleton ones), put together from whole stored chunks
         (every channel of each), each decoded once while ``tiles`` keeps it."""
-        height, width = self._tile_shape()
+        sizes = dict(zip(self.axes, stored_chunks(self.array), strict=True))
+        height, width = sizes["y"], sizes["x"]
         kept = [axis for axis in self.axes if axis in "cyx"]
         ky, kx = kept.index("y"), kept.index("x")
         out: np.ndarray | None = None
@@ -222,12 +214,8 @@ def check_claims(path: str, level: int, axes: str, array: Any) -> None:
             f"{path}: level {level} claims {channels:,} channels (shape {shape}), more than unet.slides.MAX_CHANNELS "
             f"= {MAX_CHANNELS}"
         )
-    try:
-        chunks = getattr(array, "chunks", None)
-    except (NotImplementedError, ValueError, TypeError):  # a chunk grid without one chunk shape
-        chunks = None
+    chunks = stored_chunks(array)
     if chunks is not None:
-        chunks = tuple(int(n) for n in chunks)
         chunk_bytes = math.prod(chunks) * np.dtype(array.dtype).itemsize
         if chunk_bytes > MAX_CHUNK_BYTES:
             raise SlideError(
@@ -237,13 +225,25 @@ def check_claims(path: str, level: int, axes: str, array: Any) -> None:
             )
 
 
+def stored_chunks(array: Any) -> tuple[int, ...] | None:
+    """The shape of ``array``'s stored chunks, one size per axis; None where it has none (an OpenSlide level) or no
+    single one (a chunk grid of several shapes)."""
+    try:
+        chunks = getattr(array, "chunks", None)
+    except (NotImplementedError, ValueError, TypeError):  # a chunk grid without one chunk shape
+        return None
+    if not isinstance(chunks, tuple) or len(chunks) != len(array.shape):
+        return None
+    return tuple(int(n) for n in chunks)
+
+
 def check_chunk_size(slide: Slide) -> None:
     """Refuse, for inference, a level stored in chunks so small that reading it would take hours (``MIN_CHUNK_PIXELS``);
     ``pipelines.convert`` rewrites it in 512-px chunks once."""
-    chunks = getattr(slide.array, "chunks", None)
-    if not isinstance(chunks, tuple) or len(chunks) != len(slide.axes):
+    chunks = stored_chunks(slide.array)
+    if chunks is None:
         return
-    sizes = dict(zip(slide.axes, (int(n) for n in chunks), strict=True))
+    sizes = dict(zip(slide.axes, chunks, strict=True))
     height, width = min(sizes["y"], slide.height), min(sizes["x"], slide.width)
     count = math.ceil(slide.height / height) * math.ceil(slide.width / width)
     if height * width < MIN_CHUNK_PIXELS and count > MAX_SMALL_CHUNKS:

@@ -45,7 +45,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.pipeline_parts import DeviceWork, Stages, gil_speedups, install_standin, instrument, libraries
+from benchmarks.pipeline_parts import (
+    GPU_WORK,
+    Stages,
+    device_work,
+    gil_speedups,
+    install_standin,
+    instrument,
+    libraries,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TITLE = "The pipeline around the model: Mpx/s per CPU core, by stage"
@@ -78,7 +86,7 @@ def job(slide: str, model: str, output: str, cores: int, tracking: str, profile:
         sys.setswitchinterval(GPU_SWITCH_INTERVAL_S if switch else sys.getswitchinterval())
     os.environ[STANDIN_ENV] = str(gpu_mpx_s)  # worker processes (Dask's preload hook) and their affinity inherit it
     os.environ["DASK_DISTRIBUTED__WORKER__PRELOAD"] = '["benchmarks.pipeline"]'
-    stages, device = Stages(), DeviceWork()
+    stages, device = Stages(), device_work()
     if profile:
         instrument(stages)
     threads = DEFAULT_TASKS_PER_WORKER["cuda"] if gpu_mpx_s else max(1, cores // workers)  # a GPU worker runs 8
@@ -99,7 +107,7 @@ def job(slide: str, model: str, output: str, cores: int, tracking: str, profile:
         "stats": stats,
         "stages": stages.seconds,
         "busy": standin.busy,
-        "device_side": device.seconds,
+        "device_side": device.seconds.get(GPU_WORK, 0.0),
         "input_mpx": standin.pixels / 1e6,
     }
 

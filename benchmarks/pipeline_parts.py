@@ -102,29 +102,19 @@ def instrument(stages: Stages) -> None:
         stages.wrap(owner, name, stage)
 
 
-class DeviceWork:
-    """Seconds this process spent on what a GPU worker does on its GPU: normalising the pixels (``scale_intensity``,
-    after the copy on CUDA) and the model thread's pass (``ChunkPredictor._probabilities``: memory layout, forward,
-    probability)."""
+GPU_WORK = "a GPU's work"
 
-    def __init__(self) -> None:
-        import unet.inference as inference
 
-        self.seconds, self._lock = 0.0, threading.Lock()
-        for owner, name in ((inference, "scale_intensity"), (inference.ChunkPredictor, "_probabilities")):
-            setattr(owner, name, self._timed(getattr(owner, name)))
+def device_work() -> Stages:
+    """Seconds this process spends, as the stage ``GPU_WORK``, on what a GPU worker does on its GPU: normalising the
+    pixels (``scale_intensity``, after the copy on CUDA) and the model thread's pass
+    (``ChunkPredictor._probabilities``: memory layout, forward, probability)."""
+    import unet.inference as inference
 
-    def _timed(self, function):
-        @functools.wraps(function)
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                with self._lock:
-                    self.seconds += time.perf_counter() - started
-
-        return timed
+    work = Stages()
+    for owner, name in ((inference, "scale_intensity"), (inference.ChunkPredictor, "_probabilities")):
+        work.wrap(owner, name, GPU_WORK)
+    return work
 
 
 def install_standin(gpu_mpx_s: float):

@@ -19,8 +19,9 @@ from pipelines.infer.cluster import gpu_cluster, in_process, start_dask, task_re
 from pipelines.train.job import check_gpu_build, check_resources
 from tests.helpers import ROOT, environment
 from unet.config import InferConfig, load_config
-from unet.devices import DeviceError, check_device, visible_gpus
+from unet.devices import DeviceError, check_device, compute_precision, device_name, visible_gpus
 from unet.errors import UserError
+from unet.inference import ChunkPredictor, InferenceSettings
 from unet.intensity import scale_intensity
 from unet.model import UNet
 from unet.model_files import save_weights
@@ -98,6 +99,27 @@ def test_threads_follow_the_cores_the_job_may_use_not_the_machines() -> None:
             "usable_cores, device_name; print(usable_cores(), device_name('cpu'))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment(), check=True)
     assert done.stdout.split(" ", 1)[0] == "1" and done.stdout.strip().endswith("(1 cores)")
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_in_hardware() -> None:
+    """``infer.precision: auto``: bf16 on CPUs with bf16 instructions (x86-64's AVX512-BF16 or AMX, Arm's bf16),
+    fp32 where bf16 would be emulated (2.6x slower on an AVX-512 Xeon without them); a set precision stays."""
+    from unet.devices import cpu_computes_bf16
+
+    assert cpu_computes_bf16(frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert cpu_computes_bf16(frozenset({"avx512f", "amx_tile", "amx_bf16"}))
+    assert cpu_computes_bf16(frozenset({"fp", "asimd", "sve", "bf16"}))  # Arm (Graviton 3, Grace)
+    assert not cpu_computes_bf16(frozenset({"avx2", "avx512f", "avx512bw"}))  # bf16 emulated
+    assert not cpu_computes_bf16(frozenset())  # no /proc/cpuinfo
+    here = compute_precision("auto", "cpu")
+    assert here == ("bf16" if cpu_computes_bf16() else "fp32")
+    assert [compute_precision(p, "cpu") for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    if CPU_ONLY:
+        assert compute_precision("auto", "cuda") == "fp32"  # no GPU to compute bf16: never a half-made choice
+    model = UNet(3, 2, base_channels=8, depth=2)
+    with ChunkPredictor(model, InferenceSettings(device="cpu", precision="auto")) as predictor:
+        assert predictor.precision == here
+    assert device_name("cpu", "auto") == f"{device_name('cpu')}, {here}"
 
 
 def test_normalising_on_the_device_equals_the_cpu_rule() -> None:

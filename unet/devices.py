@@ -2,6 +2,7 @@
 
 ``check_device(setting, device, precision)`` raises ``DeviceError`` when ``device`` is ``cuda`` but PyTorch
 is a CPU-only build or sees no GPU, or when ``precision`` is one the device cannot compute in;
+``compute_precision(precision, device)`` turns ``auto`` into the precision the device computes fastest in;
 ``visible_gpus()`` lists the GPUs a job may use, as ``CUDA_VISIBLE_DEVICES`` names them.
 """
 
@@ -15,7 +16,8 @@ import torch
 
 from unet.errors import UserError
 
-__all__ = ["DeviceError", "check_device", "cpu_model", "cuda_build", "device_name", "pass_budget_mb", "visible_gpus"]
+__all__ = ["DeviceError", "check_device", "compute_precision", "cpu_computes_bf16", "cpu_model", "cuda_build",
+           "device_name", "pass_budget_mb", "visible_gpus"]  # fmt: skip
 
 # The largest forward pass on a CPU: measured fastest below it (docs/benchmarks.md, "Choosing the chunk size").
 CPU_PASS_MEMORY_MB = 2048
@@ -61,6 +63,37 @@ def check_device(setting: str, device: str, precision: str = "fp32") -> None:
         raise DeviceError(f"{torch.cuda.get_device_name()} cannot compute in bf16 ({setting}); use fp16 or fp32")
 
 
+def compute_precision(precision: str, device: torch.device | str) -> str:
+    """The autocast precision a pass on ``device`` runs in: ``precision`` as set, or for ``auto`` bf16 where the
+    device computes it in hardware (a CUDA GPU that supports it: Ampere and later; a CPU with bf16 instructions,
+    ``cpu_computes_bf16``) and fp32 elsewhere, where bf16 is emulated: 2.6x slower than fp32 on an AVX-512 Xeon
+    without them (README, "Inference defaults")."""
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_computes_bf16() else "fp32"
+
+
+@functools.cache
+def cpu_computes_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU has bf16 instructions (``flags``: its feature flags, by default ``/proc/cpuinfo``'s):
+    AVX512-BF16 or AMX on x86-64, the bf16 extension on Arm. Where the flags cannot be read (macOS): False."""
+    if flags is None:
+        flags = _cpu_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The first processor's feature flags (x86-64: "flags", Arm: "Features"); none where there is no cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            line = next(line for line in info if line.split(":", 1)[0].strip() in ("flags", "Features"))
+    except (OSError, StopIteration):
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
+
+
 def cpu_model() -> str:
     """The processor's model name (``/proc/cpuinfo``'s where there is one)."""
     try:
@@ -80,12 +113,15 @@ def usable_cores() -> int:
 
 
 @functools.cache
-def device_name(device: str) -> str:
+def device_name(device: str, precision: str | None = None) -> str:
     """What computes on ``device`` in this process, as a person names it: the GPU's model for ``cuda`` (the current
-    one), else the CPU's model and its core count."""
+    one), else the CPU's model and its core count; then, where ``precision`` is given, the one it computes in
+    (``compute_precision``), e.g. "AMD EPYC 7B13 (2 cores), bf16"."""
     if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.cuda.current_device())
-    return f"{cpu_model()} ({usable_cores()} cores)"
+        name = torch.cuda.get_device_name(torch.cuda.current_device())
+    else:
+        name = f"{cpu_model()} ({usable_cores()} cores)"
+    return f"{name}, {compute_precision(precision, device)}" if precision else name
 
 
 def pass_budget_mb(device: torch.device | str) -> int:

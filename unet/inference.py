@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from unet.config import InferConfig
-from unet.devices import pass_budget_mb
+from unet.devices import compute_precision, pass_budget_mb
 from unet.errors import UserError
 from unet.fused import inference_model
 from unet.geometry import round_up
@@ -102,6 +102,7 @@ class ChunkPredictor:
         if settings.compile:
             self.model = torch.compile(self.model)
         self.settings = settings
+        self.precision = compute_precision(settings.precision, self.device)  # infer.precision's auto made concrete
         self.pass_limit_mb = pass_budget_mb(self.device) if settings.pass_memory_mb is None else settings.pass_memory_mb
         self.halo, self.multiple = model.halo, model.size_multiple
         self.largest_tile: int | None = None  # set once a pass did not fit
@@ -157,7 +158,7 @@ class ChunkPredictor:
         flips = FLIPS if self.settings.tta else FLIPS[:1]
         for dims in flips:
             xi = torch.flip(x, dims) if dims else x
-            with autocast_context(self.device.type, self.settings.precision):
+            with autocast_context(self.device.type, self.precision):
                 logits = self.model(xi)
             p = foreground_probability(logits.float())
             p = torch.flip(p, dims) if dims else p
@@ -211,7 +212,7 @@ class ChunkPredictor:
         tiles = tiles_of(chunk, tile, chunk.y1, chunk.x1)
         largest = input_region(tiles[0], self.halo, self.multiple)  # the first tile is a whole one
         batch = min(self.settings.batch_size, len(tiles))
-        return pass_memory_mb(self.model, largest.height, largest.width, batch, self.settings.precision)
+        return pass_memory_mb(self.model, largest.height, largest.width, batch, self.precision)
 
     def _fall_back(self, tile: int, reason: str) -> None:
         with self._fallback_lock:

@@ -59,6 +59,7 @@ class Task:
     priority: int = LATER_PRIORITY
     resources: dict | None = None
     device: str | None = None  # a prediction's: its time counts as GPU time on cuda, its device is named
+    precision: str | None = None  # a prediction's infer.precision: named with its device as it was computed
 
 
 def stream(
@@ -116,7 +117,7 @@ class ChunkStream:
             if job.state == FAILED:
                 continue
             job.started = job.started or time.perf_counter()
-            future = self.client.submit(timed, task.function, task.device, *task.args, pure=False,
+            future = self.client.submit(timed, task.function, task.device, task.precision, *task.args, pure=False,
                                         resources=task.resources, priority=task.priority)  # fmt: skip
             self.owners[future.key] = (task, future)
             self.completed.add(future)
@@ -190,11 +191,12 @@ def _predictions(passes: Passes, resources: dict | None) -> Iterator[Task]:
     from pipelines.infer.tasks import predict_and_store
 
     job = passes.job
-    device = job.spec.model.settings.device
+    settings = job.spec.model.settings
     size = job.slide.height, job.slide.width
     for key in job.keys:
         tissue = job.tissue_mask.chunk(job.spec.region(key, *size)) if job.tissue_mask else None
-        yield Task(passes, key, predict_and_store, (job.spec, key, key in job.tissue, tissue), 0, resources, device)
+        args = (job.spec, key, key in job.tissue, tissue)
+        yield Task(passes, key, predict_and_store, args, 0, resources, settings.device, settings.precision)
 
 
 def _next_pass(client: Client, passes: Passes) -> list[Task]:

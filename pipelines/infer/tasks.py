@@ -283,11 +283,11 @@ def downsample_chunk(spec: JobSpec, level: int, key: tuple[int, int]) -> None:
     write_block(done, _cell(key), np.ones((1, 1)))
 
 
-def timed(function, device: str | None, *args):
-    """``function(*args)``, with the seconds it took here and, for a task on ``device``, what that device is
-    (``unet.devices.device_name``; None: not asked): ``(result, seconds, device name)``."""
+def timed(function, device: str | None, precision: str | None, *args):
+    """``function(*args)``, with the seconds it took here and, for a task on ``device``, what that device is and the
+    precision it computed in (``unet.devices.device_name``; None: not asked): ``(result, seconds, device name)``."""
     from unet.devices import device_name
 
     started = time.perf_counter()
     result = function(*args)
-    return result, time.perf_counter() - started, device_name(device) if device else None
+    return result, time.perf_counter() - started, device_name(device, precision) if device else None

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from unet.config.section import Precision, Section
+from unet.config.section import InferPrecision, Section
 
 # Measured on CPU (docs/benchmarks.md: a 1024-px chunk in one pass is the fastest); CUDA: larger passes keep a GPU
 # busy and the halo costs 1.2x instead of 1.4x (not yet measured on a GPU here).
@@ -82,7 +82,11 @@ class InferConfig(Section):
     )
     compile: bool = Field(False, description="torch.compile the model (worth it on GPUs for large slides).")
     probability_dtype: Literal["uint8", "float16"] = Field("uint8", description="How probabilities are stored.")
-    precision: Precision = Field("bf16", description="Autocast precision.")
+    precision: InferPrecision = Field(
+        "auto",
+        description="Autocast precision; auto: bf16 where the device computes it in hardware (GPUs from Ampere on, "
+        "CPUs with AVX512-BF16, AMX or Arm's bf16), fp32 elsewhere (emulated bf16 is slower than fp32).",
+    )
     channels_last: bool = Field(True, description="Use the channels_last memory format.")
     blend: Literal["none", "gaussian"] = Field("none", description="Blend overlapping tiles.")
     blend_overlap: float = Field(

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 Precision = Literal["fp32", "bf16", "fp16"]
+# auto: bf16 where the device computes it in hardware, else fp32 (unet.devices.compute_precision)
+InferPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class Section(BaseModel):

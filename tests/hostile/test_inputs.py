@@ -1,26 +1,22 @@
-"""Hostile inputs (issue 17): slides, label images, manifests and configs from outside that claim absurd sizes,
-are cut short or corrupt, point an output outside its folder or at an input, or hold huge label ids.
+"""Hostile inputs (issue 17): slides, label images and configs from outside that claim absurd sizes, are cut short
+or corrupt, or hold huge label ids (outputs pointed outside their folder or at an input: ``test_paths.py``).
 
 Each is refused in one line naming the file (huge label ids instead train exactly like ids 1..n), nothing is
 written, and the user's files stay byte-identical: every test snapshots its whole folder before and after.
 The runs that would allocate gigabytes if a check were missing go through the real command lines with their
 address space capped (``RLIMIT_AS``); the others may grow this process's by as much, no more, so a regression
-fails a test instead of hurting the machine. ``HOSTILE`` counts the inputs tried (docs/operations.md).
+fails a test instead of hurting the machine. ``TRIED`` counts the inputs tried (docs/operations.md).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import re
-import resource
 import struct
-import subprocess
-import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,109 +26,25 @@ import zarr
 from PIL import Image
 
 from pipelines.convert import convert
-from pipelines.infer.__main__ import cli as infer_cli
-from pipelines.infer.cohort import expand
 from pipelines.prepare import prepare
-from tests.helpers import ROOT, environment
-from unet.config import load_config
+from tests.helpers import ROOT
+from tests.hostile import (
+    SMALL,
+    error_line,
+    infer,
+    prepare_config,
+    run_capped,
+    small_zarr,
+    snapshot,
+)
 from unet.data.sources import DataError
 from unet.data.store import TrainingStore
-from unet.errors import UserError
 from unet.slides import SlideError, open_slide
 from unet.slides.openslide import openslide_vendor
 from unet.weights import target_and_weights
 
 pytestmark = pytest.mark.timeout(180)  # a check gone missing can also mean a loop over 10**18 chunks
-MEMORY_CAP = 4 * 2**30  # address space of a command-line run, or added in this process by a test: far below what
-# any hostile input claims
 TERA = 10**12
-SMALL = ("infer.chunk_size=64", "infer.tile_size=64")
-
-
-# --- what the tests share -------------------------------------------------------------------------------------
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file, folder and symlink under ``root``: a file's sha256, "dir", or a link's target."""
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(folder, name)
-            key = str(path.relative_to(root))
-            if path.is_symlink():
-                found[key] = f"-> {os.readlink(path)}"
-            elif path.is_dir():
-                found[key] = "dir"
-            else:
-                found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-@pytest.fixture(autouse=True)
-def memory_capped() -> Iterator[None]:
-    """During each test this process's address space may grow by MEMORY_CAP at most: a check gone missing fails
-    the test with a MemoryError instead of hurting the machine."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    in_use = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-    cap = in_use + MEMORY_CAP if hard == resource.RLIM_INFINITY else min(in_use + MEMORY_CAP, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained U-Net (3 channels, width 4, depth 2): what it predicts does not matter here."""
-    import torch
-
-    from unet.model_files import save_weights
-    from unet.training import build_model
-
-    torch.manual_seed(0)
-    config = load_config(None, ["model.base_channels=4", "model.depth=2"])
-    return save_weights(build_model(config.model).eval(), tmp_path_factory.mktemp("model") / "unet")
-
-
-@pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the MLflow database goes: outside every test's own folder."""
-    return tmp_path_factory.mktemp("state")
-
-
-def infer(model: Path, state: Path, input: Path | str, output: Path | str, *extra: str) -> int:
-    """``python -m pipelines.infer`` in this process (its exit status)."""
-    args = ["--config", str(ROOT / "configs" / "infer.yaml"), "--set", f"infer.model={model}"]
-    args += ["--set", f"infer.input={input}", "--set", f"infer.output={output}"]
-    args += ["--set", f"tracking.tracking_uri=sqlite:///{state / 'mlflow.db'}"]
-    for item in (*SMALL, *extra):
-        args += [item] if item.startswith("--") else ["--set", item]
-    return infer_cli(args)
-
-
-def error_line(err: str, prog: str) -> str:
-    """The one error line a command printed (log lines aside); fails unless there is exactly one, no traceback."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith(f"python -m pipelines.{prog}: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def run_capped(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m pipelines.ARGS`` as a user runs it, with at most MEMORY_CAP of address space."""
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
-
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=environment(), capture_output=True,
-                          text=True, timeout=300, preexec_fn=cap)  # fmt: skip
-
-
-def prepare_config(tmp_path: Path, images: Path, labels: Path, *extra: str, channels: int = 1):
-    overrides = [f"data.images={images}", f"data.labels={labels}", f"data.store={tmp_path / 'train.zarr'}"]
-    overrides += [f"model.n_channels={channels}", "data.val_fraction=0", "data.pixel_size_um=0.5"]
-    return load_config(None, [*overrides, *extra])
 
 
 # --- hostile files, made small -------------------------------------------------------------------------------
@@ -209,11 +121,6 @@ def ngff(path: Path, shapes: list[tuple[int, ...]], chunk: int = 256, dtype: str
     datasets = [{"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": [1.0, 2.0**level,
                  2.0**level]}]} for level in range(len(shapes))]  # fmt: skip
     root.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}
-    return path
-
-
-def small_zarr(path: Path, shape: tuple[int, ...] = (3, 64, 64)) -> Path:
-    zarr.create_array(path, shape=shape, chunks=(3, 32, 32), dtype="uint8")
     return path
 
 
@@ -411,112 +318,6 @@ def test_corrupt_chunk_in_prepare_is_one_line_and_writes_no_store(tmp_path: Path
     assert snapshot(tmp_path) == before
 
 
-# --- outputs outside their folder, or at an input ---------------------------------------------------------------
-
-
-@pytest.fixture
-def cohort(tmp_path: Path) -> Path:
-    """user/slides/{a,b}.zarr, the output folder user/out, a symlink user/out/escape -> user/elsewhere."""
-    slides = tmp_path / "user" / "slides"
-    slides.mkdir(parents=True)
-    for name in ("a.zarr", "b.zarr"):
-        zarr.create_array(slides / name, data=np.full((3, 64, 64), 200, np.uint8), chunks=(3, 64, 64))
-    (tmp_path / "user" / "elsewhere").mkdir()
-    (tmp_path / "user" / "out").mkdir()
-    (tmp_path / "user" / "out" / "escape").symlink_to(tmp_path / "user" / "elsewhere")
-    return tmp_path / "user"
-
-
-# (manifest's output column for slide a, what the refusal says); relative paths are relative to the manifest
-MANIFEST_OUTPUTS = [
-    ("../../x.ome.zarr", "is not inside infer.output"),
-    ("{user}/elsewhere/x.ome.zarr", "is not inside infer.output"),
-    ("{user}/out/../elsewhere/x.ome.zarr", "is not inside infer.output"),
-    ("{user}/out/escape/x.ome.zarr", "is not inside infer.output"),  # a symlink leading out
-    ("./a.zarr/", "would overwrite an input"),  # the input itself, spelt otherwise
-    ("{user}/slides/./b.zarr", "would overwrite an input"),  # another row's input
-    ("a.zarr/labels.ome.zarr", "would be written inside the input"),
-    ("{user}/out", "is not inside infer.output"),  # the output folder itself
-]
-
-
-@pytest.mark.parametrize(("output", "message"), MANIFEST_OUTPUTS, ids=[case[0] for case in MANIFEST_OUTPUTS])
-def test_manifest_outputs_must_lie_inside_the_output_folder(cohort: Path, output: str, message: str) -> None:
-    manifest = cohort / "slides" / "cohort.csv"
-    manifest.write_text(f"input,output\na.zarr,{output.format(user=cohort)}\nb.zarr,\n")
-    before = snapshot(cohort)
-    with pytest.raises(UserError, match=re.escape(message)):
-        expand(str(manifest), str(cohort / "out"), 0)
-    assert snapshot(cohort) == before
-
-
-def test_an_input_inside_an_output_is_refused(cohort: Path) -> None:
-    """A row whose output is a folder holding another row's input: --overwrite would delete that input."""
-    (cohort / "out" / "slides").mkdir()
-    zarr.create_array(cohort / "out" / "slides" / "c.zarr", data=np.zeros((3, 8, 8), np.uint8))
-    manifest = cohort / "cohort.yaml"
-    manifest.write_text(f"- input: slides/a.zarr\n  output: {cohort / 'out' / 'slides'}\n- input: out/slides/c.zarr\n")
-    with pytest.raises(UserError, match=r"the input .*c\.zarr lies inside the output .*out/slides; choose"):
-        expand(str(manifest), str(cohort / "out"), 0)
-
-
-def test_a_manifest_escaping_its_folder_stops_infer_before_anything_starts(model, state, cohort, capsys) -> None:
-    manifest = cohort / "slides" / "cohort.csv"
-    manifest.write_text("input,output\na.zarr,../../../x.ome.zarr\n")
-    before = snapshot(cohort.parent)
-    capsys.readouterr()
-    assert infer(model, state, manifest, cohort / "out") == 2
-    assert "x.ome.zarr (a manifest's outputs must lie inside infer.output)" in error_line(capsys.readouterr().err,
-                                                                                          "infer")  # fmt: skip
-    assert snapshot(cohort.parent) == before
-
-
-# (infer.output for infer.input user/slides/a.zarr, what the refusal says)
-SINGLE_OUTPUTS = [
-    ("{user}/slides/a.zarr/", "is the same location as infer.input"),
-    ("{user}/slides/./a.zarr", "is the same location as infer.input"),
-    ("{user}/link.zarr", "is the same location as infer.input"),  # a symlink to the input
-    ("{user}/slides/a.zarr/result.ome.zarr", "lies inside infer.input"),
-    ("{user}/slides", "holds infer.input"),  # with --overwrite it would replace the folder
-]
-
-
-@pytest.mark.parametrize(("output", "message"), SINGLE_OUTPUTS, ids=[case[0] for case in SINGLE_OUTPUTS])
-def test_single_slide_output_at_its_input_is_refused(model, state, cohort, capsys, output: str, message: str):
-    (cohort / "link.zarr").symlink_to(cohort / "slides" / "a.zarr")
-    before = snapshot(cohort.parent)
-    capsys.readouterr()
-    assert infer(model, state, cohort / "slides" / "a.zarr", output.format(user=cohort), "--overwrite") == 2
-    assert message in error_line(capsys.readouterr().err, "infer")
-    assert snapshot(cohort.parent) == before
-
-
-# (data.store, what the refusal says) for images in user/images and labels in user/labels
-STORES = [
-    ("{user}/images", "is the same location as the input"),  # with --overwrite it would replace the images
-    ("{user}/labels/train.zarr", "lies inside the input"),
-    ("{user}/labels/b.zarr", "is the same location as the input"),  # a label store
-    ("{user}", "holds the input"),
-    ("{user}/images/../labels/../images/new.zarr", "lies inside the input"),
-]
-
-
-@pytest.mark.parametrize(("store", "message"), STORES, ids=[case[0] for case in STORES])
-def test_prepare_store_at_an_input_is_refused(tmp_path: Path, store: str, message: str) -> None:
-    user = tmp_path / "user"
-    (user / "images").mkdir(parents=True)
-    (user / "labels").mkdir()
-    image = np.random.default_rng(3).random((32, 32)).astype(np.float32)
-    for name in ("a", "b"):
-        tifffile.imwrite(user / "images" / f"{name}.tif", image)
-        zarr.create_array(user / "labels" / f"{name}.zarr", data=np.ones((32, 32), np.uint16))
-    config = prepare_config(tmp_path, user / "images", user / "labels", f"data.store={store.format(user=user)}")
-    before = snapshot(tmp_path)
-    with pytest.raises(DataError, match=re.escape(message)):
-        prepare(config, overwrite=True, previews=0)
-    assert snapshot(tmp_path) == before
-
-
 # --- images far above prepare's limit ---------------------------------------------------------------------------
 
 # (image file, builder, extra setting, message): each refused from its header by data.max_image_pixels
@@ -622,36 +423,14 @@ def test_huge_label_ids_give_the_weights_of_ids_1_to_n_with_memory_capped(tmp_pa
         np.testing.assert_array_equal(example.weights[:], reference.weights[:], err_msg=name)
 
 
-CONVERT_OUTPUTS = [("{slide}", "is the same location as"), ("{slide}/converted", "lies inside"),
-                   ("{slide}/..", "holds")]  # fmt: skip
-
-
-@pytest.mark.parametrize(("output", "message"), CONVERT_OUTPUTS, ids=[case[0] for case in CONVERT_OUTPUTS])
-def test_convert_with_overwrite_onto_its_own_input_is_refused(tmp_path: Path, output: str, message: str) -> None:
-    slide = small_zarr(tmp_path / "user" / "slide.zarr")
-    before = snapshot(tmp_path)
-    with pytest.raises(SlideError, match=f"{message} INPUT"):
-        convert(slide, output.format(slide=slide), overwrite=True)
-    assert snapshot(tmp_path) == before
-
-
-# the hostile inputs this file tries, for docs/operations.md ("Hostile inputs")
-HOSTILE = (
+# the hostile inputs this file tries; with test_hostile_paths.py's, docs/operations.md gives their count
+TRIED = (
     len(ABSURD_SLIDES)  # absurd shapes, channels, chunks; TIFF bombs
     + 1  # a Trestle (OpenSlide) bomb
     + 2  # a pyramid whose lowest level is huge, a 32-bit slide of absurd range
     + 1  # a slide in tiny chunks
     + 4  # truncated chunk (infer), garbage chunk (infer, then convert), corrupt TIFF tile and Zarr chunk (prepare)
-    + len(MANIFEST_OUTPUTS)
-    + 1  # an input inside another row's output
-    + len(SINGLE_OUTPUTS)
-    + len(STORES)
     + len(TOO_LARGE)
     + 1  # an integer training image of absurd range
     + len(HUGE_IDS)
-    + len(CONVERT_OUTPUTS)
 )
-
-
-def test_the_operations_guide_gives_the_count_of_hostile_inputs() -> None:
-    assert f"**{HOSTILE} hostile inputs**" in (ROOT / "docs" / "operations.md").read_text()

@@ -1,7 +1,9 @@
-"""Peak memory against slide size: ``pipelines.infer`` with the default config (base-16 model, bf16) on
-slides made from real tissue (the real CMU slide mirrored about its borders) of 105 Mpx and 1.07 Gpx
-(32768 x 32768). Peak memory is the peak resident memory of all processes of the job, sampled every
-0.1 s; it should not grow with the slide, since chunks are read, predicted and written one at a time."""
+"""Peak memory against slide size: ``pipelines.infer`` with the default config (base-16 model; infer.precision
+auto, i.e. bf16 on a CPU with bf16 instructions, fp32 on one without; up to infer.read_cache_mb = 256 MB of
+decoded input kept per worker) on slides made from real tissue (the real CMU slide mirrored about its borders)
+of 105 Mpx and 1.07 Gpx (32768 x 32768). Peak memory is the peak resident memory of all processes of the job,
+sampled every 0.1 s; it should not grow with the slide, since chunks are read, predicted and written one at a
+time."""
 
 from __future__ import annotations
 

@@ -75,32 +75,29 @@ def compute_precision(precision: str, device: torch.device | str) -> str:
     return "bf16" if cpu_computes_bf16() else "fp32"
 
 
-@functools.cache
 def cpu_computes_bf16(flags: frozenset[str] | None = None) -> bool:
-    """Whether the CPU has bf16 instructions (``flags``: its feature flags, by default ``/proc/cpuinfo``'s):
-    AVX512-BF16 or AMX on x86-64, the bf16 extension on Arm. Where the flags cannot be read (macOS): False."""
+    """Whether the CPU has bf16 instructions (``flags``: its feature flags, by default ``/proc/cpuinfo``'s, x86-64's
+    "flags" or Arm's "Features"): AVX512-BF16 or AMX on x86-64, the bf16 extension on Arm. Where the flags cannot be
+    read (macOS): False."""
     if flags is None:
-        flags = _cpu_flags()
+        flags = frozenset((_cpuinfo("flags", "Features") or "").split())
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def _cpu_flags() -> frozenset[str]:
-    """The first processor's feature flags (x86-64: "flags", Arm: "Features"); none where there is no cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            line = next(line for line in info if line.split(":", 1)[0].strip() in ("flags", "Features"))
-    except (OSError, StopIteration):
-        return frozenset()
-    return frozenset(line.split(":", 1)[1].split())
 
 
 def cpu_model() -> str:
     """The processor's model name (``/proc/cpuinfo``'s where there is one)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+@functools.cache
+def _cpuinfo(*keys: str) -> str | None:
+    """The first processor's value of the first of ``keys`` that ``/proc/cpuinfo`` lists; None without one."""
     try:
         with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+            fields = (line.partition(":") for line in info)
+            return next(value.strip() for key, _, value in fields if key.strip() in keys)
     except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+        return None
 
 
 def usable_cores() -> int:

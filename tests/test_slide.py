@@ -145,7 +145,32 @@ def test_reads_through_a_tile_cache_equal_direct_reads(tmp_path: Path, layout: s
             np.testing.assert_array_equal(cached.read(y0, y1, x0, x1), cyx[:, y0:y1, x0:x1])
         assert tiles.held_bytes <= budget
         if budget == 2**20:
-            assert tiles.misses == 5 * 4 and tiles.hits > tiles.misses  # 5 x 4 stored chunks, each decoded once
+            assert tiles.decoded == 5 * 4 and tiles.hits > tiles.decoded  # 5 x 4 stored chunks, each decoded once
+
+
+def test_a_window_decodes_the_stored_chunks_it_lacks_in_one_read(tmp_path: Path, monkeypatch) -> None:
+    """The stored chunks a window needs and the cache lacks are read in one call (one Zarr call decodes them
+    concurrently; one call each held the GIL ~1 ms apiece), each kept once; a cache too small to keep them all
+    reads them one by one as the window needs them."""
+    from unet.io import GuardedReads
+    from unet.slides.tiles import TileCache
+
+    cyx = np.random.default_rng(1).integers(0, 255, (3, 160, 200), np.uint8)
+    path = tmp_path / "slide.zarr"
+    zarr.create_array(path, data=cyx, chunks=(3, 32, 32), dimension_names=("c", "y", "x"))
+    reads = []
+    real = GuardedReads.__getitem__
+    monkeypatch.setattr(GuardedReads, "__getitem__", lambda self, key: reads.append(key) or real(self, key))
+    tiles = TileCache(2**20)
+    slide = open_slide(path).with_tiles(tiles)
+    np.testing.assert_array_equal(slide.read(10, 100, 20, 110), cyx[:, 10:100, 20:110])  # 4 x 4 stored chunks
+    assert len(reads) == 1 and tiles.decoded == 16
+    np.testing.assert_array_equal(slide.read(40, 130, 50, 150), cyx[:, 40:130, 50:150])  # 4 x 4, 9 of them kept
+    assert len(reads) == 2 and tiles.decoded == 16 + 7 and tiles.hits == 16 + 16  # every tile served kept
+    reads.clear()
+    small = open_slide(path).with_tiles(TileCache(3 * 32 * 32 * 4))  # four stored chunks
+    np.testing.assert_array_equal(small.read(10, 100, 20, 110), cyx[:, 10:100, 20:110])
+    assert len(reads) == 16
 
 
 def test_zarr_v3_dimension_names_beat_the_shape_guess(tmp_path: Path) -> None:

@@ -97,24 +97,44 @@ class Slide:
         height, width = sizes["y"], sizes["x"]
         kept = [axis for axis in self.axes if axis in "cyx"]
         ky, kx = kept.index("y"), kept.index("x")
+        cells = [(row, col) for row in range(y0 // height, (y1 - 1) // height + 1)
+                 for col in range(x0 // width, (x1 - 1) // width + 1)]  # fmt: skip
+        self._decode_together(self.tiles.missing([(self.token, *cell) for cell in cells]), height, width, ky, kx)
         out: np.ndarray | None = None
-        for row in range(y0 // height, (y1 - 1) // height + 1):
-            for col in range(x0 // width, (x1 - 1) // width + 1):
-                ty0, tx0 = row * height, col * width
-                ys, xs = slice(ty0, min(ty0 + height, self.height)), slice(tx0, min(tx0 + width, self.width))
-                tile = self.tiles.get((self.token, row, col), lambda ys=ys, xs=xs: self._reads[self._selection(ys, xs)])
-                if out is None:
-                    shape = list(tile.shape)
-                    shape[ky], shape[kx] = y1 - y0, x1 - x0
-                    out = np.empty(shape, tile.dtype)
-                inside = [slice(None)] * len(kept)
-                target = [slice(None)] * len(kept)
-                inside[ky] = slice(max(y0, ty0) - ty0, min(y1, ty0 + height) - ty0)
-                inside[kx] = slice(max(x0, tx0) - tx0, min(x1, tx0 + width) - tx0)
-                target[ky] = slice(max(y0, ty0) - y0, min(y1, ty0 + height) - y0)
-                target[kx] = slice(max(x0, tx0) - x0, min(x1, tx0 + width) - x0)
-                out[tuple(target)] = tile[tuple(inside)]
+        for row, col in cells:
+            ty0, tx0 = row * height, col * width
+            ys, xs = slice(ty0, min(ty0 + height, self.height)), slice(tx0, min(tx0 + width, self.width))
+            tile = self.tiles.get((self.token, row, col), lambda ys=ys, xs=xs: self._reads[self._selection(ys, xs)])
+            if out is None:
+                shape = list(tile.shape)
+                shape[ky], shape[kx] = y1 - y0, x1 - x0
+                out = np.empty(shape, tile.dtype)
+            inside = [slice(None)] * len(kept)
+            target = [slice(None)] * len(kept)
+            inside[ky] = slice(max(y0, ty0) - ty0, min(y1, ty0 + height) - ty0)
+            inside[kx] = slice(max(x0, tx0) - tx0, min(x1, tx0 + width) - tx0)
+            target[ky] = slice(max(y0, ty0) - y0, min(y1, ty0 + height) - y0)
+            target[kx] = slice(max(x0, tx0) - x0, min(x1, tx0 + width) - x0)
+            out[tuple(target)] = tile[tuple(inside)]
         return out
+
+    def _decode_together(self, keys: list[tuple[int, int, int]], height: int, width: int, ky: int, kx: int) -> None:
+        """Decode the stored chunks ``keys`` (token, row, col) in one read of the rectangle around them and keep
+        each in ``tiles``: one Zarr call decodes them concurrently, where one call each cost ~1 ms of the GIL apiece
+        (docs/benchmarks.md, "The pipeline around the model"). Chunks of the rectangle kept already are decoded
+        again, not kept twice."""
+        tile_bytes = self.dtype.itemsize * height * width * self.channels  # every channel of a stored chunk
+        if len(keys) < 2 or len(keys) * tile_bytes > self.tiles.budget_bytes:
+            return  # none or one (``tiles.get`` decodes it), or more than are kept: decoded one by one as needed
+        rows, cols = [key[1] for key in keys], [key[2] for key in keys]
+        top, left = min(rows) * height, min(cols) * width
+        bottom, right = min((max(rows) + 1) * height, self.height), min((max(cols) + 1) * width, self.width)
+        block = np.asarray(self._reads[self._selection(slice(top, bottom), slice(left, right))])
+        for key in keys:
+            part = [slice(None)] * block.ndim
+            part[ky] = slice(key[1] * height - top, min((key[1] + 1) * height, self.height) - top)
+            part[kx] = slice(key[2] * width - left, min((key[2] + 1) * width, self.width) - left)
+            self.tiles.put(key, block[tuple(part)].copy())  # a copy: a kept view would keep the whole block
 
     def to_dask(self, chunk: int = 512) -> da.Array:
         """The whole level as a lazy CYX Dask array with chunks (C, chunk, chunk)."""

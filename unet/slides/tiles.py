@@ -23,7 +23,7 @@ class TileCache:
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
-        self.held_bytes = self.hits = self.misses = 0
+        self.held_bytes = self.hits = self.decoded = 0  # decoded: tiles decoded, kept or not
         self._tiles: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -35,11 +35,19 @@ class TileCache:
                 self._tiles.move_to_end(key)
                 self.hits += 1
                 return tile
-            self.misses += 1
-        tile = np.asarray(decode())
+        return self.put(key, np.asarray(decode()))
+
+    def missing(self, keys: list[Hashable]) -> list[Hashable]:
+        """Those of ``keys`` not kept now (to decode them together, then ``put`` each)."""
+        with self._lock:
+            return [key for key in keys if key not in self._tiles]
+
+    def put(self, key: Hashable, tile: np.ndarray) -> np.ndarray:
+        """Keep ``tile``, just decoded (made read-only), as ``key`` if it fits the budget; returns it."""
         tile.flags.writeable = False  # callers copy out of it; nobody changes what another window will read
-        if tile.nbytes <= self.budget_bytes:
-            with self._lock:
+        with self._lock:
+            self.decoded += 1  # a decode
+            if tile.nbytes <= self.budget_bytes:
                 if key not in self._tiles:
                     self._tiles[key] = tile
                     self.held_bytes += tile.nbytes

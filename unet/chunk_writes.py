@@ -9,7 +9,8 @@ two tasks wrote the same 1024-px Zarr chunk; one write was lost and the store wa
 The rule here makes that impossible by construction: a write must start on a chunk boundary and
 end on one (or at the array's end), so every chunk has exactly one writer. ``write_block`` refuses
 anything else; ``block_digest`` of a block as written, and of the chunk read back later, proves that what was stored
-is what was computed (``pipelines.zarr_store``).
+is what was computed (``pipelines.zarr_store``). Whole chunks are also what ``unet.chunk_io`` encodes and
+stores in the writing thread, off Zarr's event loop.
 """
 
 from __future__ import annotations
@@ -20,25 +21,13 @@ from collections.abc import Sequence
 import numpy as np
 import zarr
 
+from unet.chunk_io import aligned, write
+
 __all__ = ["ChunkWriteError", "aligned", "block_digest", "grid_aligned", "write_block"]
 
 
 class ChunkWriteError(RuntimeError):
     """A write that does not cover whole chunks, or stored bytes that differ from the computed ones."""
-
-
-def aligned(region: Sequence[slice], chunks: Sequence[int], shape: Sequence[int]) -> bool:
-    """Whether ``region`` (one slice per axis, no steps) covers whole chunks of an array of ``shape``.
-
-    Each slice must start on a multiple of the chunk size and stop on one or at the array's end.
-    """
-    if not (len(region) == len(chunks) == len(shape)):
-        return False
-    for part, chunk, size in zip(region, chunks, shape, strict=True):
-        start, stop, step = part.indices(size)
-        if step != 1 or start >= stop or start % chunk or (stop % chunk and stop != size):
-            return False
-    return True
 
 
 def grid_aligned(block_chunks: Sequence[Sequence[int]], chunks: Sequence[int], shape: Sequence[int]) -> bool:
@@ -66,4 +55,4 @@ def write_block(array: zarr.Array, region: Sequence[slice], block: np.ndarray) -
             f"refusing a write to [{bounds}] of {array.name or 'array'} {array.shape}: it does not cover whole "
             f"chunks {array.chunks}, so a concurrent write to the same chunk could be lost"
         )
-    array[region] = np.ascontiguousarray(block, dtype=array.dtype)
+    write(array, region, np.ascontiguousarray(block, dtype=array.dtype))

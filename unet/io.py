@@ -139,13 +139,26 @@ class GuardedReads:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
-            return np.asarray(self.array[key])
+            return self._read(key)
         except (MemoryError, UserError):
             raise
         except Exception as exc:  # codecs and stores raise many kinds (RuntimeError, ValueError, OSError, ...)
             window = self._window(key)
             where = ", ".join(f"{s.start}:{s.stop}" for s in window) if window else repr(key)
             raise self.error(f"{self.path}: cannot read [{where}]{self._bad_chunk(window)} ({one_line(exc)})") from None
+
+    def _read(self, key: Any) -> np.ndarray:
+        """``array[key]``; a Zarr array's whole chunks decoded in this thread (``unet.chunk_io``) where ``key`` is
+        a window (slices and single indices, one per axis)."""
+        import zarr
+
+        from unet import chunk_io
+
+        key = key if isinstance(key, tuple) else (key,)
+        plain = len(key) == self.ndim and all(isinstance(k, (slice, int, np.integer)) for k in key)
+        if not (plain and isinstance(self.array, zarr.Array)) or (window := self._window(key)) is None:
+            return np.asarray(self.array[key])
+        return chunk_io.read(self.array, window)[tuple(slice(None) if isinstance(k, slice) else 0 for k in key)]
 
     def __dask_tokenize__(self) -> Any:  # one name per wrapper (its array may not pickle, e.g. a TIFF's store)
         return type(self).__name__, self.path, self.shape, str(self.dtype), self.chunks, id(self)

@@ -5,7 +5,7 @@ concurrent jobs with the same model and settings; the last few are kept, for job
 slide opened once, so neither is shipped with a task. Each chunk records its completion in a small Zarr array
 *after* its data is written, so a killed job can be resumed and redoes only chunks whose record is missing.
 Every write covers whole Zarr chunks (``unet.chunk_writes.write_block``), so no two tasks ever write the same
-chunk.
+chunk; whole chunks are read and written in the task's thread (``unet.chunk_io``), off Zarr's event loop.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pipelines.infer.output import (
     probability_level,
 )
 from pipelines.infer.spec import JobSpec, ModelSpec
+from unet.chunk_io import read
 from unet.chunk_writes import write_block
 from unet.devices import usable_cores
 from unet.inference import ChunkPredictor
@@ -198,14 +199,14 @@ def predict_and_store(
     region = spec.region(key, height, width)
     slide = _slide(spec)
     if spec.resumed and done[key]:  # finished before an interruption: measure what was written
-        local, stored = np.asarray(local_array[region.slices]), np.asarray(probability_array[(0, *region.slices)])
+        local, stored = read(local_array, region.slices), read(probability_array, (slice(0, 1), *region.slices))[0]
         image = slide.read(region.y0, region.y1, region.x0, region.x1) if spec.objects else None
         return _measured(spec, region, local, int(local.max()), stored, image, tissue)
     image = None
     if has_tissue:
-        read = _Remembered(slide.read)
-        probability = _predictor(spec.model).predict_chunk(read, height, width, region, spec.intensity_range)
-        image = read.pixels(region)
+        reader = _Remembered(slide.read)
+        probability = _predictor(spec.model).predict_chunk(reader, height, width, region, spec.intensity_range)
+        image = reader.pixels(region)
     else:
         probability = np.zeros((region.height, region.width), np.float32)
     stored = spec.rule.store(probability)
@@ -261,7 +262,7 @@ def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mappin
     """Pass 2: write the chunk's final, slide-wide instance ids; returns whether any object lies in it."""
     local_array, labels_array, done = _arrays(spec, LOCAL, LABELS, DONE_LABELS)
     region = spec.region(key, *local_array.shape)
-    final = relabel(np.asarray(local_array[region.slices]), start, mapping)
+    final = relabel(read(local_array, region.slices), start, mapping)
     if not (spec.resumed and done[key]):
         write_block(labels_array, region.slices, final)
         write_block(done, _cell(key), np.ones((1, 1)))
@@ -277,9 +278,9 @@ def downsample_chunk(spec: JobSpec, level: int, key: tuple[int, int]) -> None:
     region = spec.region(key, *spec.levels[level])
     height, width = spec.levels[level - 1]
     source = slice(*source_window(region.y0, region.y1, height)), slice(*source_window(region.x0, region.x1, width))
-    mean = mean_2x2(np.asarray(source_probability[(0, *source)]), spec.rule.probability_dtype)
+    mean = mean_2x2(read(source_probability, (slice(0, 1), *source))[0], spec.rule.probability_dtype)
     write_block(probability, (slice(0, 1), *region.slices), mean[None])
-    write_block(labels, region.slices, nearest_2x2(np.asarray(source_labels[source])))
+    write_block(labels, region.slices, nearest_2x2(read(source_labels, source)))
     write_block(done, _cell(key), np.ones((1, 1)))
 
 

@@ -24,6 +24,11 @@ compare Python's GIL switch interval (5 ms), a GPU worker's (0.5 ms), and that w
 processes (``infer.postprocess_processes``). On a single slide the label pass, the pyramid and the finishing come
 after the last prediction, so the stand-in idles then.
 
+Then the GIL that the job's process holds, by part, in a GPU worker's layout (its chunks, labelling in
+post-processing processes, the stand-in nearly free), sampled by py-spy (``--gil``) in ``GIL_REPEATS`` runs: one
+process drives a GPU node's GPU, and what holds its GIL runs on one core at a time, so ``megapixels / held seconds``
+bounds what that process can drive however many cores the node has.
+
 The profile (1 core, the first row): the wall time spent in each stage, measured by wrapping the functions that do
 it (only the outermost stage counts within a thread: the slide's own reads inside the read stage, say); "Mpx/s
 alone" is the rate that stage alone would allow on one core. On one core the threads take turns, so the stages add
@@ -45,6 +50,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import gil_profile
 from benchmarks.pipeline_parts import (
     GPU_WORK,
     Stages,
@@ -58,6 +64,7 @@ from benchmarks.pipeline_parts import (
 ROOT = Path(__file__).resolve().parents[1]
 TITLE = "The pipeline around the model: Mpx/s per CPU core, by stage"
 GOAL_PER_CORE = 8.0
+GIL_REPEATS = 3  # the GIL-held seconds vary by ~15% from run to run (the holder preempted on busy cores counts)
 AFTER = ("MLflow run", "metadata, rename", "QC picture")  # profiled stages after the slide's segmenting time
 PIXEL_SIZE_UM = 0.499  # the CMU slide's
 STANDIN_ENV = "UNET_BENCHMARK_STANDIN"  # the stand-in's GPU-like rate, for worker processes
@@ -162,10 +169,13 @@ def run(side: int = 10240, cores: int = 2, folder: Path | None = None, quick: bo
         for switch, postprocess in ways[-1:] if quick else ways:
             rows.append(_job(slide, model, work, tracking, cores, gpu_mpx_s=mpx_s, switch=switch,
                              postprocess=postprocess, gpu_chunks=True))  # fmt: skip
+        held = [_job(slide, model, work, tracking, cores, postprocess=max(1, cores // 2), gpu_chunks=True, gil=True)
+                for _ in range(1 if quick else GIL_REPEATS)]  # fmt: skip
     return {
         "title": TITLE,
         "side": side,
         "rows": rows,
+        "gil_held": held,
         "gil": gil_speedups(2 if quick else 8),
         "load": load,
         "libraries": libraries(2 if quick else 10),
@@ -173,18 +183,34 @@ def run(side: int = 10240, cores: int = 2, folder: Path | None = None, quick: bo
 
 
 def _job(slide: Path, model: Path, work: Path, tracking: str, cores: int, workers: int = 1, profile: bool = False,
-         gpu_mpx_s: float = 0.0, switch: bool = True, postprocess: int = 0,
-         gpu_chunks: bool = False) -> dict:  # fmt: skip
-    out = work / f"out-{cores}-{workers}-{gpu_mpx_s:.0f}-{switch}-{postprocess}-{gpu_chunks}.ome.zarr"
+         gpu_mpx_s: float = 0.0, switch: bool = True, postprocess: int = 0, gpu_chunks: bool = False,
+         gil: bool = False) -> dict:  # fmt: skip
+    """One job in its own process (``gil``: under py-spy, its GIL-held seconds by part in the row's ``held``, or
+    why there are none in ``held_error``)."""
+    out = work / f"out-{cores}-{workers}-{gpu_mpx_s:.0f}-{switch}-{postprocess}-{gpu_chunks}-{gil}.ome.zarr"
     command = [sys.executable, "-m", "benchmarks.pipeline", "job", str(slide), str(model), str(out), "--tracking",
                tracking, "--cores", str(cores), "--workers", str(workers), "--gpu-mpx-s", str(gpu_mpx_s)]  # fmt: skip
     command += ["--profile"] if profile else []
     command += ([] if switch else ["--python-switch"]) + ["--postprocess", str(postprocess)]
     command += ["--gpu-chunks"] if gpu_chunks else []
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    held, error = None, None
+    if gil:
+        raw = work / f"gil-{out.name}.txt"
+        try:
+            done = gil_profile.record(command, raw, ROOT)
+            held = gil_profile.held_seconds(raw) if done.returncode == 0 else None
+            error = None if done.returncode == 0 else f"py-spy could not sample the job: {done.stderr.strip()[-300:]}"
+        except (RuntimeError, OSError) as exc:
+            error = str(exc)
+        if held is None:  # the job's figures all the same, into an output of its own
+            command[command.index(str(out))] = str(out.with_name(f"again-{out.name}"))
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    else:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the job on {cores} core(s) failed:\n{done.stderr[-3000:]}")
-    row = json.loads(done.stdout.strip().splitlines()[-1])
+    printed = next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{"))  # py-spy's after it
+    row = json.loads(printed) | {"held": held, "held_error": error}
     print(f"  {_described(row)}: {row['stats']['mpx_per_s']:.2f} Mpx/s, {row['stats']['objects']} objects", flush=True)
     return row
 
@@ -216,6 +242,7 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {n} | {_described(row)} | {s['objects'] / s['megapixels']:.0f} | {s['mpx_per_s']:.2f} | "
                      f"{s['mpx_per_s'] / n:.2f} | {'' if gpu else f'{per_core:.2f}'} | {cpu_side} | {busy} | "
                      f"{goal} |")  # fmt: skip
+    lines += ["", *_gil_held(result["gil_held"])]
     profiled = result["rows"][0]
     mpx, wall = profiled["stats"]["megapixels"], profiled["stats"]["seconds"]
     lines += ["", f"Profile on 1 core, {mpx:.0f} Mpx in {wall:.1f} s (segmenting, the objects table included; the "
@@ -245,6 +272,28 @@ def to_markdown(result: dict) -> str:
     ]
     lines += [f"| {name} | {ms:.1f} |" for name, ms in result["libraries"].items()]
     return "\n".join(lines)
+
+
+def _gil_held(rows: list[dict]) -> list[str]:
+    """The GIL held by the job's process in a GPU worker's layout, by part (the run of median total), and what it
+    bounds."""
+    measured = sorted((row for row in rows if row["held"]), key=lambda row: sum(row["held"].values()))
+    row = measured[len(measured) // 2] if measured else rows[0]
+    s = row["stats"]
+    title = (f"GIL held by the job's process on {row['cores']} core(s): {_described(row)}, labelling in "
+             f"{row['postprocess']} post-processing process(es), {s['megapixels']:.0f} Mpx in {s['seconds']:.1f} s "
+             "(py-spy ``--gil``; start-up and each slide's finishing left out):")  # fmt: skip
+    if not measured:
+        return [title, "", f"Not measured: {row['held_error']}"]
+    total = sum(row["held"].values())
+    lines = [title, "", "| part of the process | GIL held (s) | ms per Mpx |", "|---|---:|---:|"]
+    for part, seconds in sorted(row["held"].items(), key=lambda item: -item[1]):
+        lines.append(f"| {part} | {seconds:.2f} | {1000 * seconds / s['megapixels']:.1f} |")
+    lines.append(f"| **all** | **{total:.2f}** | **{1000 * total / s['megapixels']:.1f}** |")
+    totals = ", ".join(f"{sum(r['held'].values()):.2f}" for r in measured)
+    return [*lines, "", f"So one process drives at most **{s['megapixels'] / total:.0f} Mpx/s**, however many cores "
+            f"it has (what holds the GIL runs on one core at a time). The run of median total of {len(measured)} "
+            f"(totals {totals} s)."]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,8 +68,6 @@ class Stages:
 
 def instrument(stages: Stages) -> None:
     """Wrap the functions of each stage (see ``Stages``)."""
-    import zarr
-
     import pipelines.infer.output as output
     import pipelines.infer.slide as slide
     import pipelines.infer.tasks as tasks
@@ -92,7 +90,7 @@ def instrument(stages: Stages) -> None:
         (tasks, "mean_2x2", "pyramid"),
         (tasks, "nearest_2x2", "pyramid"),
         (tasks, "write_block", "encode, write"),
-        (zarr.Array, "__getitem__", "read outputs back"),
+        (tasks, "read", "read outputs back"),
         (slide, "_write_objects", "objects table"),
         (slide, "_write_qc_picture", "QC picture"),
         (slide, "_track", "MLflow run"),

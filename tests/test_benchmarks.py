@@ -28,7 +28,8 @@ def test_quick_weight_map_benchmark_writes_a_report(tmp_path: Path) -> None:
 
 def test_pipeline_benchmark_profiles_the_cpu_side_with_a_stand_in_network(capsys) -> None:
     """`python -m benchmarks.pipeline --quick`: a job with the nearly free stand-in (about a thousand objects per
-    Mpx of real H&E), its stages profiled, then one with the stand-in as slow as a GPU."""
+    Mpx of real H&E), its stages profiled, then one with the stand-in as slow as a GPU, and the GIL that a GPU
+    worker's layout holds, by part."""
     from benchmarks.pipeline import main as pipeline_main
 
     assert pipeline_main(["--quick"]) == 0
@@ -42,6 +43,14 @@ def test_pipeline_benchmark_profiles_the_cpu_side_with_a_stand_in_network(capsys
     assert 0 < float(free[4]) <= float(free[5]) <= float(free[6])
     stages = {line.split("|")[1].strip() for line in table.split("| stage |")[1].splitlines()[2:] if "|" in line}
     assert {"read, decode input", "label chunk", "objects", "encode, write", "pyramid", "merge seams"} <= stages
+    held = table.split("GIL held by the job's process")[1].split("Profile on 1 core")[0]
+    if "Not measured: " not in held:  # py-spy needs ptrace, which a container may forbid: then it says why
+        parts = {line.split("|")[1].strip(): float(line.split("|")[2].strip(" *")) for line in held.splitlines()[3:]
+                 if line.startswith("| ")}  # fmt: skip
+        from benchmarks.gil_profile import OTHER, PARTS
+
+        assert parts.pop("**all**") > 0 and set(parts) <= {name for name, _ in PARTS} | {OTHER}
+        assert "So one process drives at most" in held
 
 
 def _gpu_table(report: str) -> dict[str, str]:
@@ -178,3 +187,32 @@ def test_quick_receipt_benchmark_counts_every_part(tmp_path: Path) -> None:
     parts = [float(c) for c in cells[3:8]]  # tissue mask, chunk counts, QC picture, flags, report
     assert all(p >= 0 for p in parts) and parts[2] > 0 and float(cells[8]) == pytest.approx(sum(parts), abs=0.02)
     assert "Goal: receipt and report under 3% of the batch's wall time" in report
+
+
+def test_gil_samples_are_summed_by_part_of_the_process_leaving_out_start_up(tmp_path: Path) -> None:
+    """py-spy's raw lines (``thread (id): name;frame;... count``) become GIL-held seconds by part; samples under the
+    job's set-up, imports or a slide's finishing, and samples without a Python frame, are left out."""
+    from benchmarks.gil_profile import OTHER, RATE_HZ, held_seconds
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "\n".join([
+            "thread (1): 0-Dask-Default-Threads-9-0;_worker (t.py:1);timed (tasks.py:2);relabel (i.py:3) 40",
+            "thread (2): zarr_io;run_forever (a.py:1) 10",
+            "thread (3): IO loop;run_forever (a.py:1);Worker.trigger_profile (w.py:1) 20",
+            "thread (4): MainThread;<module> (m.py:1);infer (j.py:1);set_up (j.py:2);load_model (m.py:3) 99",
+            "thread (4): MainThread;<module> (m.py:1);_find_and_load (<frozen>:1) 99",
+            "thread (4): MainThread 99",
+            "thread (5): Finisher;_finish_or_fail (j.py:1);dumps (p.py:1) 99",
+            "thread (6): QueueFeederThread;_feed (q.py:1) 6",
+            "thread (7): sampler;loop (s.py:1) 4",
+        ])
+    )  # fmt: skip
+    held = held_seconds(raw)
+    assert held == {
+        "chunk tasks (read, normalise, store, label, objects, pyramid)": 40 / RATE_HZ,
+        "Zarr's event loop and its threads": 10 / RATE_HZ,
+        "Dask's event loop (scheduler, worker, client)": 20 / RATE_HZ,
+        "hand-off to post-processing processes (pickling)": 6 / RATE_HZ,
+        OTHER: 4 / RATE_HZ,
+    }

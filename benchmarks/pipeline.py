@@ -169,8 +169,8 @@ def run(side: int = 10240, cores: int = 2, folder: Path | None = None, quick: bo
         for switch, postprocess in ways[-1:] if quick else ways:
             rows.append(_job(slide, model, work, tracking, cores, gpu_mpx_s=mpx_s, switch=switch,
                              postprocess=postprocess, gpu_chunks=True))  # fmt: skip
-        held = [_job(slide, model, work, tracking, cores, postprocess=max(1, cores // 2), gpu_chunks=True, gil=True)
-                for _ in range(1 if quick else GIL_REPEATS)]  # fmt: skip
+        held = [_job(slide, model, work, tracking, cores, postprocess=max(1, cores // 2), gpu_chunks=True, gil=True,
+                     attempt=attempt) for attempt in range(1 if quick else GIL_REPEATS)]  # fmt: skip
     return {
         "title": TITLE,
         "side": side,
@@ -184,10 +184,10 @@ def run(side: int = 10240, cores: int = 2, folder: Path | None = None, quick: bo
 
 def _job(slide: Path, model: Path, work: Path, tracking: str, cores: int, workers: int = 1, profile: bool = False,
          gpu_mpx_s: float = 0.0, switch: bool = True, postprocess: int = 0, gpu_chunks: bool = False,
-         gil: bool = False) -> dict:  # fmt: skip
+         gil: bool = False, attempt: int = 0) -> dict:  # fmt: skip
     """One job in its own process (``gil``: under py-spy, its GIL-held seconds by part in the row's ``held``, or
-    why there are none in ``held_error``)."""
-    out = work / f"out-{cores}-{workers}-{gpu_mpx_s:.0f}-{switch}-{postprocess}-{gpu_chunks}-{gil}.ome.zarr"
+    why there are none in ``held_error``); ``attempt`` tells repeats of the same job apart."""
+    out = work / f"out-{cores}-{workers}-{gpu_mpx_s:.0f}-{switch}-{postprocess}-{gpu_chunks}-{gil}-{attempt}.ome.zarr"
     command = [sys.executable, "-m", "benchmarks.pipeline", "job", str(slide), str(model), str(out), "--tracking",
                tracking, "--cores", str(cores), "--workers", str(workers), "--gpu-mpx-s", str(gpu_mpx_s)]  # fmt: skip
     command += ["--profile"] if profile else []
@@ -207,10 +207,10 @@ def _job(slide: Path, model: Path, work: Path, tracking: str, cores: int, worker
             done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     else:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode:
+    printed = [line for line in done.stdout.splitlines() if line.startswith("{")]  # py-spy prints after the job
+    if done.returncode or not printed:  # py-spy exits 0 whatever its job did
         raise RuntimeError(f"the job on {cores} core(s) failed:\n{done.stderr[-3000:]}")
-    printed = next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{"))  # py-spy's after it
-    row = json.loads(printed) | {"held": held, "held_error": error}
+    row = json.loads(printed[-1]) | {"held": held, "held_error": error}
     print(f"  {_described(row)}: {row['stats']['mpx_per_s']:.2f} Mpx/s, {row['stats']['objects']} objects", flush=True)
     return row
 

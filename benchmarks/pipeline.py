@@ -193,26 +193,29 @@ def _job(slide: Path, model: Path, work: Path, tracking: str, cores: int, worker
     command += ["--profile"] if profile else []
     command += ([] if switch else ["--python-switch"]) + ["--postprocess", str(postprocess)]
     command += ["--gpu-chunks"] if gpu_chunks else []
-    held, error = None, None
+    held, error, done = None, None, None
     if gil:
         raw = work / f"gil-{out.name}.txt"
         try:
             done = gil_profile.record(command, raw, ROOT)
-            held = gil_profile.held_seconds(raw) if done.returncode == 0 else None
-            error = None if done.returncode == 0 else f"py-spy could not sample the job: {done.stderr.strip()[-300:]}"
+            held = gil_profile.held_seconds(raw) if raw.exists() else None  # py-spy may exit 1 after writing it
+            error = None if held else f"py-spy sampled nothing: {(done.stderr.strip() or 'no message')[-300:]}"
         except (RuntimeError, OSError) as exc:
             error = str(exc)
-        if held is None:  # the job's figures all the same, into an output of its own
-            command[command.index(str(out))] = str(out.with_name(f"again-{out.name}"))
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    else:
+    if done is None or not _printed(done):  # not profiled, or the job did not finish under py-spy: without it
+        command[command.index(str(out))] = str(out.with_name(f"plain-{out.name}"))
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    printed = [line for line in done.stdout.splitlines() if line.startswith("{")]  # py-spy prints after the job
-    if done.returncode or not printed:  # py-spy exits 0 whatever its job did
+    printed = _printed(done)  # a job prints its result last, once done (py-spy's exit code is not its job's)
+    if not printed:
         raise RuntimeError(f"the job on {cores} core(s) failed:\n{done.stderr[-3000:]}")
     row = json.loads(printed[-1]) | {"held": held, "held_error": error}
     print(f"  {_described(row)}: {row['stats']['mpx_per_s']:.2f} Mpx/s, {row['stats']['objects']} objects", flush=True)
     return row
+
+
+def _printed(done: subprocess.CompletedProcess) -> list[str]:
+    """The job's result lines (JSON); py-spy prints its own after them."""
+    return [line for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def _described(row: dict) -> str:

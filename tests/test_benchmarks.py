@@ -189,6 +189,22 @@ def test_quick_receipt_benchmark_counts_every_part(tmp_path: Path) -> None:
     assert "Goal: receipt and report under 3% of the batch's wall time" in report
 
 
+def test_without_py_spy_the_gil_job_still_runs_and_says_why_it_has_no_figure(tmp_path: Path, monkeypatch) -> None:
+    """A machine without py-spy (or where ptrace is forbidden) still gets the job's figures, and the GIL table says
+    why it has none instead of failing the benchmark."""
+    from benchmarks import gil_profile
+    from benchmarks.pipeline import _gil_held, _job, make_model, make_slide
+    from pipelines import registry
+
+    monkeypatch.setattr(gil_profile, "py_spy", lambda: None)
+    slide, model = make_slide(tmp_path, 1024), make_model(tmp_path)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry.connect(tracking)
+    row = _job(slide, model, tmp_path, tracking, 1, postprocess=1, gpu_chunks=True, gil=True)
+    assert row["held"] is None and row["stats"]["megapixels"] > 1
+    assert _gil_held([row])[-1] == "Not measured: py-spy is not installed (it comes with ray[default])"
+
+
 def test_gil_samples_are_summed_by_part_of_the_process_leaving_out_start_up(tmp_path: Path) -> None:
     """py-spy's raw lines (``thread (id): name;frame;... count``) become GIL-held seconds by part; samples under the
     job's set-up, imports or a slide's finishing, and samples without a Python frame, are left out."""

@@ -120,9 +120,10 @@ class Slide:
 
     def _decode_together(self, keys: list[tuple[int, int, int]], height: int, width: int, ky: int, kx: int) -> None:
         """Decode the stored chunks ``keys`` (token, row, col) in one read of the rectangle around them and keep
-        each in ``tiles``: one Zarr call decodes them concurrently, where one call each cost ~1 ms of the GIL apiece
-        (docs/benchmarks.md, "The pipeline around the model"). Chunks of the rectangle kept already are decoded
-        again, not kept twice."""
+        each in ``tiles``: one call's overhead instead of one a chunk (~1 ms of the GIL apiece through Zarr's event
+        loop, docs/benchmarks.md, "The pipeline around the model"), and where Zarr serves the read (an object store,
+        a TIFF) it fetches and decodes them concurrently, not one round trip after another. Chunks of the rectangle
+        kept already are decoded again, not kept twice."""
         tile_bytes = self.dtype.itemsize * height * width * self.channels  # every channel of a stored chunk
         if len(keys) < 2 or len(keys) * tile_bytes > self.tiles.budget_bytes:
             return  # none or one (``tiles.get`` decodes it), or more than are kept: decoded one by one as needed

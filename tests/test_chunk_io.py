@@ -56,17 +56,18 @@ def test_chunks_never_written_read_as_the_fill_value(tmp_path: Path) -> None:
 
 
 def test_arrays_the_synchronous_path_cannot_serve_go_through_zarr(tmp_path: Path) -> None:
-    """Sharded arrays, Zarr v2, arrays that skip empty chunks and stores without synchronous access are read and
-    written by Zarr itself, with the same results."""
+    """Sharded arrays, Zarr v2, arrays that skip empty chunks and stores without synchronous access (fsspec's, as for
+    s3://) are read and written by Zarr itself, with the same results."""
     data = np.arange(64 * 64, dtype="int32").reshape(64, 64)
     whole = (slice(0, 64), slice(0, 64))
     sharded = zarr.create_array(tmp_path / "s.zarr", shape=(64, 64), chunks=(16, 16), shards=(32, 32), dtype="int32")
     v2 = zarr.create_array(tmp_path / "v2.zarr", shape=(64, 64), chunks=(32, 32), dtype="int32", zarr_format=2)
-    memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(64, 64), chunks=(32, 32), dtype="int32")
+    remote = zarr.storage.FsspecStore.from_url(f"memory://{tmp_path.name}/r.zarr")  # an object store's kind
+    fsspec = zarr.create_array(remote, shape=(64, 64), chunks=(32, 32), dtype="int32")
     skipping = zarr.create_array(tmp_path / "e.zarr", shape=(64, 64), chunks=(32, 32), dtype="int32")
     assert isinstance(sharded.metadata.codecs[0], ShardingCodec)
-    assert chunk_io._chunks(sharded) is None and chunk_io._chunks(v2) is None
-    for array in (sharded, v2, memory, skipping):
+    assert chunk_io._chunks(sharded) is None and chunk_io._chunks(v2) is None and chunk_io._chunks(fsspec) is None
+    for array in (sharded, v2, fsspec, skipping):
         chunk_io.write(array, whole, data)
         np.testing.assert_array_equal(np.asarray(array[:]), data)
         np.testing.assert_array_equal(chunk_io.read(array, whole), data)

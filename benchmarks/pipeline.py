@@ -200,10 +200,12 @@ def _job(slide: Path, model: Path, work: Path, tracking: str, cores: int, worker
             done = gil_profile.record(command, raw, ROOT)
             held = gil_profile.held_seconds(raw) if raw.exists() else None  # py-spy may exit 1 after writing it
             error = None if held else f"py-spy sampled nothing: {(done.stderr.strip() or 'no message')[-300:]}"
+            if not _printed(done):  # the job did not finish under py-spy: again without it, into an output of its own
+                command[command.index(str(out))] = str(out.with_name(f"plain-{out.name}"))
+                held, error, done = None, f"the job did not finish under py-spy: {done.stderr.strip()[-300:]}", None
         except (RuntimeError, OSError) as exc:
             error = str(exc)
-    if done is None or not _printed(done):  # not profiled, or the job did not finish under py-spy: without it
-        command[command.index(str(out))] = str(out.with_name(f"plain-{out.name}"))
+    if done is None:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     printed = _printed(done)  # a job prints its result last, once done (py-spy's exit code is not its job's)
     if not printed:

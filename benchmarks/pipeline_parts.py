@@ -140,7 +140,7 @@ def gil_speedups(repeats: int = 8) -> dict[str, float]:
     import numpy as np
     from scipy import ndimage as ndi
 
-    from unet.instances import ChunkEdges, fill_holes_of, label_chunk
+    from unet.instances import ChunkEdges, connected, fill_holes_of, label_chunk
     from unet.objects import chunk_sums
     from unet.samples import fetch_samples
     from unet.slides import open_slide
@@ -148,11 +148,12 @@ def gil_speedups(repeats: int = 8) -> dict[str, float]:
     real = open_slide(fetch_samples(["cmu_slide"])["cmu_slide"] / "cmu_small_region.svs")
     image = real.read(1024, 2048, 1024, 2048)
     foreground = image.mean(axis=0) / 255 < DARK
-    labels, count = label_chunk(foreground, True, 6)
+    labels, count, _ = label_chunk(foreground, True, 6)
     probability = np.random.default_rng(0).random(labels.shape)
     noise = np.random.default_rng(0).integers(0, 4, 4_000_000, np.uint8).tobytes()
     steps = {"zlib.compress (reference)": lambda: zlib.compress(noise, 1),
              "scipy ndimage.label": lambda: ndi.label(foreground),
+             "cc3d connected components (unet.instances.connected, used)": lambda: connected(foreground, 4),
              "hole filling (unet.instances)": lambda: fill_holes_of(foreground),
              "seam edges (ChunkEdges.of)": lambda: ChunkEdges.of(labels, count),
              "objects' sums (unet.objects.chunk_sums)": lambda: chunk_sums(labels, probability, image, 0, 0),

@@ -14,28 +14,41 @@ that a chunk's foreground encloses); a hole cut by a chunk seam stays open.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 
-def label_chunk(foreground: np.ndarray, fill_holes: bool = False, min_area: int = 0) -> tuple[np.ndarray, int]:
-    """Local instance ids 1..n of a chunk's foreground (int32) and n: holes inside the chunk filled if asked,
+class ChunkLabels(NamedTuple):
+    """A chunk's local objects: ``labels`` (int32 ids 1..``count``) and ``areas``, the pixels of each id (index: id;
+    0: the background), as ``np.bincount(labels.ravel())`` gives them, so later steps need not count again."""
+
+    labels: np.ndarray
+    count: int
+    areas: np.ndarray
+
+
+def label_chunk(foreground: np.ndarray, fill_holes: bool = False, min_area: int = 0) -> ChunkLabels:
+    """Local instance ids 1..n of a chunk's foreground, and their areas: holes inside the chunk filled if asked,
     objects of fewer than ``min_area`` pixels dropped unless they touch the chunk's border (``merge_ids``
     judges those, once their parts in other chunks are known)."""
     if fill_holes:
         foreground = fill_holes_of(foreground)
     labels, count = connected(foreground, 4)
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
     if min_area > 1 and count:
-        areas = np.bincount(labels.ravel(), minlength=count + 1)
         keep = areas >= min_area
         keep[np.unique(_border(labels))] = True  # their whole area is not known here
         keep[0] = False
-        ids = np.zeros(count + 1, np.int32)
-        ids[keep] = np.arange(1, int(keep.sum()) + 1)
-        labels, count = ids[labels], int(keep.sum())
-    return labels.astype(np.int32, copy=False), int(count)
+        count = int(keep.sum())
+        ids = np.zeros(len(keep), np.int32)
+        ids[keep] = np.arange(1, count + 1)
+        labels = np.take(ids, labels)  # take: about twice as fast as ids[labels]
+        kept = areas[keep]
+        areas = np.concatenate([[labels.size - kept.sum()], kept])
+    return ChunkLabels(labels, count, areas)
 
 
 def connected(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
@@ -59,10 +72,10 @@ def fill_holes_of(foreground: np.ndarray) -> np.ndarray:
     background, count = connected(~foreground, 8)
     if count == 0:
         return foreground.copy()
-    open_to_border = np.zeros(count + 1, bool)
-    open_to_border[_border(background)] = True
-    open_to_border[0] = False  # the foreground itself
-    return ~open_to_border[background]
+    filled = np.ones(count + 1, bool)  # by background id: enclosed (a hole), or 0, the foreground itself
+    filled[_border(background)] = False
+    filled[0] = True
+    return np.take(filled, background)
 
 
 def _border(labels: np.ndarray) -> np.ndarray:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import ndimage as ndi
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,30 +41,43 @@ def chunk_sums(
     pixels = np.bincount(values, minlength=1) if areas is None else areas  # by id; local ids 1..n, all present
     ids = np.flatnonzero(pixels[1:]) + 1
     if len(ids) == len(pixels) - 1:  # ids 1..n: each object's index is its id - 1, no sorting needed
-        index, compact = values - 1, labels
-    else:  # any ids: numbered 1..n in order (find_objects' list is as long as the largest id)
+        index = values - 1
+    else:  # any ids: numbered 0..n-1 in order
         lookup = np.zeros(len(pixels), np.int64)
         lookup[ids] = np.arange(len(ids))
         index = lookup[values]
-        compact = np.zeros(labels.shape, np.int32)
-        compact.ravel()[where] = index + 1
-    boxes = ndi.find_objects(compact, max_label=len(ids))
     area, count = pixels[ids], len(ids)
     rows, cols = np.divmod(where, labels.shape[1])
+    top, bottom = _extent(index, rows, count)
+    left, right = _extent(index, cols, count)
     parts = {
         "id": ids.astype(np.int64),
         "area": area.astype(np.int64),
         "sum_y": np.bincount(index, rows, count) + area * float(y0),
         "sum_x": np.bincount(index, cols, count) + area * float(x0),
         "sum_probability": np.bincount(index, np.ravel(probability)[where], count),
-        "bbox_y0": np.array([y0 + box[0].start for box in boxes], np.int64),
-        "bbox_x0": np.array([x0 + box[1].start for box in boxes], np.int64),
-        "bbox_y1": np.array([y0 + box[0].stop for box in boxes], np.int64),
-        "bbox_x1": np.array([x0 + box[1].stop for box in boxes], np.int64),
+        "bbox_y0": top + y0,
+        "bbox_x0": left + x0,
+        "bbox_y1": bottom + y0,
+        "bbox_x1": right + x0,
     }
     for channel, plane in enumerate(image):
         parts[f"sum_intensity_{channel}"] = np.bincount(index, np.ravel(plane)[where], count)
     return parts
+
+
+def _extent(index: np.ndarray, coordinates: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each object's first and past-the-last ``coordinates`` (int64): by ``ufunc.at`` over its pixels, about half
+    the time of ``ndi.find_objects``, which scans the whole chunk and builds a slice per object."""
+    return _reduced(np.minimum, index, coordinates, count), _reduced(np.maximum, index, coordinates, count) + 1
+
+
+def _reduced(ufunc: np.ufunc, index: np.ndarray, values: np.ndarray, count: int) -> np.ndarray:
+    """``ufunc`` (np.minimum or np.maximum) of ``values`` (integers) by ``index`` 0..count-1, as int64."""
+    limits = np.iinfo(np.int64)
+    out = np.full(count, limits.max if ufunc is np.minimum else limits.min)
+    ufunc.at(out, index, values)
+    return out
 
 
 def relabel_sums(parts: dict, start: int, mapping: np.ndarray) -> dict:
@@ -85,15 +97,15 @@ def objects_table(
     import pandas as pd
 
     intensities = [f"sum_intensity_{c}" for c in range(channels)]
-    if parts:
-        frame = pd.concat([pd.DataFrame(part) for part in parts], ignore_index=True)
-    else:
-        frame = pd.DataFrame({name: np.zeros(0, np.int64) for name in ("id", *SUMS, *MINIMA, *MAXIMA, *intensities)})
-    rules = dict.fromkeys((*SUMS, *intensities), "sum") | dict.fromkeys(MINIMA, "min") | dict.fromkeys(MAXIMA, "max")
-    grouped = frame.groupby("id", sort=True).agg(rules).reset_index()
-    area = grouped["area"].to_numpy(np.float64)
+    stacked = {name: np.concatenate([part[name] for part in parts]) if parts else np.zeros(0, np.int64)
+               for name in ("id", *SUMS, *MINIMA, *MAXIMA, *intensities)}  # fmt: skip
+    ids, row = np.unique(stacked["id"], return_inverse=True)  # the objects, sorted, and each part's object
+    grouped = {name: np.bincount(row, stacked[name], len(ids)) for name in (*SUMS, *intensities)}
+    grouped |= {name: _reduced(np.minimum, row, stacked[name], len(ids)) for name in MINIMA}
+    grouped |= {name: _reduced(np.maximum, row, stacked[name], len(ids)) for name in MAXIMA}
+    area = grouped["area"]  # sums of whole numbers below 2**53: exact as float64
     size = np.nan if pixel_size_um is None else pixel_size_um
-    table = pd.DataFrame({"id": grouped["id"].astype(np.int64), "area": grouped["area"].astype(np.int64)})
+    table = pd.DataFrame({"id": ids, "area": area.astype(np.int64)})
     for axis in "yx":  # the mean pixel centre, mapped to level 0 (the same numbers when segmented as stored)
         centre = grouped[f"sum_{axis}"] / area
         table[f"centroid_{axis}"] = centre if to_level0 == 1 else (centre + 0.5) * to_level0 - 0.5

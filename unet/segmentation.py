@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from unet.instances import ChunkEdges, label_chunk, merge_chunks, relabel
+from unet.instances import ChunkEdges, ChunkLabels, label_chunk, merge_chunks, relabel
 from unet.tiling import grid
 
 if TYPE_CHECKING:
@@ -60,8 +60,8 @@ class ObjectRule:
             return stored > round(self.threshold * 255)
         return stored.astype(np.float32) > self.threshold
 
-    def label_chunk(self, stored: np.ndarray) -> tuple[np.ndarray, int]:
-        """One chunk's local objects (int32 ids 1..n) and n; objects touching its border are judged by
+    def label_chunk(self, stored: np.ndarray) -> ChunkLabels:
+        """One chunk's local objects (int32 ids 1..n), n and their areas; objects touching its border are judged by
         ``merge_chunks``, once their parts in other chunks are known."""
         return label_chunk(self.foreground(stored), self.fill_holes, self.min_object_pixels)
 
@@ -93,8 +93,8 @@ def label_image(stored: np.ndarray, rule: ObjectRule, chunk: int) -> np.ndarray:
     height, width = stored.shape
     local, edges = {}, {}
     for key, region in grid(height, width, chunk):
-        labels, count = rule.label_chunk(stored[region.slices])
-        local[key], edges[key] = labels, ChunkEdges.of(labels, count)
+        labels, count, areas = rule.label_chunk(stored[region.slices])
+        local[key], edges[key] = labels, ChunkEdges.of(labels, count, areas)
     starts, mapping = merge_chunks(edges, rule.min_object_pixels)
     objects = np.zeros((height, width), np.int32)
     for key, region in grid(height, width, chunk):

@@ -38,7 +38,7 @@ from unet.chunk_io import read
 from unet.chunk_writes import write_block
 from unet.devices import usable_cores
 from unet.inference import ChunkPredictor
-from unet.instances import ChunkEdges, relabel
+from unet.instances import ChunkEdges, ChunkLabels, relabel
 from unet.model import UNet
 from unet.objects import chunk_sums
 from unet.pyramid import mean_2x2, nearest_2x2, source_window
@@ -201,7 +201,8 @@ def predict_and_store(
     if spec.resumed and done[key]:  # finished before an interruption: measure what was written
         local, stored = read(local_array, region.slices), read(probability_array, (slice(0, 1), *region.slices))[0]
         image = slide.read(region.y0, region.y1, region.x0, region.x1) if spec.objects else None
-        return _measured(spec, region, local, int(local.max()), stored, image, tissue)
+        areas = np.bincount(local.ravel())  # its ids are 1..n, all present
+        return _measured(spec, region, ChunkLabels(local, len(areas) - 1, areas), stored, image, tissue)
     image = None
     if has_tissue:
         reader = _Remembered(slide.read)
@@ -223,10 +224,10 @@ def label_and_measure(
     probability, write its local objects and its completion record, measure them."""
     local_array, done = _arrays(spec, LOCAL, DONE_PREDICT)
     region = spec.region(key, *local_array.shape)
-    local, count = spec.rule.label_chunk(stored)
-    write_block(local_array, region.slices, local)
+    local = spec.rule.label_chunk(stored)
+    write_block(local_array, region.slices, local.labels)
     write_block(done, _cell(key), np.ones((1, 1)))  # only now: the chunk is complete
-    return _measured(spec, region, local, count, stored, image, tissue)
+    return _measured(spec, region, local, stored, image, tissue)
 
 
 def _postprocess_processes(spec: JobSpec) -> int:
@@ -249,13 +250,12 @@ def _pool(processes: int) -> ProcessPoolExecutor:
         return _POOLS[processes]
 
 
-def _measured(spec: JobSpec, region, local, count: int, stored, image, tissue: ChunkTissue | None) -> Predicted:
-    counts = chunk_counts(local, stored, None if tissue is None else tissue.pixels())
-    areas = np.bincount(local.ravel(), minlength=count + 1)  # one pass, for the seams and the objects' sums
+def _measured(spec: JobSpec, region, local: ChunkLabels, stored, image, tissue: ChunkTissue | None) -> Predicted:
+    counts = chunk_counts(local.labels, stored, None if tissue is None else tissue.pixels())
     sums = None
-    if spec.objects and count:  # a chunk without objects (or without tissue: never read) adds no rows
-        sums = chunk_sums(local, from_stored(stored), image, region.y0, region.x0, areas)
-    return Predicted(ChunkEdges.of(local, count, areas), counts, sums)
+    if spec.objects and local.count:  # a chunk without objects (or without tissue: never read) adds no rows
+        sums = chunk_sums(local.labels, from_stored(stored), image, region.y0, region.x0, local.areas)
+    return Predicted(ChunkEdges.of(local.labels, local.count, local.areas), counts, sums)
 
 
 def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray) -> bool:

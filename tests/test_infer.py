@@ -204,18 +204,62 @@ def test_interrupted_job_resumes_and_matches_an_uninterrupted_run(trained_model_
     assert not partial.exists()
 
 
-def test_post_processing_processes_write_the_same_output(trained_model_dir, cmu_slide, tmp_path) -> None:
+def spawned_since(started: float) -> list[psutil.Process]:
+    """Processes started by multiprocessing's spawn (Dask's worker processes, post-processing processes) since
+    ``started`` (a time.time()) that are still alive."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "create_time"]):
+        if process.info["create_time"] >= started and "spawn_main" in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_post_processing_processes_write_the_same_output(trained_model_dir, cmu_slide, tmp_path, capfd, workers):
     """``infer.postprocess_processes`` (a GPU worker's default: its chunks labelled and measured in processes of their
-    own, off the model's GIL): the same output, byte for byte, as labelling in the chunk's own task."""
+    own, off the model's GIL): the same output, byte for byte, as labelling in the chunk's own task; in the job's
+    process (1 worker) and in worker processes (2), which start them too and shut them down as they close."""
     image = tmp_path / "crop.zarr"
     zarr.create_array(image, data=open_slide(cmu_slide).read(300, 900, 200, 1100), chunks=(3, 256, 256))
     outputs = {n: tmp_path / f"out{n}.ome.zarr" for n in (0, 2)}
+    started = time.time()
     for processes, output in outputs.items():
-        assert infer(tmp_path, trained_model_dir, image, output, "infer.chunk_size=256",
+        assert infer(tmp_path, trained_model_dir, image, output, "infer.chunk_size=256", f"infer.workers={workers}",
                      f"infer.postprocess_processes={processes}") == 0  # fmt: skip
     in_tasks, in_processes = chunk_files(outputs[0]), chunk_files(outputs[2])
     assert in_processes == in_tasks and any("tables" in name for name in in_tasks)
     assert stored(outputs[2])[1].max() > 10  # objects across the 256-px seams
+    assert "daemonic" not in capfd.readouterr().err  # they did start their own processes (no fallback)
+    if workers > 1:  # every worker process and its post-processing processes gone (none orphaned)
+        _, alive = psutil.wait_procs(spawned_since(started), timeout=10)
+        assert not alive, [" ".join(p.cmdline()) for p in alive]
+
+
+@pytest.mark.parametrize(("stop", "workers"), [("ctrl-c", 2), ("kill", 1), ("kill", 2)])
+def test_a_stopped_job_leaves_no_process_behind(trained_model_dir, cmu_slide, tmp_path, stop, workers) -> None:
+    """Ctrl-C or SIGKILL mid-slide, with post-processing processes in the job's process (1 worker, a GPU node's
+    layout) or in worker processes (2): the job stops at once and every process it started ends with it."""
+    image = tmp_path / "tissue.zarr"
+    zarr.create_array(image, data=open_slide(cmu_slide).read(700, 2236, 340, 1876), chunks=(3, 512, 512))
+    proc = run_infer_process(tmp_path, trained_model_dir, image, tmp_path / "out.ome.zarr", "--set",
+                             f"infer.workers={workers}", "--set", "infer.postprocess_processes=1")  # fmt: skip
+    done, started = tmp_path / ".out.ome.zarr.partial" / "_work" / "done_predict", []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # until chunks were labelled in those processes
+        started = psutil.Process(proc.pid).children(recursive=True)
+        if done.exists() and np.asarray(zarr.open_array(done, mode="r")).sum() >= 2 and len(started) > workers:
+            break
+        time.sleep(0.1)
+    if stop == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole job
+    else:
+        proc.kill()
+    signalled = time.monotonic()
+    printed, _ = proc.communicate(timeout=120)
+    assert proc.returncode == (130 if stop == "ctrl-c" else -signal.SIGKILL) and time.monotonic() - signalled < 30
+    _, alive = psutil.wait_procs(started, timeout=15)
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
+    assert "still alive" not in printed  # no worker had to be killed by its Nanny
 
 
 def test_existing_output_is_not_overwritten_silently(trained_model_dir, cmu_slide, tmp_path) -> None:
@@ -311,15 +355,19 @@ def test_existing_dask_cluster_by_scheduler_address(trained_model_dir, cmu_slide
     scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                   "--dashboard-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, env=environment())  # fmt: skip
-    worker = subprocess.Popen([str(bin_dir / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1",
-                               "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=environment())  # fmt: skip
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("w") as log:  # `dask worker` runs its worker in a daemonic process (Dask's default)
+        worker = subprocess.Popen([str(bin_dir / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1",
+                                   "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=log,
+                                  env=environment())  # fmt: skip
     try:
         image = tmp_path / "rgb.zarr"
         zarr.create_array(image, data=open_slide(cmu_slide).read(0, 200, 0, 300), chunks=(3, 64, 64))
         code = infer(tmp_path, trained_model_dir, image, tmp_path / "remote.zarr", "infer.chunk_size=128",
-                     "infer.tile_size=64", f"infer.scheduler=tcp://127.0.0.1:{port}")  # fmt: skip
-        assert code == 0
+                     "infer.tile_size=64", f"infer.scheduler=tcp://127.0.0.1:{port}",
+                     "infer.postprocess_processes=1")  # fmt: skip
+        assert code == 0  # a daemonic worker cannot start them: it labels in its threads, and says so once
+        assert worker_log.read_text().count("DASK_DISTRIBUTED__WORKER__DAEMON=False") == 1
         local = tmp_path / "local.zarr"
         assert infer(tmp_path, trained_model_dir, image, local, "infer.chunk_size=128", "infer.tile_size=64") == 0
         for a, b in zip(stored(tmp_path / "remote.zarr"), stored(local), strict=True):

@@ -114,6 +114,9 @@ def test_dask_workers_offer_the_gpu_resource_the_tasks_ask_for() -> None:
     tasks = InferConfig(device="cuda").tasks  # one GPU worker keeps this many chunks in flight
     assert int(args[args.index("--nthreads") + 1]) == tasks
     assert task_resources("cuda", tasks) == {"GPU": 1 / tasks} and task_resources("cpu", tasks) is None
+    # non-daemonic, so that each may start its post-processing processes (on CUDA by default)
+    env = {item["name"]: item.get("value") for item in next(iter(walk(doc["spec"]["worker"], "env")))}
+    assert env["DASK_DISTRIBUTED__WORKER__DAEMON"] == "False"
 
 
 def test_dask_talks_tls_only_with_certificates_from_a_secret() -> None:

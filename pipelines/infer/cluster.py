@@ -79,6 +79,8 @@ def start_dask(infer: InferConfig, gpus: list[str] | None = None) -> tuple[Clien
         return client, None
     gpus = gpus or []
     workers = worker_count(infer, gpus)
+    if not in_process(infer, gpus):
+        _non_daemonic_workers()
     if infer.device == "cuda" and workers > 1:
         cluster = gpu_cluster(gpus[:workers], infer.tasks)
         return Client(cluster), cluster
@@ -97,6 +99,16 @@ def start_dask(infer: InferConfig, gpus: list[str] | None = None) -> tuple[Clien
         **options,
     )
     return Client(cluster), cluster
+
+
+def _non_daemonic_workers() -> None:
+    """Start the local worker processes non-daemonic (``distributed.worker.daemon``, for this process, where their
+    Nannies start and restart them): a daemonic process may not start processes of its own, and each worker starts
+    its post-processing processes (``infer.postprocess_processes``, by default on CUDA). The job closes them as it
+    ends."""
+    import dask
+
+    dask.config.set({"distributed.worker.daemon": False})
 
 
 def gpu_cluster(gpus: list[str], tasks_per_worker: int) -> SpecCluster:

@@ -11,17 +11,23 @@ chunk; whole chunks are read and written in the task's thread (``unet.chunk_io``
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
+import multiprocessing.context
+import os
+import signal
 import sys
 import threading
 import time
 from collections import Counter, OrderedDict
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import zarr
+from distributed import WorkerPlugin
 
 from pipelines.infer.output import (
     DONE_LABELS,
@@ -49,6 +55,8 @@ from unet.segmentation import from_stored
 from unet.slides import Slide
 from unet.slides.tiles import TileCache
 from unet.tissue import ChunkTissue
+
+log = logging.getLogger(__name__)
 
 # Each worker process keeps the predictors of the last MODELS_PER_WORKER model specs used (model URI and
 # inference settings; the least recently used goes first), so jobs sharing a cluster with different models or
@@ -212,9 +220,9 @@ def predict_and_store(
         probability = np.zeros((region.height, region.width), np.float32)
     stored = spec.rule.store(probability)
     write_block(probability_array, (slice(0, 1), *region.slices), stored[None])
-    if processes := _postprocess_processes(spec):  # off this process: they hold the GIL the model thread needs
-        return _pool(processes).submit(label_and_measure, spec, key, stored, image, tissue).result()
-    return label_and_measure(spec, key, stored, image, tissue)
+    processes = _postprocess_processes(spec)  # off this process: they hold the GIL the model thread needs
+    labelled = _POSTPROCESSING.submit(processes, label_and_measure, spec, key, stored, image, tissue)
+    return label_and_measure(spec, key, stored, image, tissue) if labelled is None else labelled.result()
 
 
 def label_and_measure(
@@ -231,23 +239,95 @@ def label_and_measure(
 
 
 def _postprocess_processes(spec: JobSpec) -> int:
-    """``infer.postprocess_processes``; by default none on CPU, half this machine's cores on a GPU worker."""
+    """``infer.postprocess_processes``; by default none on CPU, half this machine's cores on a GPU worker; none in a
+    daemonic worker process, which may not start processes of its own (the chunk's task labels, with a warning)."""
     if spec.postprocess_processes is not None:
-        return spec.postprocess_processes
-    return max(1, usable_cores() // 2) if spec.model.settings.device == "cuda" else 0
+        processes = spec.postprocess_processes
+    else:
+        processes = max(1, usable_cores() // 2) if spec.model.settings.device == "cuda" else 0
+    if processes and multiprocessing.current_process().daemon:
+        _warn_daemonic()
+        return 0
+    return processes
 
 
-_POOLS: dict[int, ProcessPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
+@functools.cache
+def _warn_daemonic() -> None:
+    log.warning(
+        "this Dask worker is a daemonic process, which cannot start post-processing processes: its chunks are "
+        "labelled in its own threads (start its workers with DASK_DISTRIBUTED__WORKER__DAEMON=False)"
+    )
 
 
-def _pool(processes: int) -> ProcessPoolExecutor:
-    """This worker's post-processing processes (``infer.postprocess_processes``), started once; spawned, never
-    forked from a process that may hold a CUDA context."""
-    with _POOLS_LOCK:
-        if processes not in _POOLS:
-            _POOLS[processes] = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
-        return _POOLS[processes]
+class _Pools:
+    """This worker's post-processing processes (``infer.postprocess_processes``): started with the first chunk
+    that asks for them, spawned (never forked from a process that may hold a CUDA context), shut down as the
+    worker closes (``ClosePostprocessing``)."""
+
+    def __init__(self) -> None:
+        self.lock, self.pools, self.closed = threading.Lock(), {}, False
+
+    def submit(self, processes: int, function: Callable, *args) -> Future | None:
+        """``function(*args)`` in ``processes`` processes; None where there are none to ask (0, or closed)."""
+        with self.lock:  # held while submitting: a pool is never used after its shutdown, nor started after close
+            if not processes or self.closed:
+                return None
+            if processes not in self.pools:
+                self.pools[processes] = ProcessPoolExecutor(processes, mp_context=_DaemonicSpawn(),
+                                                            initializer=_started, initargs=(os.getpid(),))  # fmt: skip
+            return self.pools[processes].submit(function, *args)
+
+    def open(self) -> None:
+        with self.lock:
+            self.closed = False
+
+    def close(self) -> None:
+        """Shut every pool down once the work submitted to it is done (a few chunks at most)."""
+        with self.lock:
+            pools, self.pools, self.closed = list(self.pools.values()), {}, True
+        for pool in pools:
+            pool.shutdown(wait=True)
+
+
+class _DaemonicSpawn(multiprocessing.context.SpawnContext):
+    """Spawned post-processing processes, daemonic: however their worker process ends (closed, interrupted), it
+    ends them as it exits instead of waiting for them."""
+
+    class Process(multiprocessing.context.SpawnProcess):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.daemon = True
+
+
+def _started(parent: int) -> None:
+    """Initializer of a post-processing process: Ctrl-C is for the job, whose worker ends this process; should the
+    worker be killed instead, this process exits within a second rather than linger (~300 MB)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="unet-watch-worker", daemon=True).start()
+
+
+_POSTPROCESSING = _Pools()
+
+
+class ClosePostprocessing(WorkerPlugin):
+    """Registered by each job on every worker: shuts the worker's post-processing processes down as it closes. A
+    worker process joins its children as it exits, and would wait forever on idle ones (until its Nanny kills it,
+    leaving them behind); a task still running then labels in its own thread."""
+
+    idempotent = True  # one per worker, however many jobs register it
+    name = "unet-close-postprocessing"
+
+    def setup(self, worker) -> None:
+        _POSTPROCESSING.open()  # a worker in the job's own process serves the next job of that process too
+
+    def teardown(self, worker) -> None:
+        _POSTPROCESSING.close()
 
 
 def _measured(spec: JobSpec, region, local: ChunkLabels, stored, image, tissue: ChunkTissue | None) -> Predicted:

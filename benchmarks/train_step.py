@@ -97,13 +97,13 @@ def _ray_driver(address: str, batch_file: str, threads: int, warmup: int) -> Non
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from pipelines.train.quiet_ray import trainer_class
+    from pipelines.train.quiet_ray import LOCAL_RAY, trainer_class
     from unet.config import TrainConfig
 
     # as pipelines.train starts a local Ray: train.dashboard (UNET_BENCHMARK_DASHBOARD=1: with the dashboard)
     dashboard = os.environ.get("UNET_BENCHMARK_DASHBOARD", str(int(TrainConfig().dashboard))) == "1"
     ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, logging_level="WARNING",
-             include_dashboard=dashboard)  # fmt: skip
+             include_dashboard=dashboard, _system_config=LOCAL_RAY)  # fmt: skip
     try:
         trainer_class(local=True)(  # as pipelines.train on a local Ray
             _ray_worker,

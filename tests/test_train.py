@@ -3,6 +3,7 @@ learning, whole-job and worker fault tolerance, the registry, and bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -69,12 +70,31 @@ def resumed_run(workspace: Path) -> dict:
     first = subprocess.Popen(cmd, cwd=workspace, env=environment(), start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     wait_for_checkpoint(workspace / "runs" / "resume", first)
+    processes = ray_processes(first.pid)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     stop_ray_leftovers()
     second = subprocess.run(cmd, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return {"output": second.stdout + second.stderr}
+    return {"output": second.stdout + second.stderr, "processes": processes}
+
+
+def ray_processes(pid: int) -> list[str]:
+    """The names of Ray's processes under the job ``pid`` (an actor's: ``ray::Class``)."""
+    names = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            names.append(child.cmdline()[0].split(".")[0] if child.cmdline()[0].startswith("ray::") else child.name())
+    return names
+
+
+def test_a_local_ray_runs_only_the_processes_the_job_needs(resumed_run: dict) -> None:
+    """No idle workers started ahead of need, no dataset manager (the job passes no Ray Dataset), neither of Ray
+    Train's watchers: each idle Ray process wakes 100-150 times a second beside the step (quiet_ray)."""
+    processes = resumed_run["processes"]
+    assert {"ray::RayTrainWorker", "ray::TrainController", "raylet", "gcs_server"} <= set(processes), processes
+    left_out = {"ray::IDLE", "ray::DatasetManager", "ray::PreemptionWatcher", "ray::PlacementGroupCleaner"}
+    assert not left_out & set(processes), processes
 
 
 def test_job_killed_and_rerun_resumes_into_the_same_mlflow_run(workspace: Path, resumed_run: dict) -> None:

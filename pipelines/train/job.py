@@ -75,16 +75,20 @@ def check_ray_address(address: str | None) -> None:
 
 def init_ray(dashboard: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`; ``auto``: the one `ray start` started on
-    this machine) or start a local Ray of the job's own (with its dashboard if ``dashboard``: ``train.dashboard``).
+    this machine) or start a local Ray of the job's own (with its dashboard if ``dashboard``: ``train.dashboard``;
+    with ``quiet_ray.LOCAL_RAY``'s settings).
     Without RAY_ADDRESS the job never joins a cluster it was not told about: ``ray.init()`` alone would join one
     that `ray start` left running, with its resources and token."""
     import ray
+
+    from pipelines.train.quiet_ray import LOCAL_RAY
 
     address = ray_address()
     ours = signal.getsignal(signal.SIGTERM)
     try:
         # No num_cpus here: under `ray job submit` the cluster decides resources.
-        where = {"address": address} if address else {"address": "local", "include_dashboard": dashboard}
+        local = {"address": "local", "include_dashboard": dashboard, "_system_config": LOCAL_RAY}
+        where = {"address": address} if address else local
         ray.init(**where, logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, RuntimeError) as exc:
         raise UserError(f"cannot connect to Ray at {address or 'a new local instance'}: {first_line(exc)}") from None
@@ -140,8 +144,8 @@ def check_resources(config: Config, local: bool) -> None:
 
 
 def build_trainer(config: Config, loop_config: dict):
-    """The TorchTrainer described by ``config.train`` (gloo on CPU, NCCL on GPU); on a local Ray without Ray Train's
-    placement-group cleaner (``pipelines.train.quiet_ray``)."""
+    """The TorchTrainer described by ``config.train`` (gloo on CPU, NCCL on GPU); on a local Ray without what only a
+    cluster needs (``pipelines.train.quiet_ray``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 

@@ -259,7 +259,7 @@ def test_a_stopped_job_leaves_no_process_behind(trained_model_dir, cmu_slide, tm
     assert proc.returncode == (130 if stop == "ctrl-c" else -signal.SIGKILL) and time.monotonic() - signalled < 30
     _, alive = psutil.wait_procs(started, timeout=15)
     assert not alive, [" ".join(p.cmdline()) for p in alive]
-    assert "still alive" not in printed  # no worker had to be killed by its Nanny
+    assert "still alive" not in printed, printed  # no worker had to be killed by its Nanny
 
 
 def test_existing_output_is_not_overwritten_silently(trained_model_dir, cmu_slide, tmp_path) -> None:
@@ -348,7 +348,7 @@ def test_unreachable_scheduler_is_a_clear_error(trained_model_dir, cmu_slide, tm
     assert code == 2 and "Dask scheduler unreachable at tcp://127.0.0.1:9" in capsys.readouterr().err
 
 
-def test_existing_dask_cluster_by_scheduler_address(trained_model_dir, cmu_slide, tmp_path) -> None:
+def test_existing_dask_cluster_by_scheduler_address(trained_model_dir, cmu_slide, tmp_path, caplog) -> None:
     """`--set infer.scheduler=tcp://...` sends the chunks to a cluster started apart from the job."""
     port = free_port()
     bin_dir = Path(sys.executable).parent
@@ -368,8 +368,13 @@ def test_existing_dask_cluster_by_scheduler_address(trained_model_dir, cmu_slide
                      "infer.postprocess_processes=1")  # fmt: skip
         assert code == 0  # a daemonic worker cannot start them: it labels in its threads, and says so once
         assert worker_log.read_text().count("DASK_DISTRIBUTED__WORKER__DAEMON=False") == 1
+        # and the job says so too, where its user reads
+        said = [r.getMessage() for r in caplog.records if r.name == "infer" and "daemonic" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith("Dask worker tcp://127.0.0.1:"), said
+        caplog.clear()
         local = tmp_path / "local.zarr"
         assert infer(tmp_path, trained_model_dir, image, local, "infer.chunk_size=128", "infer.tile_size=64") == 0
+        assert "daemonic" not in caplog.text  # no post-processing processes asked for (the CPU's default)
         for a, b in zip(stored(tmp_path / "remote.zarr"), stored(local), strict=True):
             np.testing.assert_array_equal(a, b)
     finally:

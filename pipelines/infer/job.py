@@ -103,7 +103,7 @@ def segment(
     this returns), off the critical path."""
     from pipelines.infer.cluster import dashboard, in_process, start_dask, task_resources
     from pipelines.infer.stream import stream
-    from pipelines.infer.tasks import ClosePostprocessing, use_model
+    from pipelines.infer.tasks import WORKER_WARNINGS, ClosePostprocessing, use_model
 
     infer = context.config.infer
     client, cluster = start_dask(infer, context.gpus)
@@ -112,6 +112,7 @@ def segment(
     finisher = Finisher(context, start_run, after_each)
     try:
         client.register_plugin(ClosePostprocessing())  # each worker shuts its post-processing processes as it closes
+        client.subscribe_topic(WORKER_WARNINGS, lambda event: log.warning("Dask worker %s", event[1]))
         threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
         log.info("Dask dashboard: %s (%d threads)", dashboard(client, cluster), threads)
         resources = task_resources(infer.device, infer.tasks)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import zarr
-from distributed import WorkerPlugin
+from distributed import WorkerPlugin, get_worker
 
 from pipelines.infer.output import (
     DONE_LABELS,
@@ -68,6 +68,7 @@ MODELS_PER_WORKER = 3
 # time. At 0.5 ms the model thread gets it back sooner: +6% to +25% slide throughput with a GPU-like stand-in on 2
 # shared cores (docs/benchmarks.md, "The pipeline around the model"; not yet measured on a GPU).
 GPU_SWITCH_INTERVAL_S = 0.0005
+WORKER_WARNINGS = "unet-worker-warnings"  # the Dask event topic of ``warn_job``'s messages, which each job prints
 _PREDICTORS: OrderedDict[tuple, ChunkPredictor] = OrderedDict()  # by _cache_key(spec)
 _PREDICTORS_LOCK = threading.Lock()  # guards _PREDICTORS: held for a lookup, never while a model loads
 _LOADING_LOCK = threading.Lock()  # one load at a time (MLflow's tracking URI is process-wide while it downloads)
@@ -253,10 +254,21 @@ def _postprocess_processes(spec: JobSpec) -> int:
 
 @functools.cache
 def _warn_daemonic() -> None:
-    log.warning(
+    warn_job(
         "this Dask worker is a daemonic process, which cannot start post-processing processes: its chunks are "
         "labelled in its own threads (start its workers with DASK_DISTRIBUTED__WORKER__DAEMON=False)"
     )
+
+
+def warn_job(message: str) -> None:
+    """Log ``message`` in this worker's log, and send it to the job that the task belongs to, which prints it too
+    (``WORKER_WARNINGS``): a remote worker's log is not where the job's user reads."""
+    log.warning(message)
+    try:
+        worker = get_worker()
+    except ValueError:  # not in a Dask worker
+        return
+    worker.log_event(WORKER_WARNINGS, f"{worker.address}: {message}")
 
 
 class _Pools:
@@ -328,6 +340,15 @@ class ClosePostprocessing(WorkerPlugin):
 
     def teardown(self, worker) -> None:
         _POSTPROCESSING.close()
+
+
+def dask_setup(worker) -> None:
+    """Run by Dask as each worker process that a job starts itself starts (this module is one of its preloads,
+    ``cluster.preloads``): the process ignores Ctrl-C, which is its job's to handle. A Ctrl-C in a terminal reaches
+    every process of the job; one that reached a worker process as it closed left it for its Nanny to kill after
+    4 s, its post-processing processes' semaphores leaked."""
+    if threading.current_thread() is threading.main_thread():  # where Python lets a signal's handler be set
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _measured(spec: JobSpec, region, local: ChunkLabels, stored, image, tissue: ChunkTissue | None) -> Predicted:

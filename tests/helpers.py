@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipelines.checkpoints import recorded_by_ray
@@ -193,6 +194,17 @@ def objects(location: str | Path) -> list[str]:
     """Names of the files (objects) under a folder or object-store prefix, relative to it."""
     fs, root = storage.filesystem(location)
     return sorted(key[len(root.rstrip("/")) + 1 :] for key in fs.find(root))
+
+
+def ray_processes(pid: int) -> list[str]:
+    """The names of the processes under the job ``pid`` (a Ray actor's: ``ray::Class``, whatever method it runs)."""
+    names = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            command = child.cmdline()  # empty for a process that has just ended
+            ray_actor = command and command[0].startswith("ray::")
+            names.append(command[0].split(".")[0] if ray_actor else child.name())
+    return names
 
 
 def wait_for_checkpoint(run_dir: str | Path, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -3,7 +3,6 @@ learning, whole-job and worker fault tolerance, the registry, and bad input."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from tests.helpers import (
     get_json,
     in_the_foreground,
     mlflow_server,
+    ray_processes,
     train_command,
     wait_for_checkpoint,
 )
@@ -77,15 +77,6 @@ def resumed_run(workspace: Path) -> dict:
     second = subprocess.run(cmd, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return {"output": second.stdout + second.stderr, "processes": processes}
-
-
-def ray_processes(pid: int) -> list[str]:
-    """The names of Ray's processes under the job ``pid`` (an actor's: ``ray::Class``)."""
-    names = []
-    for child in psutil.Process(pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            names.append(child.cmdline()[0].split(".")[0] if child.cmdline()[0].startswith("ray::") else child.name())
-    return names
 
 
 def test_a_local_ray_runs_only_the_processes_the_job_needs(resumed_run: dict) -> None:

@@ -27,7 +27,9 @@ after the last prediction, so the stand-in idles then.
 Then the GIL that the job's process holds, by part, in a GPU worker's layout (its chunks, labelling in
 post-processing processes, the stand-in nearly free), sampled by py-spy (``--gil``) in ``GIL_REPEATS`` runs: one
 process drives a GPU node's GPU, and what holds its GIL runs on one core at a time, so ``megapixels / held seconds``
-bounds what that process can drive however many cores the node has.
+bounds what that process can drive however many cores the node has. Then how a GPU worker's model thread fares
+beside the hand-off of chunks to a post-processing process at 100 Mpx/s, with their pixels sent (pickled) or read
+back from Zarr by that process (as the job does).
 
 The profile (1 core, the first row): the wall time spent in each stage, measured by wrapping the functions that do
 it (only the outermost stage counts within a thread: the slide's own reads inside the read stage, say); "Mpx/s
@@ -53,9 +55,13 @@ from pathlib import Path
 from benchmarks import gil_profile
 from benchmarks.pipeline_parts import (
     GPU_WORK,
+    HANDOFF_CHUNK,
+    HANDOFF_RATE,
+    LAUNCHES,
     Stages,
     device_work,
     gil_speedups,
+    handoff,
     install_standin,
     instrument,
     libraries,
@@ -177,6 +183,7 @@ def run(side: int = 10240, cores: int = 2, folder: Path | None = None, quick: bo
         "rows": rows,
         "gil_held": held,
         "gil": gil_speedups(2 if quick else 8),
+        "handoff": handoff(12 if quick else 48),
         "load": load,
         "libraries": libraries(2 if quick else 10),
     }
@@ -247,7 +254,7 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {n} | {_described(row)} | {s['objects'] / s['megapixels']:.0f} | {s['mpx_per_s']:.2f} | "
                      f"{s['mpx_per_s'] / n:.2f} | {'' if gpu else f'{per_core:.2f}'} | {cpu_side} | {busy} | "
                      f"{goal} |")  # fmt: skip
-    lines += ["", *_gil_held(result["gil_held"])]
+    lines += ["", *_gil_held(result["gil_held"]), "", *_handoff(result["handoff"])]
     profiled = result["rows"][0]
     mpx, wall = profiled["stats"]["megapixels"], profiled["stats"]["seconds"]
     lines += ["", f"Profile on 1 core, {mpx:.0f} Mpx in {wall:.1f} s (segmenting, the objects table included; the "
@@ -277,6 +284,16 @@ def to_markdown(result: dict) -> str:
     ]
     lines += [f"| {name} | {ms:.1f} |" for name, ms in result["libraries"].items()]
     return "\n".join(lines)
+
+
+def _handoff(passes: dict[str, float]) -> list[str]:
+    """The model thread's pass beside the hand-off to post-processing processes (``pipeline_parts.handoff``)."""
+    alone = passes["model thread alone"]
+    lines = [f"A GPU worker's model thread beside the hand-off of its {HANDOFF_CHUNK}-px chunks of real H&E to a "
+             f"post-processing process, {HANDOFF_RATE} chunks a second (100 Mpx/s), a pass a chunk of {LAUNCHES} "
+             "launches (each a little Python and a wait with the GIL given back):", "",
+             "| model thread | median pass (ms) | vs alone |", "|---|---:|---:|"]  # fmt: skip
+    return lines + [f"| {name} | {ms:.1f} | {ms / alone - 1:+.0%} |" for name, ms in passes.items()]
 
 
 def _gil_held(rows: list[dict]) -> list[str]:

@@ -236,3 +236,80 @@ def _best_ms(step, repeats: int) -> float:
         step()
         best = min(best, time.perf_counter() - started)
     return best * 1000
+
+
+HANDOFF_CHUNK = 2048  # a GPU worker's chunk (``DEFAULT_CHUNK_SIZE['cuda']``)
+HANDOFF_RATE = 24  # chunks a second: 100 Mpx/s, the GPU goal
+
+
+def handoff(chunks: int = 48) -> dict[str, float]:
+    """A GPU worker's model thread (``LAUNCHES`` launches a pass, each a little Python and a wait with the GIL given
+    back, a pass per chunk at ``HANDOFF_RATE``) beside the hand-off of ``chunks`` 2048-px chunks of real H&E to a
+    post-processing process at that rate: its median pass (ms) alone, with each chunk's probability and pixels sent
+    to the process (pickled, as before), and with neither sent (the process reads them back from Zarr, as now)."""
+    import multiprocessing
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+    import zarr
+
+    from unet.samples import fetch_samples
+    from unet.slides import open_slide
+
+    real = open_slide(fetch_samples(["cmu_slide"])["cmu_slide"] / "cmu_small_region.svs")
+    image = np.pad(real.read(0, min(real.height, HANDOFF_CHUNK), 0, min(real.width, HANDOFF_CHUNK)),
+                   [(0, 0), (0, max(0, HANDOFF_CHUNK - real.height)), (0, max(0, HANDOFF_CHUNK - real.width))],
+                   mode="reflect")  # fmt: skip
+    probability = np.round(255 / (1 + np.exp((image.mean(axis=0) / 255 - DARK) * 40))).astype(np.uint8)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)  # a GPU worker's (pipelines.infer.tasks.GPU_SWITCH_INTERVAL_S)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+            zarr.create_array(f"{tmp}/probability", data=probability, chunks=probability.shape)
+            zarr.create_array(f"{tmp}/image", data=image, chunks=(3, 512, 512))
+            pool.submit(_post_process, tmp, None, None).result()  # started and warm
+            sent = {"model thread alone": None, "chunks handed off, their pixels sent": (probability, image),
+                    "chunks handed off, read back from Zarr (used)": (None, None)}  # fmt: skip
+            return {name: _model_passes(pool, tmp, pixels, chunks) for name, pixels in sent.items()}
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _model_passes(pool, folder: str, pixels: tuple | None, chunks: int) -> float:
+    """The model thread's median pass (ms) while ``chunks`` chunks are handed off (``pixels`` None: none)."""
+    import numpy as np
+
+    stop, passes = threading.Event(), []
+
+    def model() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            for _ in range(LAUNCHES):
+                sum(range(200))  # a launch's Python
+                time.sleep(1 / HANDOFF_RATE / LAUNCHES * 0.8)  # the GPU at work, the GIL given back
+            passes.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=model)
+    thread.start()
+    futures = []
+    for _ in range(chunks):
+        if pixels is not None:
+            futures.append(pool.submit(_post_process, folder, *pixels))
+        time.sleep(1 / HANDOFF_RATE)
+    for future in futures:
+        future.result()
+    stop.set()
+    thread.join()
+    return float(np.median(passes)) * 1000
+
+
+def _post_process(folder: str, probability, image) -> int:
+    """The post-processing process's side of ``handoff``: the chunk as sent, or read back from Zarr."""
+    import numpy as np
+    import zarr
+
+    if probability is None:
+        probability = np.asarray(zarr.open_array(f"{folder}/probability", mode="r")[:])
+        image = np.asarray(zarr.open_array(f"{folder}/image", mode="r")[:])
+    return int(probability.size + image.size)

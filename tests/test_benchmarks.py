@@ -28,8 +28,8 @@ def test_quick_weight_map_benchmark_writes_a_report(tmp_path: Path) -> None:
 
 def test_pipeline_benchmark_profiles_the_cpu_side_with_a_stand_in_network(capsys) -> None:
     """`python -m benchmarks.pipeline --quick`: a job with the nearly free stand-in (about a thousand objects per
-    Mpx of real H&E), its stages profiled, then one with the stand-in as slow as a GPU, and the GIL that a GPU
-    worker's layout holds, by part."""
+    Mpx of real H&E), its stages profiled, then one with the stand-in as slow as a GPU, the GIL that a GPU
+    worker's layout holds, by part, and its model thread beside the hand-off to post-processing processes."""
     from benchmarks.pipeline import main as pipeline_main
 
     assert pipeline_main(["--quick"]) == 0
@@ -43,7 +43,7 @@ def test_pipeline_benchmark_profiles_the_cpu_side_with_a_stand_in_network(capsys
     assert 0 < float(free[4]) <= float(free[5]) <= float(free[6])
     stages = {line.split("|")[1].strip() for line in table.split("| stage |")[1].splitlines()[2:] if "|" in line}
     assert {"read, decode input", "label chunk", "objects", "encode, write", "pyramid", "merge seams"} <= stages
-    held = table.split("GIL held by the job's process")[1].split("Profile on 1 core")[0]
+    held = table.split("GIL held by the job's process")[1].split("A GPU worker's model thread beside")[0]
     if "Not measured: " not in held:  # py-spy needs ptrace, which a container may forbid: then it says why
         parts = {line.split("|")[1].strip(): float(line.split("|")[2].strip(" *")) for line in held.splitlines()[3:]
                  if line.startswith("| ")}  # fmt: skip
@@ -51,6 +51,10 @@ def test_pipeline_benchmark_profiles_the_cpu_side_with_a_stand_in_network(capsys
 
         assert parts.pop("**all**") > 0 and set(parts) <= {name for name, _ in PARTS} | {OTHER}
         assert "So one process drives at most" in held
+    handed = table.split("| model thread | median pass (ms) | vs alone |")[1].split("Profile on 1 core")[0]
+    passes = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in handed.splitlines()[2:] if "|" in line}
+    assert list(passes) == ["model thread alone", "chunks handed off, their pixels sent",
+                            "chunks handed off, read back from Zarr (used)"] and min(passes.values()) > 0  # fmt: skip
 
 
 def _gpu_table(report: str) -> dict[str, str]:

@@ -4,6 +4,7 @@ seam-merged labels, resume after Ctrl-C, no silent overwrite, lineage, and clear
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -215,13 +216,22 @@ def spawned_since(started: float) -> list[psutil.Process]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_post_processing_processes_write_the_same_output(trained_model_dir, cmu_slide, tmp_path, capfd, workers):
+def test_post_processing_processes_write_the_same_output(
+    trained_model_dir, cmu_slide, tmp_path, capfd, monkeypatch, workers
+):
     """``infer.postprocess_processes`` (a GPU worker's default: its chunks labelled and measured in processes of their
     own, off the model's GIL): the same output, byte for byte, as labelling in the chunk's own task; in the job's
-    process (1 worker) and in worker processes (2), which start them too and shut them down as they close."""
+    process (1 worker) and in worker processes (2), which start them too and shut them down as they close. No pixels
+    are sent to them (pickled, they held the GIL): they read the chunk back."""
+    from pipelines.infer import tasks
+
     image = tmp_path / "crop.zarr"
     zarr.create_array(image, data=open_slide(cmu_slide).read(300, 900, 200, 1100), chunks=(3, 256, 256))
     outputs = {n: tmp_path / f"out{n}.ome.zarr" for n in (0, 2)}
+    sent, submit = [], tasks._POSTPROCESSING.submit  # seen where the tasks run in this process (1 worker)
+    monkeypatch.setattr(
+        tasks._POSTPROCESSING, "submit", lambda n, f, *a: sent.append(len(pickle.dumps(a))) or submit(n, f, *a)
+    )
     started = time.time()
     for processes, output in outputs.items():
         assert infer(tmp_path, trained_model_dir, image, output, "infer.chunk_size=256", f"infer.workers={workers}",
@@ -230,6 +240,7 @@ def test_post_processing_processes_write_the_same_output(trained_model_dir, cmu_
     assert in_processes == in_tasks and any("tables" in name for name in in_tasks)
     assert stored(outputs[2])[1].max() > 10  # objects across the 256-px seams
     assert "daemonic" not in capfd.readouterr().err  # they did start their own processes (no fallback)
+    assert workers > 1 or 0 < max(sent) < 256 * 256, sent  # less than one chunk's probability: no pixels
     if workers > 1:  # every worker process and its post-processing processes gone (none orphaned)
         _, alive = psutil.wait_procs(spawned_since(started), timeout=10)
         assert not alive, [" ".join(p.cmdline()) for p in alive]

@@ -206,15 +206,13 @@ def predict_and_store(
     probability_array, local_array, done = _arrays(spec, PROBABILITY, LOCAL, DONE_PREDICT)
     height, width = local_array.shape
     region = spec.region(key, height, width)
-    slide = _slide(spec)
     if spec.resumed and done[key]:  # finished before an interruption: measure what was written
         local, stored = read(local_array, region.slices), read(probability_array, (slice(0, 1), *region.slices))[0]
-        image = slide.read(region.y0, region.y1, region.x0, region.x1) if spec.objects else None
         areas = np.bincount(local.ravel())  # its ids are 1..n, all present
-        return _measured(spec, region, ChunkLabels(local, len(areas) - 1, areas), stored, image, tissue)
+        return _measured(spec, region, ChunkLabels(local, len(areas) - 1, areas), stored, None, tissue)
     image = None
     if has_tissue:
-        reader = _Remembered(slide.read)
+        reader = _Remembered(_slide(spec).read)
         probability = _predictor(spec.model).predict_chunk(reader, height, width, region, spec.intensity_range)
         image = reader.pixels(region)
     else:
@@ -222,17 +220,25 @@ def predict_and_store(
     stored = spec.rule.store(probability)
     write_block(probability_array, (slice(0, 1), *region.slices), stored[None])
     processes = _postprocess_processes(spec)  # off this process: they hold the GIL the model thread needs
-    labelled = _POSTPROCESSING.submit(processes, label_and_measure, spec, key, stored, image, tissue)
+    labelled = _POSTPROCESSING.submit(processes, label_and_measure, spec, key, None, None, tissue)  # pixels: read back
     return label_and_measure(spec, key, stored, image, tissue) if labelled is None else labelled.result()
 
 
 def label_and_measure(
-    spec: JobSpec, key: tuple[int, int], stored: np.ndarray, image: np.ndarray | None, tissue: ChunkTissue | None
+    spec: JobSpec,
+    key: tuple[int, int],
+    stored: np.ndarray | None,
+    image: np.ndarray | None,
+    tissue: ChunkTissue | None,
 ) -> Predicted:
     """The rest of pass 1, in the task's thread or in a post-processing process: label the chunk's stored
-    probability, write its local objects and its completion record, measure them."""
+    probability, write its local objects and its completion record, measure them. A post-processing process reads
+    ``stored`` and ``image`` back itself (None): sent through a pipe, they cost the GPU worker's process ~40 ms of CPU
+    per 2048-px chunk, part of it pickling, which holds the GIL its model thread needs."""
     local_array, done = _arrays(spec, LOCAL, DONE_PREDICT)
     region = spec.region(key, *local_array.shape)
+    if stored is None:
+        stored = read(_array(spec, PROBABILITY), (slice(0, 1), *region.slices))[0]
     local = spec.rule.label_chunk(stored)
     write_block(local_array, region.slices, local.labels)
     write_block(done, _cell(key), np.ones((1, 1)))  # only now: the chunk is complete
@@ -355,6 +361,8 @@ def _measured(spec: JobSpec, region, local: ChunkLabels, stored, image, tissue: 
     counts = chunk_counts(local.labels, stored, None if tissue is None else tissue.pixels())
     sums = None
     if spec.objects and local.count:  # a chunk without objects (or without tissue: never read) adds no rows
+        if image is None:  # not at hand: the slide's pixels under the chunk (the same as in the model's window)
+            image = _slide(spec).read(region.y0, region.y1, region.x0, region.x1)
         sums = chunk_sums(local.labels, from_stored(stored), image, region.y0, region.x0, local.areas)
     return Predicted(ChunkEdges.of(local.labels, local.count, local.areas), counts, sums)
 

@@ -159,7 +159,10 @@ def test_batch_from_an_s3_glob_to_an_s3_prefix(trained_model_dir, s3: str, cmu_s
             zarr.create_array(f"{root}/{name}", data=cmu.read(*window), chunks=(3, 128, 128))
     output = f"{s3}/batch-out"
     small = ("infer.chunk_size=128", "infer.tile_size=128")
-    assert infer(tmp_path, trained_model_dir, f"{s3}/cohort/*.zarr", output, *small) == 0
+    # labelled in a post-processing process (a GPU worker's layout), which reads each chunk back from S3
+    assert (
+        infer(tmp_path, trained_model_dir, f"{s3}/cohort/*.zarr", output, *small, "infer.postprocess_processes=1") == 0
+    )
     for name in ("one", "two"):
         reference = tmp_path / f"{name}.ome.zarr"
         assert infer(tmp_path, trained_model_dir, local / f"{name}.zarr", reference, *small) == 0

@@ -22,6 +22,7 @@ from tests.hostile import (
     prepare_config,
     small_zarr,
     snapshot,
+    test_corrupt,
     test_inputs,
 )
 from unet.data.sources import DataError
@@ -152,5 +153,5 @@ TRIED = len(MANIFEST_OUTPUTS) + 1 + len(SINGLE_OUTPUTS) + len(STORES) + len(CONV
 
 
 def test_the_operations_guide_gives_the_count_of_hostile_inputs() -> None:
-    hostile = test_inputs.TRIED + TRIED
+    hostile = test_inputs.TRIED + test_corrupt.TRIED + TRIED
     assert f"**{hostile} hostile inputs**" in (ROOT / "docs" / "operations.md").read_text()

@@ -149,8 +149,8 @@ def _slide(spec: JobSpec) -> Slide | Resampled:
 
 
 @functools.lru_cache(maxsize=8)  # a batch has a few slides in flight at once
-def _open_slide(input: str, level: int, scale: float) -> Slide | Resampled:
-    return open_at(input, level, scale, _TILES)
+def _open_slide(input: str, level: int, scale: float, cached: bool = True) -> Slide | Resampled:
+    return open_at(input, level, scale, _TILES if cached else None)
 
 
 def _cell(key: tuple[int, int]) -> tuple[slice, slice]:
@@ -361,8 +361,9 @@ def _measured(spec: JobSpec, region, local: ChunkLabels, stored, image, tissue: 
     counts = chunk_counts(local.labels, stored, None if tissue is None else tissue.pixels())
     sums = None
     if spec.objects and local.count:  # a chunk without objects (or without tissue: never read) adds no rows
-        if image is None:  # not at hand: the slide's pixels under the chunk (the same as in the model's window)
-            image = _slide(spec).read(region.y0, region.y1, region.x0, region.x1)
+        if image is None:  # not at hand (a post-processing process, a resumed chunk): read once, its tiles uncached
+            slide = _open_slide(spec.input, spec.level, spec.scale, cached=False)
+            image = slide.read(region.y0, region.y1, region.x0, region.x1)
         sums = chunk_sums(local.labels, from_stored(stored), image, region.y0, region.x0, local.areas)
     return Predicted(ChunkEdges.of(local.labels, local.count, local.areas), counts, sums)
 

@@ -142,8 +142,7 @@ class InferConfig(Section):
         description="Processes per worker that label and measure predicted chunks, so the model's thread never waits "
         "for the GIL they hold (scipy's labelling, numpy's bincount). null: 0 on CPU (in the chunk's task), on CUDA "
         "half the cores of each worker's machine. Each reads the chunk back (probability; the slide's pixels for the "
-        "objects table) rather than be sent it, and costs ~300 MB (it imports PyTorch to read the job's settings) plus "
-        "up to infer.read_cache_mb of decoded slide tiles.",
+        "objects table) rather than be sent it, and costs ~300 MB (it imports PyTorch to read the job's settings).",
     )
     read_cache_mb: int = Field(
         256,

@@ -12,6 +12,7 @@ from scipy import ndimage as ndi
 
 from unet.fused import inference_model
 from unet.inference import ChunkPredictor, InferenceSettings, InputDataError, pass_memory_mb, predict_image
+from unet.instances import ChunkEdges, merge_chunks
 from unet.model import UNet, autocast_context
 from unet.segmentation import ObjectRule, label_image
 from unet.tiling import Region, grid, padded_reference_shape, read_mirrored, reflect_indices, tiles_of
@@ -191,6 +192,20 @@ def test_chunked_labels_equal_global_connected_components(chunk: int) -> None:
     expected, count = ndi.label(foreground)
     assert same_partition(merged, expected)
     assert merged.max() == count and set(np.unique(merged)) == set(range(count + 1))  # unique, consecutive
+
+
+def test_each_chunk_gets_only_its_own_mapping_to_final_ids() -> None:
+    """What a label task is sent (``merge_chunks``): its chunk's local ids 0..n to final ids, not the slide's whole
+    mapping (which grows with the slide: it was broadcast to every worker, and searched for its maximum per chunk)."""
+    foreground = ndi.binary_opening(np.random.default_rng(3).random((150, 170)) > 0.55, iterations=1)
+    rule = ObjectRule(0.5, "uint8", False, 0)
+    local = {key: rule.label_chunk(np.where(foreground[region.slices], 255, 0).astype(np.uint8))
+             for key, region in grid(150, 170, 37)}  # fmt: skip
+    mappings, objects = merge_chunks({key: ChunkEdges.of(*labelled) for key, labelled in local.items()})
+    assert objects == ndi.label(foreground)[1] and set(mappings) == set(local)
+    for key, labelled in local.items():
+        assert len(mappings[key]) == labelled.count + 1 and mappings[key][0] == 0 and mappings[key].dtype == np.int32
+        assert mappings[key][1:].min(initial=1) >= 1  # no object dropped (min_area 0)
 
 
 @pytest.mark.parametrize(("chunk", "min_area"), [(16, 5), (37, 12), (64, 30)])

@@ -168,19 +168,24 @@ def merge_ids(total: int, pairs: np.ndarray, areas: np.ndarray | None = None, mi
 
 def merge_chunks(
     edges: dict[tuple[int, int], ChunkEdges], min_area: int = 0
-) -> tuple[dict[tuple[int, int], int], np.ndarray]:
-    """Each chunk's first provisional id (minus one) and the mapping from provisional to final ids (``merge_ids``)
-    of a chunked image, from every chunk's edges: objects facing each other across a seam become one, objects
-    whose parts add up to fewer than ``min_area`` pixels are dropped."""
+) -> tuple[dict[tuple[int, int], np.ndarray], int]:
+    """Each chunk's mapping from its local ids to final ids 1..K (index 0, the background, maps to 0), and K, for a
+    chunked image, from every chunk's edges (``merge_ids``): objects facing each other across a seam become one,
+    objects whose parts add up to fewer than ``min_area`` pixels are dropped. A chunk's mapping is all that its
+    relabelling needs (a few KB), not the image's whole one; its ids are int32 while K fits."""
     edges = dict(sorted(edges.items()))  # row-major, whatever order the chunks were done in
     starts = offsets({key: edge.count for key, edge in edges.items()})
     total = sum(edge.count for edge in edges.values())
-    return starts, merge_ids(total, seam_pairs(edges, starts), border_areas(edges, starts), min_area)
+    mapping = merge_ids(total, seam_pairs(edges, starts), border_areas(edges, starts), min_area)
+    objects = int(mapping.max())
+    mapping = mapping.astype(np.int32 if objects < 2**31 else np.int64)
+    own = {}
+    for key, edge in edges.items():  # local id i of a chunk is provisional id starts[key] + i
+        own[key] = mapping[starts[key] : starts[key] + edge.count + 1].copy()
+        own[key][0] = 0
+    return own, objects
 
 
-def relabel(local: np.ndarray, start: int, mapping: np.ndarray) -> np.ndarray:
-    """Final ids of a chunk from its local ids, its provisional offset and the global mapping."""
-    out = np.zeros(local.shape, np.int32 if mapping.max() < 2**31 else np.int64)
-    inside = local > 0
-    out[inside] = mapping[local[inside].astype(np.int64) + start]
-    return out
+def relabel(local: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """Final ids of a chunk from its local ids and its own mapping (``merge_chunks``)."""
+    return np.take(mapping, local)

@@ -80,10 +80,10 @@ def _reduced(ufunc: np.ufunc, index: np.ndarray, values: np.ndarray, count: int)
     return out
 
 
-def relabel_sums(parts: dict, start: int, mapping: np.ndarray) -> dict:
-    """A chunk's partial sums (``chunk_sums`` of its chunk-local ids) under the final ids (``unet.instances``:
-    ``mapping[start + local id]``); the parts of objects dropped at the seams (final id 0) are left out."""
-    ids = mapping[parts["id"] + start]
+def relabel_sums(parts: dict, mapping: np.ndarray) -> dict:
+    """A chunk's partial sums (``chunk_sums`` of its chunk-local ids) under the final ids (the chunk's ``mapping``
+    from ``unet.instances.merge_chunks``); the parts of objects dropped at the seams (final id 0) are left out."""
+    ids = mapping[parts["id"]]
     kept = ids > 0
     return {name: ids[kept].astype(np.int64) if name == "id" else values[kept] for name, values in parts.items()}
 

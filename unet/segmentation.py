@@ -95,8 +95,8 @@ def label_image(stored: np.ndarray, rule: ObjectRule, chunk: int) -> np.ndarray:
     for key, region in grid(height, width, chunk):
         labels, count, areas = rule.label_chunk(stored[region.slices])
         local[key], edges[key] = labels, ChunkEdges.of(labels, count, areas)
-    starts, mapping = merge_chunks(edges, rule.min_object_pixels)
+    mappings, _ = merge_chunks(edges, rule.min_object_pixels)
     objects = np.zeros((height, width), np.int32)
     for key, region in grid(height, width, chunk):
-        objects[region.slices] = relabel(local[key], starts[key], mapping)
+        objects[region.slices] = relabel(local[key], mappings[key])
     return objects

@@ -134,7 +134,7 @@ class ChunkStream:
         _record(passes, task, result, seconds, device)
         if passes.left:
             return
-        tasks = _next_pass(self.client, passes)
+        tasks = _next_pass(passes)
         if tasks:
             self.ready.extend(tasks)
         else:
@@ -199,7 +199,7 @@ def _predictions(passes: Passes, resources: dict | None) -> Iterator[Task]:
         yield Task(passes, key, predict_and_store, args, 0, resources, settings.device, settings.precision)
 
 
-def _next_pass(client: Client, passes: Passes) -> list[Task]:
+def _next_pass(passes: Passes) -> list[Task]:
     """The tasks of the slide's next pass (none: it is segmented)."""
     from pipelines.infer.tasks import downsample_chunk
     from unet.tiling import grid
@@ -207,7 +207,7 @@ def _next_pass(client: Client, passes: Passes) -> list[Task]:
     spec = passes.job.spec
     passes.stage += 1
     if passes.stage == LABEL:
-        tasks = _label_tasks(client, passes)
+        tasks = _label_tasks(passes)
     elif passes.stage - LABEL < len(spec.levels):
         level = passes.stage - LABEL
         keys = [key for key, _ in grid(*spec.levels[level], spec.chunk)]
@@ -218,16 +218,15 @@ def _next_pass(client: Client, passes: Passes) -> list[Task]:
     return tasks
 
 
-def _label_tasks(client: Client, passes: Passes) -> list[Task]:
-    """Merge the slide's seams (here: one small array), give its objects' partial sums their final ids, and
-    describe its label tasks."""
+def _label_tasks(passes: Passes) -> list[Task]:
+    """Merge the slide's seams (here: small arrays), give its objects' partial sums their final ids, and describe
+    its label tasks, each sent only its chunk's own mapping to final ids (the slide's whole mapping grows with it)."""
     from pipelines.infer.tasks import label_chunk_globally
     from unet.instances import merge_chunks
     from unet.objects import relabel_sums
 
     job, spec = passes.job, passes.job.spec
-    starts, mapping = merge_chunks(passes.edges, spec.rule.min_object_pixels)
-    passes.objects, passes.edges = int(mapping.max()), {}  # edges no longer needed: free them on large cohorts
-    passes.parts = {key: relabel_sums(sums, starts[key], mapping) for key, sums in passes.parts.items()}
-    shared = client.scatter(mapping, broadcast=True)
-    return [Task(passes, key, label_chunk_globally, (spec, key, starts[key], shared)) for key in job.keys]
+    mappings, passes.objects = merge_chunks(passes.edges, spec.rule.min_object_pixels)
+    passes.edges = {}  # no longer needed: free them on large cohorts
+    passes.parts = {key: relabel_sums(sums, mappings[key]) for key, sums in passes.parts.items()}
+    return [Task(passes, key, label_chunk_globally, (spec, key, mappings[key])) for key in job.keys]

@@ -368,11 +368,12 @@ def _measured(spec: JobSpec, region, local: ChunkLabels, stored, image, tissue: 
     return Predicted(ChunkEdges.of(local.labels, local.count, local.areas), counts, sums)
 
 
-def label_chunk_globally(spec: JobSpec, key: tuple[int, int], start: int, mapping: np.ndarray) -> bool:
-    """Pass 2: write the chunk's final, slide-wide instance ids; returns whether any object lies in it."""
+def label_chunk_globally(spec: JobSpec, key: tuple[int, int], mapping: np.ndarray) -> bool:
+    """Pass 2: write the chunk's final, slide-wide instance ids (its ``mapping`` from ``merge_chunks``); returns
+    whether any object lies in it."""
     local_array, labels_array, done = _arrays(spec, LOCAL, LABELS, DONE_LABELS)
     region = spec.region(key, *local_array.shape)
-    final = relabel(read(local_array, region.slices), start, mapping)
+    final = relabel(read(local_array, region.slices), mapping)
     if not (spec.resumed and done[key]):
         write_block(labels_array, region.slices, final)
         write_block(done, _cell(key), np.ones((1, 1)))

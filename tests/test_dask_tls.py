@@ -277,7 +277,12 @@ def test_clients_without_a_certificate_of_the_cluster_ca_are_refused(certs, tls_
     }
     for name, attempt in attempts.items():
         with pytest.raises((OSError, TimeoutError, TypeError)):  # TypeError: Dask's client has no TLS context
-            Client(attempt.get("address", tls_cluster), security=attempt.get("security"), timeout="10s")
+            Client(
+                attempt.get("address", tls_cluster),
+                security=attempt.get("security"),
+                timeout="10s",
+                set_as_default=False,
+            )  # a refused one stays the default otherwise: later computations go to it
             pytest.fail(f"connected with {name}")
     assert time.monotonic() - started < 60  # refused, not hanging until some long timeout
     # and none of them got in: the scheduler knows one client, this one

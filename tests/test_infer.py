@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -357,6 +358,27 @@ def test_unreachable_scheduler_is_a_clear_error(trained_model_dir, cmu_slide, tm
     code = infer(tmp_path, trained_model_dir, tmp_path / "rgb.zarr", tmp_path / "o.zarr", "infer.chunk_size=64",
                  "infer.tile_size=64", "infer.scheduler=tcp://127.0.0.1:9")  # fmt: skip
     assert code == 2 and "Dask scheduler unreachable at tcp://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_the_jobs_client_is_not_the_processs_default_scheduler() -> None:
+    """The job's chunk tasks go to its client by name; the library's other Dask computations in the same process
+    (``pipelines.prepare``'s, say, whose graphs need not pickle) still run on local threads."""
+    import dask
+    import dask.array as da
+
+    from pipelines.infer.cluster import start_dask
+    from unet.config import InferConfig
+
+    client, cluster = start_dask(InferConfig())
+    try:
+        assert client.submit(sum, [20, 22]).result(timeout=30) == 42
+        assert dask.config.get("scheduler", None) is None
+        lock = threading.Lock()  # in the graph: it cannot be pickled, so it is computed here, not sent anywhere
+        lazy = da.from_delayed(dask.delayed(lambda held: np.full(3, 7))(lock), (3,), int)
+        assert dask.compute(lazy.sum()) == (21,)
+    finally:
+        client.close()
+        cluster.close()
 
 
 def test_existing_dask_cluster_by_scheduler_address(trained_model_dir, cmu_slide, tmp_path, caplog) -> None:

@@ -15,6 +15,11 @@ TLS (``tls://``) with certificates signed by the cluster's own CA, and a job ref
 certificates are configured (``client_security``). A local cluster of worker processes talks TLS too, with a
 throw-away certificate that only the job and its workers hold in memory: its ports are on 127.0.0.1, but other
 users of a shared machine reach those as well. A single in-process worker needs no port at all (``inproc://``).
+
+The job's client is never the process's default Dask scheduler: its chunk tasks are submitted to it by name, and
+every other Dask computation of the library (a slide's intensity bounds, ``pipelines.prepare``) runs on local
+threads, as designed, whatever client the job had or failed to connect (a failed one stayed the default, and later
+computations in the same process were sent to it).
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ def start_dask(infer: InferConfig, gpus: list[str] | None = None) -> tuple[Clien
         _non_daemonic_workers()
     if infer.device == "cuda" and workers > 1:
         cluster = gpu_cluster(gpus[:workers], infer.tasks)
-        return Client(cluster), cluster
+        return Client(cluster, set_as_default=False), cluster
     options: dict[str, Any]
     if in_process(infer, gpus):  # no port: Dask's encryption requirement, if configured, has nothing to apply to
         options = {"processes": False, "security": Security(require_encryption=False)}
@@ -98,7 +103,7 @@ def start_dask(infer: InferConfig, gpus: list[str] | None = None) -> tuple[Clien
         worker_dashboard_address=f"{LOOPBACK}:0",
         **options,
     )
-    return Client(cluster), cluster
+    return Client(cluster, set_as_default=False), cluster
 
 
 def _non_daemonic_workers() -> None:
@@ -221,7 +226,7 @@ def connect(address: str, security: Security) -> Client:
     from distributed import Client
 
     try:
-        return Client(address, security=security, timeout="10s")
+        return Client(address, security=security, timeout="10s", set_as_default=False)
     except (OSError, TimeoutError) as exc:
         reason = first_line(exc)
         if "SSL" in reason or "TLS" in reason:
@@ -248,7 +253,7 @@ def run_chunks(client: Client, function, arguments: list[tuple], description: st
     results: list = [None] * len(futures)
     interval = 0.1 if sys.stderr.isatty() else 30  # a log file gets a line every 30 s, not every chunk
     with tqdm(total=len(futures), desc=description, unit="chunk", mininterval=interval) as bar:
-        for future in as_completed(futures):
+        for future in as_completed(futures, loop=client.loop):
             results[index[future.key]] = future.result()  # re-raises a task's error here
             bar.update()
     return results

@@ -88,7 +88,7 @@ class ChunkStream:
         self.ready: deque[Task] = deque()  # label and pyramid tasks, submitted before further predictions
         self.owners: dict[str, tuple[Task, Future]] = {}  # in flight, by future key
         self.segmented = self.failed = 0
-        self.completed = as_completed()
+        self.completed = as_completed(loop=client.loop)  # the job's client is not the default (cluster.py)
         self.bar = None
 
     def run(self) -> None:

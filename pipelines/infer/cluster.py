@@ -17,9 +17,9 @@ throw-away certificate that only the job and its workers hold in memory: its por
 users of a shared machine reach those as well. A single in-process worker needs no port at all (``inproc://``).
 
 The job's client is never the process's default Dask scheduler: its chunk tasks are submitted to it by name, and
-every other Dask computation of the library (a slide's intensity bounds, ``pipelines.prepare``) runs on local
-threads, as designed, whatever client the job had or failed to connect (a failed one stayed the default, and later
-computations in the same process were sent to it).
+every other Dask computation of the library in the same process (a slide's intensity bounds, ``pipelines.prepare``
+run afterwards) stays on local threads, as designed, instead of going to a client made the default (``prepare``'s
+graphs cannot be pickled for a remote scheduler).
 """
 
 from __future__ import annotations
